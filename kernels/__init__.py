@@ -1,0 +1,24 @@
+"""Attention kernels and the ops that call them (installed as ``sparsecomp.kernels``).
+
+Each op is registered with ``torch.library.triton_op`` so Inductor can see Triton kernels on GPU,
+and carries a plain PyTorch reference of the same semantics that runs on CPU.
+"""
+
+from .block_index import SparseIndex, block_index_bound, build_block_index, index_positions
+from .sparse_attention import (
+    SUPPORTED_DTYPES,
+    check_head_dim,
+    sparse_attention,
+    sparse_attention_reference,
+)
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "SparseIndex",
+    "block_index_bound",
+    "build_block_index",
+    "check_head_dim",
+    "index_positions",
+    "sparse_attention",
+    "sparse_attention_reference",
+]

@@ -1,0 +1,139 @@
+"""Index builders: from positions and per-head local rules to the block-sparse index.
+
+Notation (shared with ``sparse_attention.py``):
+    B batch, Hq query heads, Nq / Nk query / key lengths, BM / BN query / key block sizes,
+    nQB = ceil(Nq / BM), nKB = ceil(Nk / BN), L = the index's list length (a proven upper bound).
+    q_pos (Bq, Nq), k_pos (Bk, Nk): integer positions; B* = 1 means the same for every batch row.
+    key_ok (B, Nk) bool or None: padding (False = the key does not exist).
+    A head keeps key j for query i when (structure) key_ok[j], causal: k_pos[j] <= q_pos[i],
+    window W > 0: q_pos[i] - k_pos[j] < W; and (local rule of head h) window_h <= 0, or
+    q_pos[i] - k_pos[j] < window_h, or j - first_valid_key < sink_h.
+
+The index lists, per (batch, head, query block), the key blocks that hold at least one kept pair:
+``full`` blocks keep every pair (the kernel computes them without a mask) and ``part`` blocks keep
+some (the kernel applies the element mask). Everything here is tensor code on the inputs' device,
+traced into the compiled graph: no N x N tensor, no host sync.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+_BIG = 2**40  # bigger than any position; used to neutralise missing keys in min/max bounds
+
+
+class SparseIndex(NamedTuple):
+    full_blocks: torch.Tensor  # (B', Hq, nQB, L) int32, ascending key-block ids, tail unused
+    full_count: torch.Tensor  # (B', Hq, nQB) int32
+    part_blocks: torch.Tensor  # (B', Hq, nQB, L) int32
+    part_count: torch.Tensor  # (B', Hq, nQB) int32
+
+
+def index_positions(x: torch.Tensor, dim: int, offset: int = 0) -> torch.Tensor:
+    """Positions ``offset + arange(x.shape[dim])`` as a (1, N) int64 tensor on x's device."""
+    return (torch.arange(x.shape[dim], device=x.device) + offset).unsqueeze(0)
+
+
+def first_valid_key(key_ok: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Index of each batch row's first existing key (sinks count from there), shape (B or 1,)."""
+    if key_ok is None:
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    return key_ok.to(torch.int8).argmax(dim=-1)
+
+
+def block_index_bound(
+    head_sink: list[int], head_window: list[int], *, causal: bool, window: int,
+    block_m: int, block_n: int, positions_are_indices: bool,
+) -> int | None:
+    """A proven upper bound on the kept key blocks per query block (the index's list length L).
+
+    When positions are plain indices and the site is causal, a row keeps at most its window of
+    keys, so a query block spans ``BM + W - 1`` keys (+1 block for misalignment) plus its sinks.
+    Otherwise nothing is bounded (None: L is the number of key blocks).
+    """
+    if not (causal and positions_are_indices):
+        return None
+    bound = 0
+    for sink, head_w in zip(head_sink, head_window, strict=True):
+        spans = [w for w in (head_w, window) if w > 0]
+        if not spans:
+            return None
+        span = min(spans)
+        blocks = -(-(block_m + span - 1) // block_n) + 1
+        if sink > 0 and head_w > 0:
+            blocks += -(-sink // block_n) + 1
+        bound = max(bound, blocks)
+    return bound
+
+
+def _block_bounds(pos: torch.Tensor, valid: torch.Tensor | None, block: int, n_blocks):
+    """Per-block (min, max) of positions over valid entries; empty blocks get (BIG, -BIG)."""
+    pad = n_blocks * block - pos.shape[-1]
+    pos = pos.to(torch.int64)
+    lo = pos if valid is None else torch.where(valid, pos, _BIG)
+    hi = pos if valid is None else torch.where(valid, pos, -_BIG)
+    lo = torch.nn.functional.pad(lo, (0, pad), value=_BIG).view(*lo.shape[:-1], n_blocks, block)
+    hi = torch.nn.functional.pad(hi, (0, pad), value=-_BIG).view(*hi.shape[:-1], n_blocks, block)
+    return lo.amin(-1), hi.amax(-1)
+
+
+def _compact(keep: torch.Tensor, length) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept block ids first, in ascending order, cut to ``length``; and their count."""
+    count = keep.sum(-1, dtype=torch.int32)
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    return order[..., :length].to(torch.int32).contiguous(), count
+
+
+def build_block_index(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    key_ok: torch.Tensor | None,
+    head_sink: torch.Tensor,
+    head_window: torch.Tensor,
+    *,
+    causal: bool,
+    window: int,
+    block_m: int,
+    block_n: int,
+    max_blocks: int | None,
+) -> SparseIndex:
+    """Block index of the structure (causal, window, padding) and the per-head local rules."""
+    n_q, n_k = q_pos.shape[-1], k_pos.shape[-1]
+    n_qb, n_kb = -(-n_q // block_m), -(-n_k // block_n)
+    q_lo, q_hi = _block_bounds(q_pos, None, block_m, n_qb)  # (Bq, nQB)
+    k_lo, k_hi = _block_bounds(k_pos, key_ok, block_n, n_kb)  # (Bk or B, nKB)
+    q_lo, q_hi = q_lo[:, None, :, None], q_hi[:, None, :, None]  # (B', 1, nQB, 1)
+    k_lo, k_hi = k_lo[:, None, None, :], k_hi[:, None, None, :]  # (B', 1, 1, nKB)
+
+    # Every key of the block exists (no padding and inside Nk).
+    key_idx = torch.arange(n_kb * block_n, device=k_pos.device)
+    exists = key_idx < n_k
+    if key_ok is not None:
+        exists = exists & torch.nn.functional.pad(key_ok, (0, n_kb * block_n - n_k), value=False)
+    all_exist = exists.view(-1, n_kb, block_n).all(-1)[:, None, None, :]
+    any_exist = k_lo <= k_hi
+
+    some, every = any_exist, all_exist
+    if causal:
+        some, every = some & (k_lo <= q_hi), every & (k_hi <= q_lo)
+    if window > 0:
+        some, every = some & (q_lo - k_hi < window), every & (q_hi - k_lo < window)
+
+    # Local rule per head: sinks (counted from the first existing key) or the head's window.
+    w = head_window.to(torch.int64)[None, :, None, None]
+    s = head_sink.to(torch.int64)[None, :, None, None]
+    start = first_valid_key(key_ok, k_pos.device)[:, None, None, None]
+    blk_first = torch.arange(n_kb, device=k_pos.device)[None, None, None, :] * block_n
+    blk_last = torch.minimum(blk_first + block_n, torch.full_like(blk_first, n_k)) - 1
+    unlimited = w <= 0
+    local_some = unlimited | (q_lo - k_hi < w) | (blk_first - start < s)
+    local_every = unlimited | (q_hi - k_lo < w) | (blk_last - start < s)
+
+    length = n_kb if max_blocks is None else torch.sym_min(n_kb, max_blocks)
+    keep = some & local_some
+    full = keep & every & local_every
+    full_blocks, full_count = _compact(full, length)
+    part_blocks, part_count = _compact(keep & ~full, length)
+    return SparseIndex(full_blocks, full_count, part_blocks, part_count)

@@ -1,0 +1,89 @@
+"""Rewriting a matched site into: positions → block index builder → sparsecomp.sparse_attention.
+
+The new nodes read only O(N) position and padding vectors; once the site's output is replaced,
+dead-code elimination removes the old attention, the repeated K/V and the N x N mask.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from sparsecomp.kernels import block_index_bound, build_block_index, index_positions
+
+from .match import default_scale
+from .site import AttentionSite, meta_val
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How the kernel runs (never what it keeps): block sizes of the sparse index."""
+
+    block_m: int = 128
+    block_n: int = 128
+
+
+def _positions(graph, source, like, dim, offset):
+    if source is None:
+        return graph.call_function(index_positions, (like, dim, offset))
+    pos = source if offset == 0 else graph.call_function(operator.add, (source, offset))
+    return pos
+
+
+def _key_ok(graph, source):
+    if source is None:
+        return None
+    val = meta_val(source)
+    if val is not None and val.dtype == torch.bool:
+        return source
+    return graph.call_method("ne", (source, 0))
+
+
+def _head_buffer(gm, values: list[int], device, name_hint: str) -> fx.Node:
+    name = f"_sparsecomp_{name_hint}"
+    i = 0
+    while hasattr(gm, f"{name}_{i}"):
+        i += 1
+    gm.register_buffer(f"{name}_{i}", torch.tensor(values, dtype=torch.int32, device=device))
+    return gm.graph.get_attr(f"{name}_{i}")
+
+
+def rewrite_site(
+    gm: fx.GraphModule, site: AttentionSite, head_sink: list[int], head_window: list[int],
+    options: KernelOptions, shared: dict,
+) -> fx.Node:
+    """Replace the site's output with the sparse op. ``shared`` caches index nodes across sites
+    that have the same structure and rules (every layer of a model usually does)."""
+    graph, s = gm.graph, site.structure
+    key = (s.q_source, s.k_source, s.key_ok, s.q_offset, s.causal, s.window,
+           tuple(head_sink), tuple(head_window), options)
+    with graph.inserting_before(site.output):
+        if key not in shared:
+            q_pos = _positions(graph, s.q_source, site.q, 2, s.q_offset)
+            k_pos = _positions(graph, s.k_source, site.k, 2, 0)
+            key_ok = _key_ok(graph, s.key_ok)
+            sink = _head_buffer(gm, head_sink, site.device, "sink")
+            window = _head_buffer(gm, head_window, site.device, "window")
+            bound = block_index_bound(head_sink, head_window, causal=s.causal, window=s.window,
+                                      block_m=options.block_m, block_n=options.block_n,
+                                      positions_are_indices=s.positions_are_indices)
+            index = graph.call_function(
+                build_block_index, (q_pos, k_pos, key_ok, sink, window),
+                dict(causal=s.causal, window=s.window, block_m=options.block_m, block_n=options.block_n,
+                     max_blocks=bound))
+            parts = [graph.call_function(operator.getitem, (index, i)) for i in range(4)]
+            shared[key] = (q_pos, k_pos, key_ok, sink, window, parts)
+        q_pos, k_pos, key_ok, sink, window, parts = shared[key]
+        out = graph.call_function(
+            torch.ops.sparsecomp.sparse_attention.default,
+            (site.q, site.k, site.v, q_pos, k_pos, key_ok, *parts, sink, window,
+             float(default_scale(site)), s.causal, s.window, float(site.softcap),
+             options.block_m, options.block_n))
+        old = meta_val(site.output)
+        if old is not None and old.dtype != site.dtype:
+            out = graph.call_method("to", (out, old.dtype))
+    site.output.replace_all_uses_with(out)
+    return out

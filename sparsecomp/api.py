@@ -1,0 +1,35 @@
+"""Public entry points: compile() and inspect()."""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import BackendOptions, SparsecompBackend, last_backend
+from .plan import Plan, model_fingerprint
+from .report import InspectReport
+
+
+def compile(model: torch.nn.Module, plan=None, *, kernel_options=None, inner: str = "inductor",
+            **torch_compile_kwargs):
+    """``torch.compile`` with every attention rewritten by ``plan`` (a Plan, preset or .json path).
+
+    ``kernel_options`` sets block sizes; ``inner`` picks what compiles the rewritten graph
+    (``"inductor"``; ``"aot_eager"`` or ``"eager"`` for debugging). Other keyword arguments go to
+    ``torch.compile`` (``dynamic``, ``fullgraph``, ``mode``...).
+    """
+    plan = Plan.from_any(plan)
+    plan.check_fingerprint(model_fingerprint(model))
+    backend = SparsecompBackend(BackendOptions.from_any(
+        {"plan": plan, "kernel_options": kernel_options, "inner": inner}))
+    compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
+    compiled._sparsecomp_backend = backend
+    return compiled
+
+
+def inspect(compiled=None) -> InspectReport:
+    """The report of a model from ``sparsecomp.compile`` (or, with no argument or a model from
+    ``torch.compile(..., backend="sparsecomp")``, of the last graph that backend compiled)."""
+    backend = getattr(compiled, "_sparsecomp_backend", None) or last_backend()
+    if backend is None:
+        return InspectReport([])
+    return backend.report()

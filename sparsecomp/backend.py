@@ -1,0 +1,199 @@
+"""The ``sparsecomp`` Dynamo backend: match sites, decide per site, rewrite, hand to Inductor."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from sparsecomp.kernels import SUPPORTED_DTYPES, check_head_dim
+from sparsecomp.passes.mask import MaskInterpreter, MaskStructure, canonicalize_mask
+from sparsecomp.passes.match import find_sites
+from sparsecomp.passes.rewrite import KernelOptions, rewrite_site
+from sparsecomp.passes.site import AttentionSite, meta_val
+
+from .plan import Plan, Rule
+from .report import GraphReport, InspectReport, SiteReport, streaming_density
+
+# Every decision bumps a counter; tests assert on them (like torch._dynamo.utils.counters).
+counters: collections.Counter = collections.Counter()
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass
+class BackendOptions:
+    plan: Plan = field(default_factory=Plan)
+    kernel_options: KernelOptions = field(default_factory=KernelOptions)
+    inner: str = "inductor"  # what compiles the rewritten graph
+
+    @classmethod
+    def from_any(cls, options) -> BackendOptions:
+        if isinstance(options, BackendOptions):
+            return options
+        options = dict(options or {})
+        ko = options.pop("kernel_options", None) or {}
+        opts = cls(plan=Plan.from_any(options.pop("plan", None)),
+                   kernel_options=ko if isinstance(ko, KernelOptions) else KernelOptions(**ko),
+                   inner=options.pop("inner", "inductor"))
+        if options:
+            raise ValueError(f"unknown sparsecomp options {sorted(options)}; known: plan, kernel_options, inner")
+        if opts.inner not in INNER_COMPILERS:
+            raise ValueError(f"inner={opts.inner!r}; known: {INNER_COMPILERS}")
+        return opts
+
+
+def _fallback_reason(site: AttentionSite) -> str | None:
+    """Why a site must keep its exact original semantics, or None."""
+    q, k, v = (meta_val(n) for n in (site.q, site.k, site.v))
+    if q is None or k is None or v is None:
+        return "no shape information for q/k/v"
+    if site.dropout_p > 0:
+        return f"dropout_p={site.dropout_p} (training); sparse kernels have no dropout"
+    if any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled():
+        return "q/k/v require grad; sparse kernels have no backward yet"
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes q={q.dtype} k={k.dtype} v={v.dtype}; supported: {[str(d) for d in SUPPORTED_DTYPES]}"
+    if (reason := check_head_dim(q.shape[-1])) is not None:
+        return reason
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head_dim {v.shape[-1]} differs from query head_dim {q.shape[-1]}"
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
+        return f"query heads {q.shape[1]} are not a multiple of KV heads {k.shape[1]}"
+    if site.mask_is_additive:
+        return "additive float mask (e.g. a position bias) that is not a keep/remove mask"
+    return None
+
+
+def _structure(site: AttentionSite, interp: MaskInterpreter) -> MaskStructure | str:
+    n_q, n_k = site.shape["q_len"], site.shape["kv_len"]
+    if site.mask is None:
+        return MaskStructure(causal=site.causal)
+    return canonicalize_mask(interp, site.mask, n_q, n_k)
+
+
+def _head_rules(site: AttentionSite, plan: Plan) -> tuple[list[Rule], list[str]]:
+    sh = site.shape
+    rules = plan.rules_for(site.name, sh["q_heads"], sh["kv_heads"])
+    notes = []
+    if not site.structure.causal and any(r.kind != "dense" for r in rules):
+        rules = [Rule() for _ in rules]
+        notes.append("streaming needs a causal site: dense")
+    return rules, notes
+
+
+def _density(site: AttentionSite, rules: list[Rule]) -> float | None:
+    n = site.shape["kv_len"]
+    if not site.structure.causal or not isinstance(n, int) or site.shape["q_len"] != n:
+        return None
+    per_head = [1.0 if r.kind == "dense" else streaming_density(n, r.sink, r.window) for r in rules]
+    return sum(per_head) / len(per_head)
+
+
+def graph_fingerprint(sites: list[AttentionSite]) -> dict:
+    """The attention shape a graph shows; compared with a plan's fingerprint."""
+    sh = next((s.shape for s in sites if meta_val(s.q) is not None), None)
+    if sh is None:
+        return {}
+    return {"num_attention_heads": sh["q_heads"], "num_key_value_heads": sh["kv_heads"],
+            "head_dim": sh["head_dim"]}
+
+
+def rewrite_graph(gm: fx.GraphModule, options: BackendOptions) -> list[SiteReport]:
+    """Run the passes on a Dynamo graph in place; return one report row per site."""
+    sites = find_sites(gm)
+    options.plan.check_fingerprint(graph_fingerprint(sites))
+    interp, shared, rows = MaskInterpreter(), {}, []
+    counters["graphs"] += 1
+    for site in sites:
+        counters["sites"] += 1
+        site.fallback = _fallback_reason(site)
+        if site.fallback is None:
+            structure = _structure(site, interp)
+            if isinstance(structure, str):
+                site.fallback = structure
+            else:
+                site.structure = structure
+        row = SiteReport(name=site.name, form=site.form, shape=site.shape, dtype=str(site.dtype).replace("torch.", ""),
+                         became="kept", reason=site.fallback or "", gqa_folded=site.gqa_folded)
+        rows.append(row)
+        if site.fallback is not None:
+            counters["kept"] += 1
+            continue
+        rules, notes = _head_rules(site, options.plan)
+        sink, window = zip(*(r.head_params() for r in rules), strict=True)
+        out = rewrite_site(gm, site, list(sink), list(window), options.kernel_options, shared)
+        out.meta["sparsecomp_site"] = site.name
+        counters["rewritten"] += 1
+        counters["gqa_folded"] += site.gqa_folded
+        counters["mask_structured"] += site.mask is not None
+        row.became, row.rules, row.density = "sparse_attention", [str(r) for r in rules], _density(site, rules)
+        row.mask = site.structure.describe() + "".join(f"; {n}" for n in notes)
+        row.reason = "rewritten" + (f" (GQA folded, {site.kv_groups} query heads per KV head)" if site.gqa_folded else "")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    _refresh_meta(gm)
+    return rows
+
+
+def _refresh_meta(gm: fx.GraphModule) -> None:
+    """Give new nodes fake values (shapes) so reports and tests can read every tensor's shape."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    vals = [meta_val(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = torch._guards.detect_fake_mode(vals)
+    if mode is None:
+        return
+    with contextlib.suppress(Exception):
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    # The CPU op is the chunked PyTorch reference: Inductor must call it, not trace its loop
+    # (tracing would specialise on the sequence length). Scoped, not a global flip.
+    on_cpu = all(meta_val(n).device.type == "cpu" for n in gm.graph.nodes
+                 if n.target is torch.ops.sparsecomp.sparse_attention.default)
+    patch = torch._functorch.config.patch(decompose_custom_triton_ops=False) if on_cpu else contextlib.nullcontext()
+    with patch:
+        return compile_fx(gm, example_inputs)
+
+
+class SparsecompBackend:
+    """A Dynamo backend that remembers the reports of the graphs it compiled."""
+
+    def __init__(self, options=None):
+        self.options = BackendOptions.from_any(options)
+        self.graphs: list[GraphReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        rows = rewrite_graph(gm, self.options)
+        self.graphs.append(GraphReport(gm, rows))
+        return _inner_compile(gm, example_inputs, self.options.inner)
+
+    def report(self) -> InspectReport:
+        return InspectReport(self.graphs)
+
+
+_default_backend: SparsecompBackend | None = None
+
+
+def sparsecomp_backend(gm: fx.GraphModule, example_inputs, options=None):
+    """Entry point for ``torch.compile(model, backend="sparsecomp", options={...})``."""
+    global _default_backend
+    backend = SparsecompBackend(options)
+    _default_backend = backend
+    return backend(gm, example_inputs)
+
+
+def last_backend() -> SparsecompBackend | None:
+    return _default_backend

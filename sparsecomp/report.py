@@ -1,0 +1,111 @@
+"""The inspect report: for every attention site, what it became and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+
+def streaming_density(n: int, sink: int, window: int) -> float:
+    """Kept fraction of the causal pairs of one length-n sequence (rows keep sink + window keys)."""
+    if n <= 0:
+        return 1.0
+    kept = 0
+    total = n * (n + 1) // 2
+    # rows i < window keep i + 1 keys; later rows keep window + min(sink, i + 1 - window)
+    w = min(window, n)
+    kept += w * (w + 1) // 2
+    rest = n - w
+    if rest > 0:
+        ramp = max(0, min(rest, sink))  # rows where the sink is still filling up
+        kept += rest * window + ramp * (ramp + 1) // 2 + (rest - ramp) * sink
+    return kept / total
+
+
+@dataclass
+class SiteReport:
+    name: str
+    form: str
+    shape: dict
+    dtype: str
+    became: str  # "sparse_attention" or "kept"
+    reason: str  # why (the fallback reason, or what the rewrite did)
+    mask: str = "-"
+    rules: list[str] = field(default_factory=list)
+    density: float | None = None  # kept fraction of the attention pairs, at the traced length
+    gqa_folded: bool = False
+
+    def rules_summary(self) -> str:
+        if not self.rules:
+            return "-"
+        distinct = sorted(set(self.rules), key=self.rules.index)
+        if len(distinct) == 1:
+            return f"{distinct[0]} x{len(self.rules)}"
+        return ", ".join(f"{r} x{self.rules.count(r)}" for r in distinct)
+
+
+@dataclass
+class GraphReport:
+    graph_module: fx.GraphModule
+    sites: list[SiteReport]
+
+    def code(self) -> str:
+        return self.graph_module.code
+
+
+class InspectReport:
+    """What ``sparsecomp.inspect`` returns. The latest compiled graph is the default view."""
+
+    def __init__(self, graphs: list[GraphReport]):
+        self.graphs = graphs
+
+    @property
+    def sites(self) -> list[SiteReport]:
+        return self.graphs[-1].sites if self.graphs else []
+
+    def site(self, name: str) -> SiteReport:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site named {name!r}; sites: {[s.name for s in self.sites]}")
+
+    def code(self) -> str:
+        """The rewritten FX code of the latest graph."""
+        return self.graphs[-1].code() if self.graphs else ""
+
+    def to_networkx(self):
+        """The rewritten graph as a networkx DiGraph; nodes carry op, target and site annotations."""
+        import networkx as nx
+
+        g = nx.DiGraph()
+        if not self.graphs:
+            return g
+        for node in self.graphs[-1].graph_module.graph.nodes:
+            attrs = {"op": node.op, "target": str(node.target)}
+            if "sparsecomp_site" in node.meta:
+                attrs["site"] = node.meta["sparsecomp_site"]
+            g.add_node(node.name, **attrs)
+            for inp in node.all_input_nodes:
+                g.add_edge(inp.name, node.name)
+        return g
+
+    def __str__(self) -> str:
+        if not self.sites:
+            return "sparsecomp: no compiled graph yet (run the compiled model once)"
+        header = ("site", "form", "B,Hq/Hkv,Nq,Nk,D", "dtype", "became", "rules", "density", "mask / reason")
+        rows = []
+        for s in self.sites:
+            sh = s.shape
+            shape = f"{sh['batch']},{sh['q_heads']}/{sh['kv_heads']},{sh['q_len']},{sh['kv_len']},{sh['head_dim']}"
+            density = "-" if s.density is None else f"{s.density:.1%}"
+            why = s.mask if s.became == "sparse_attention" else s.reason
+            rows.append((s.name, s.form, shape, s.dtype, s.became, s.rules_summary(), density, why))
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        n_sparse = sum(s.became == "sparse_attention" for s in self.sites)
+        lines.append(f"{len(self.sites)} attention sites: {n_sparse} rewritten, {len(self.sites) - n_sparse} kept")
+        return "\n".join(lines)
+
+    __repr__ = __str__
