@@ -42,13 +42,9 @@ def _key_ok(graph, source):
     return graph.call_method("ne", (source, 0))
 
 
-def _head_buffer(gm, values: list[int], device, name_hint: str) -> fx.Node:
-    name = f"_sparsecomp_{name_hint}"
-    i = 0
-    while hasattr(gm, f"{name}_{i}"):
-        i += 1
-    gm.register_buffer(f"{name}_{i}", torch.tensor(values, dtype=torch.int32, device=device))
-    return gm.graph.get_attr(f"{name}_{i}")
+def head_values(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Per-head rule parameters as an int32 tensor on ``like``'s device (a constant of the graph)."""
+    return torch.tensor(values, dtype=torch.int32, device=like.device)
 
 
 def rewrite_site(
@@ -65,8 +61,8 @@ def rewrite_site(
             q_pos = _positions(graph, s.q_source, site.q, 2, s.q_offset)
             k_pos = _positions(graph, s.k_source, site.k, 2, 0)
             key_ok = _key_ok(graph, s.key_ok)
-            sink = _head_buffer(gm, head_sink, site.device, "sink")
-            window = _head_buffer(gm, head_window, site.device, "window")
+            sink = graph.call_function(head_values, (tuple(head_sink), site.q))
+            window = graph.call_function(head_values, (tuple(head_window), site.q))
             bound = block_index_bound(head_sink, head_window, causal=s.causal, window=s.window,
                                       block_m=options.block_m, block_n=options.block_n,
                                       positions_are_indices=s.positions_are_indices)

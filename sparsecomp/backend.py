@@ -134,20 +134,7 @@ def rewrite_graph(gm: fx.GraphModule, options: BackendOptions) -> list[SiteRepor
         row.reason = "rewritten" + (f" (GQA folded, {site.kv_groups} query heads per KV head)" if site.gqa_folded else "")
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    _refresh_meta(gm)
     return rows
-
-
-def _refresh_meta(gm: fx.GraphModule) -> None:
-    """Give new nodes fake values (shapes) so reports and tests can read every tensor's shape."""
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    vals = [meta_val(n) for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = torch._guards.detect_fake_mode(vals)
-    if mode is None:
-        return
-    with contextlib.suppress(Exception):
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
@@ -161,7 +148,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
 
     # The CPU op is the chunked PyTorch reference: Inductor must call it, not trace its loop
     # (tracing would specialise on the sequence length). Scoped, not a global flip.
-    on_cpu = all(meta_val(n).device.type == "cpu" for n in gm.graph.nodes
+    on_cpu = all(meta_val(n.args[0]).device.type == "cpu" for n in gm.graph.nodes
                  if n.target is torch.ops.sparsecomp.sparse_attention.default)
     patch = torch._functorch.config.patch(decompose_custom_triton_ops=False) if on_cpu else contextlib.nullcontext()
     with patch:
