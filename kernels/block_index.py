@@ -44,8 +44,14 @@ def first_valid_key(key_ok: torch.Tensor | None, device: torch.device) -> torch.
 
 
 def block_index_bound(
-    head_sink: list[int], head_window: list[int], *, causal: bool, window: int,
-    block_m: int, block_n: int, positions_are_indices: bool,
+    head_sink: list[int],
+    head_window: list[int],
+    *,
+    causal: bool,
+    window: int,
+    block_m: int,
+    block_n: int,
+    positions_are_indices: bool,
 ) -> int | None:
     """A proven upper bound on the kept key blocks per query block (the index's list length L).
 

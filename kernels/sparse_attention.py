@@ -31,7 +31,9 @@ def check_head_dim(head_dim: int) -> str | None:
 
 def _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     b, hq, nq, d = q.shape
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d:
         raise ValueError(f"k/v shapes {tuple(k.shape)} / {tuple(v.shape)} do not fit q {tuple(q.shape)}")
@@ -44,7 +46,9 @@ def _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window):
     if (reason := check_head_dim(d)) is not None:
         raise ValueError(reason)
     if q_pos.shape[-1] != nq or k_pos.shape[-1] != k.shape[2]:
-        raise ValueError(f"positions {tuple(q_pos.shape)} / {tuple(k_pos.shape)} do not fit Nq={nq}, Nk={k.shape[2]}")
+        raise ValueError(
+            f"positions {tuple(q_pos.shape)} / {tuple(k_pos.shape)} do not fit Nq={nq}, Nk={k.shape[2]}"
+        )
     if key_ok is not None and key_ok.shape[-1] != k.shape[2]:
         raise ValueError(f"key_ok {tuple(key_ok.shape)} does not fit Nk={k.shape[2]}")
     if head_sink.numel() != hq or head_window.numel() != hq:
@@ -80,9 +84,24 @@ def _listed(blocks, count, n_k_blocks):
 
 
 def sparse_attention_reference(
-    q, k, v, q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count,
-    head_sink, head_window, scale: float, causal: bool, window: int, softcap: float,
-    block_m: int, block_n: int,
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    key_ok,
+    full_blocks,
+    full_count,
+    part_blocks,
+    part_count,
+    head_sink,
+    head_window,
+    scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    block_m: int,
+    block_n: int,
 ) -> torch.Tensor:
     """Plain PyTorch semantics of ``sparse_attention`` (fp32 math), chunked over query rows."""
     _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
@@ -140,8 +159,24 @@ def sparse_attention(
     """Block-sparse attention (see the notation above). The Triton kernel is the next step;
     until it lands every device runs the reference."""
     return sparse_attention_reference(
-        q, k, v, q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count,
-        head_sink, head_window, scale, causal, window, softcap, block_m, block_n,
+        q,
+        k,
+        v,
+        q_pos,
+        k_pos,
+        key_ok,
+        full_blocks,
+        full_count,
+        part_blocks,
+        part_count,
+        head_sink,
+        head_window,
+        scale,
+        causal,
+        window,
+        softcap,
+        block_m,
+        block_n,
     )
 
 

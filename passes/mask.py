@@ -156,6 +156,8 @@ class MaskInterpreter:
             return handler(self, node)
         except _NotUnderstood as e:
             return Unknown(f"{name}: {e}")
+        except Exception as e:  # a pass never breaks compilation: the mask stays as it was
+            return Unknown(f"{name}: {type(e).__name__}: {e}")
 
 
 class _NotUnderstood(Exception):
@@ -180,6 +182,10 @@ def _arange(interp, node):
         start, end = node.kwargs.get("start", 0), node.kwargs["end"]
     if node.kwargs.get("step", 1) != 1 or not isinstance(start, int):
         raise _NotUnderstood("start must be a constant and step 1")
+    if isinstance(end, fx.Node):  # a symbolic length under dynamic shapes
+        end = end.meta.get("val", end.meta.get("example_value"))
+    if end is None:
+        raise _NotUnderstood("unknown length")
     return Indexed(dim=-1, rank=1, length=end - start, offset=start)
 
 
@@ -212,7 +218,9 @@ def _same_value(interp, node):
     """Ops that keep values: device/dtype moves (not to bool), expand, contiguous."""
     val = interp.value(node.args[0])
     if node.target in ("to", "type") or node.target is torch.Tensor.to:
-        dtype = node.kwargs.get("dtype") or next((a for a in node.args[1:] if isinstance(a, torch.dtype)), None)
+        dtype = node.kwargs.get("dtype") or next(
+            (a for a in node.args[1:] if isinstance(a, torch.dtype)), None
+        )
         if dtype == torch.bool and not isinstance(val, Conj | Const | KeyMask):
             if isinstance(val, Leaf):
                 return val  # a runtime tensor made bool: still a leaf (read as truthy)
@@ -263,7 +271,9 @@ def _getitem(interp, node):
     expanded = []
     for i in index:
         if i is Ellipsis:
-            expanded.extend([slice(None)] * (rank - sum(1 for j in index if j is not None and j is not Ellipsis)))
+            expanded.extend(
+                [slice(None)] * (rank - sum(1 for j in index if j is not None and j is not Ellipsis))
+            )
         else:
             expanded.append(i)
     expanded += [slice(None)] * (rank - sum(1 for j in expanded if j is not None))
@@ -319,15 +329,34 @@ def _gather(interp, node, val, index):
 
 
 def _flip(op):
-    return {operator.le: operator.ge, operator.lt: operator.gt, operator.ge: operator.le,
-            operator.gt: operator.lt, operator.eq: operator.eq, operator.ne: operator.ne}[op]
+    return {
+        operator.le: operator.ge,
+        operator.lt: operator.gt,
+        operator.ge: operator.le,
+        operator.gt: operator.lt,
+        operator.eq: operator.eq,
+        operator.ne: operator.ne,
+    }[op]
 
 
 _COMPARE = {
-    operator.le: operator.le, operator.lt: operator.lt, operator.ge: operator.ge, operator.gt: operator.gt,
-    operator.eq: operator.eq, operator.ne: operator.ne, torch.le: operator.le, torch.lt: operator.lt,
-    torch.ge: operator.ge, torch.gt: operator.gt, torch.eq: operator.eq, torch.ne: operator.ne,
-    "le": operator.le, "lt": operator.lt, "ge": operator.ge, "gt": operator.gt, "eq": operator.eq,
+    operator.le: operator.le,
+    operator.lt: operator.lt,
+    operator.ge: operator.ge,
+    operator.gt: operator.gt,
+    operator.eq: operator.eq,
+    operator.ne: operator.ne,
+    torch.le: operator.le,
+    torch.lt: operator.lt,
+    torch.ge: operator.ge,
+    torch.gt: operator.gt,
+    torch.eq: operator.eq,
+    torch.ne: operator.ne,
+    "le": operator.le,
+    "lt": operator.lt,
+    "ge": operator.ge,
+    "gt": operator.gt,
+    "eq": operator.eq,
     "ne": operator.ne,
 }
 
@@ -391,9 +420,18 @@ def _diff(interp, node):
     x = interp.value(node.args[0])
     prepend = interp.value(node.kwargs.get("prepend")) if node.kwargs.get("prepend") is not None else None
     dim = node.kwargs.get("dim", -1)
-    if (isinstance(x, Indexed) and x.source is None and isinstance(prepend, Indexed)
-            and prepend.source is None and dim in (-1, x.rank - 1) and x.dim == -1 and prepend.dim == -1
-            and prepend.offset == x.offset - 1 and _same(prepend.length, 1) and node.kwargs.get("append") is None):
+    if (
+        isinstance(x, Indexed)
+        and x.source is None
+        and isinstance(prepend, Indexed)
+        and prepend.source is None
+        and dim in (-1, x.rank - 1)
+        and x.dim == -1
+        and prepend.dim == -1
+        and prepend.offset == x.offset - 1
+        and _same(prepend.length, 1)
+        and node.kwargs.get("append") is None
+    ):
         return Const(1)
     raise _NotUnderstood("diff of values that are not an index")
 
@@ -425,12 +463,25 @@ _HANDLERS = {
     **{k: _compare for k in _COMPARE if not isinstance(k, str)},
 }
 _METHODS = {
-    "to": _same_value, "type": _same_value, "expand": _same_value, "expand_as": _same_value,
-    "contiguous": _same_value, "long": _same_value, "int": _same_value, "float": _same_value,
-    "view": _reshape_like, "reshape": _reshape_like, "unsqueeze": _reshape_like,
-    "new_ones": _scalar_ones, "cumsum": _cumsum, "diff": _diff,
-    "__and__": _logical_and, "logical_and": _logical_and, "bitwise_and": _logical_and,
-    "add": lambda i, n: _shift(i, n, 1), "sub": lambda i, n: _shift(i, n, -1),
+    "to": _same_value,
+    "type": _same_value,
+    "expand": _same_value,
+    "expand_as": _same_value,
+    "contiguous": _same_value,
+    "long": _same_value,
+    "int": _same_value,
+    "float": _same_value,
+    "view": _reshape_like,
+    "reshape": _reshape_like,
+    "unsqueeze": _reshape_like,
+    "new_ones": _scalar_ones,
+    "cumsum": _cumsum,
+    "diff": _diff,
+    "__and__": _logical_and,
+    "logical_and": _logical_and,
+    "bitwise_and": _logical_and,
+    "add": lambda i, n: _shift(i, n, 1),
+    "sub": lambda i, n: _shift(i, n, -1),
     **{k: _compare for k in _COMPARE if isinstance(k, str)},
 }
 

@@ -18,8 +18,11 @@ import torch.nn.functional as F
 
 from .site import AttentionSite, meta_val, module_path, unique_names
 
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
-         torch.ops.aten.scaled_dot_product_attention.default}
+_SDPA = {
+    F.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+}
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _MASK_FLOOR = -1e30  # an additive value at or below this removes the key (HF uses finfo.min)
 
@@ -53,8 +56,12 @@ def fold_kv_repeat(node: fx.Node) -> tuple[fx.Node, int] | None:
         inserted = expanded.args[0]
         if is_call(inserted, operator.getitem):
             idx = inserted.args[1]
-            if not (isinstance(idx, tuple) and len(idx) == 5 and idx[2] is None
-                    and all(i == slice(None) for j, i in enumerate(idx) if j != 2)):
+            if not (
+                isinstance(idx, tuple)
+                and len(idx) == 5
+                and idx[2] is None
+                and all(i == slice(None) for j, i in enumerate(idx) if j != 2)
+            ):
                 return None
         elif not (is_call(inserted, "unsqueeze", torch.unsqueeze) and inserted.args[1] in (2, -3)):
             return None
@@ -104,9 +111,17 @@ def match_sdpa(node: fx.Node) -> AttentionSite | None:
     q, k, v = args["query"], args["key"], args["value"]
     if _val(q) is None or _val(q).dim() != 4:
         return None
-    site = AttentionSite(name=module_path(node), form="sdpa", output=node, q=q, k=k, v=v,
-                         scale=args.get("scale"), causal=bool(args.get("is_causal", False)),
-                         dropout_p=float(args.get("dropout_p", 0.0) or 0.0))
+    site = AttentionSite(
+        name=module_path(node),
+        form="sdpa",
+        output=node,
+        q=q,
+        k=k,
+        v=v,
+        scale=args.get("scale"),
+        causal=bool(args.get("is_causal", False)),
+        dropout_p=float(args.get("dropout_p", 0.0) or 0.0),
+    )
     if args.get("enable_gqa"):
         site.kv_groups = _val(q).shape[1] // _val(k).shape[1]
     mask = args.get("attn_mask")
@@ -163,8 +178,10 @@ def _step_masked_fill(node, walk):
     """Older BERT/OPT ports: scores.masked_fill(~keep, -inf)."""
     if is_call(node, "masked_fill", torch.masked_fill) and walk.mask is None:
         scores, drop, neg = node.args[:3]
-        if _number(neg) is not None and _number(neg) <= _MASK_FLOOR and is_call(
-            drop, operator.invert, torch.logical_not, "logical_not", "__invert__"
+        if (
+            _number(neg) is not None
+            and _number(neg) <= _MASK_FLOOR
+            and is_call(drop, operator.invert, torch.logical_not, "logical_not", "__invert__")
         ):
             walk.mask = drop.args[0]
             return scores
@@ -200,12 +217,17 @@ def _step_scale(node, walk):
 
 
 # Order matters: walking back from softmax, the mask comes last, the scale first.
-SCORE_STEPS: list[Callable] = [_step_mask_add, _step_mask_where, _step_masked_fill, _step_softcap, _step_scale]
+SCORE_STEPS: list[Callable] = [
+    _step_mask_add,
+    _step_mask_where,
+    _step_masked_fill,
+    _step_softcap,
+    _step_scale,
+]
 
 
 def _is_key_transpose(node) -> fx.Node | None:
-    if is_call(node, "transpose", torch.transpose) and sorted(
-        d % 4 for d in node.args[1:3]) == [2, 3]:
+    if is_call(node, "transpose", torch.transpose) and sorted(d % 4 for d in node.args[1:3]) == [2, 3]:
         return node.args[0]
     if is_call(node, "permute", torch.permute):
         dims = node.args[1] if isinstance(node.args[1], tuple | list) else node.args[1:]
@@ -264,9 +286,18 @@ def match_handwritten(node: fx.Node) -> AttentionSite | None:
     k = _is_key_transpose(kt)
     if k is None or _val(q) is None or _val(q).dim() != 4:
         return None
-    site = AttentionSite(name=module_path(node), form="matmul_softmax_matmul", output=out, q=q, k=k,
-                         v=out.args[1], scale=walk.scale, softcap=walk.softcap, mask=walk.mask,
-                         mask_is_additive=walk.mask_is_additive)
+    site = AttentionSite(
+        name=module_path(node),
+        form="matmul_softmax_matmul",
+        output=out,
+        q=q,
+        k=k,
+        v=out.args[1],
+        scale=walk.scale,
+        softcap=walk.softcap,
+        mask=walk.mask,
+        mask_is_additive=walk.mask_is_additive,
+    )
     return site
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-
 from sparsecomp.kernels import block_index_bound, build_block_index, index_positions
 
 from .match import default_scale
@@ -48,14 +47,27 @@ def head_values(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 
 
 def rewrite_site(
-    gm: fx.GraphModule, site: AttentionSite, head_sink: list[int], head_window: list[int],
-    options: KernelOptions, shared: dict,
+    gm: fx.GraphModule,
+    site: AttentionSite,
+    head_sink: list[int],
+    head_window: list[int],
+    options: KernelOptions,
+    shared: dict,
 ) -> fx.Node:
     """Replace the site's output with the sparse op. ``shared`` caches index nodes across sites
     that have the same structure and rules (every layer of a model usually does)."""
     graph, s = gm.graph, site.structure
-    key = (s.q_source, s.k_source, s.key_ok, s.q_offset, s.causal, s.window,
-           tuple(head_sink), tuple(head_window), options)
+    key = (
+        s.q_source,
+        s.k_source,
+        s.key_ok,
+        s.q_offset,
+        s.causal,
+        s.window,
+        tuple(head_sink),
+        tuple(head_window),
+        options,
+    )
     with graph.inserting_before(site.output):
         if key not in shared:
             q_pos = _positions(graph, s.q_source, site.q, 2, s.q_offset)
@@ -63,21 +75,49 @@ def rewrite_site(
             key_ok = _key_ok(graph, s.key_ok)
             sink = graph.call_function(head_values, (tuple(head_sink), site.q))
             window = graph.call_function(head_values, (tuple(head_window), site.q))
-            bound = block_index_bound(head_sink, head_window, causal=s.causal, window=s.window,
-                                      block_m=options.block_m, block_n=options.block_n,
-                                      positions_are_indices=s.positions_are_indices)
+            bound = block_index_bound(
+                head_sink,
+                head_window,
+                causal=s.causal,
+                window=s.window,
+                block_m=options.block_m,
+                block_n=options.block_n,
+                positions_are_indices=s.positions_are_indices,
+            )
             index = graph.call_function(
-                build_block_index, (q_pos, k_pos, key_ok, sink, window),
-                dict(causal=s.causal, window=s.window, block_m=options.block_m, block_n=options.block_n,
-                     max_blocks=bound))
+                build_block_index,
+                (q_pos, k_pos, key_ok, sink, window),
+                dict(
+                    causal=s.causal,
+                    window=s.window,
+                    block_m=options.block_m,
+                    block_n=options.block_n,
+                    max_blocks=bound,
+                ),
+            )
             parts = [graph.call_function(operator.getitem, (index, i)) for i in range(4)]
             shared[key] = (q_pos, k_pos, key_ok, sink, window, parts)
         q_pos, k_pos, key_ok, sink, window, parts = shared[key]
         out = graph.call_function(
             torch.ops.sparsecomp.sparse_attention.default,
-            (site.q, site.k, site.v, q_pos, k_pos, key_ok, *parts, sink, window,
-             float(default_scale(site)), s.causal, s.window, float(site.softcap),
-             options.block_m, options.block_n))
+            (
+                site.q,
+                site.k,
+                site.v,
+                q_pos,
+                k_pos,
+                key_ok,
+                *parts,
+                sink,
+                window,
+                float(default_scale(site)),
+                s.causal,
+                s.window,
+                float(site.softcap),
+                options.block_m,
+                options.block_n,
+            ),
+        )
         old = meta_val(site.output)
         if old is not None and old.dtype != site.dtype:
             out = graph.call_method("to", (out, old.dtype))

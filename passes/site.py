@@ -47,8 +47,14 @@ class AttentionSite:
     def shape(self) -> dict:
         q, k = self._val(self.q), self._val(self.k)
         b, hq, nq, d = q.shape
-        return {"batch": b, "q_heads": hq, "kv_heads": k.shape[1], "q_len": nq, "kv_len": k.shape[2],
-                "head_dim": d}
+        return {
+            "batch": b,
+            "q_heads": hq,
+            "kv_heads": k.shape[1],
+            "q_len": nq,
+            "kv_len": k.shape[2],
+            "head_dim": d,
+        }
 
     @property
     def dtype(self) -> torch.dtype:

@@ -9,8 +9,16 @@ from .passes.rewrite import KernelOptions
 from .plan import Plan, Rule, model_fingerprint
 
 __version__ = "0.1.0"
-__all__ = ["KernelOptions", "Plan", "Rule", "compile", "counters", "inspect", "model_fingerprint",
-           "sparsecomp_backend"]
+__all__ = [
+    "KernelOptions",
+    "Plan",
+    "Rule",
+    "compile",
+    "counters",
+    "inspect",
+    "model_fingerprint",
+    "sparsecomp_backend",
+]
 
 try:  # torch.compile(model, backend="sparsecomp") works after `import sparsecomp`
     torch._dynamo.register_backend(name="sparsecomp")(sparsecomp_backend)

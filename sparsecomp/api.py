@@ -9,8 +9,9 @@ from .plan import Plan, model_fingerprint
 from .report import InspectReport
 
 
-def compile(model: torch.nn.Module, plan=None, *, kernel_options=None, inner: str = "inductor",
-            **torch_compile_kwargs):
+def compile(
+    model: torch.nn.Module, plan=None, *, kernel_options=None, inner: str = "inductor", **torch_compile_kwargs
+):
     """``torch.compile`` with every attention rewritten by ``plan`` (a Plan, preset or .json path).
 
     ``kernel_options`` sets block sizes; ``inner`` picks what compiles the rewritten graph
@@ -19,8 +20,9 @@ def compile(model: torch.nn.Module, plan=None, *, kernel_options=None, inner: st
     """
     plan = Plan.from_any(plan)
     plan.check_fingerprint(model_fingerprint(model))
-    backend = SparsecompBackend(BackendOptions.from_any(
-        {"plan": plan, "kernel_options": kernel_options, "inner": inner}))
+    backend = SparsecompBackend(
+        BackendOptions.from_any({"plan": plan, "kernel_options": kernel_options, "inner": inner})
+    )
     compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
     compiled._sparsecomp_backend = backend
     return compiled

@@ -35,11 +35,15 @@ class BackendOptions:
             return options
         options = dict(options or {})
         ko = options.pop("kernel_options", None) or {}
-        opts = cls(plan=Plan.from_any(options.pop("plan", None)),
-                   kernel_options=ko if isinstance(ko, KernelOptions) else KernelOptions(**ko),
-                   inner=options.pop("inner", "inductor"))
+        opts = cls(
+            plan=Plan.from_any(options.pop("plan", None)),
+            kernel_options=ko if isinstance(ko, KernelOptions) else KernelOptions(**ko),
+            inner=options.pop("inner", "inductor"),
+        )
         if options:
-            raise ValueError(f"unknown sparsecomp options {sorted(options)}; known: plan, kernel_options, inner")
+            raise ValueError(
+                f"unknown sparsecomp options {sorted(options)}; known: plan, kernel_options, inner"
+            )
         if opts.inner not in INNER_COMPILERS:
             raise ValueError(f"inner={opts.inner!r}; known: {INNER_COMPILERS}")
         return opts
@@ -97,8 +101,11 @@ def graph_fingerprint(sites: list[AttentionSite]) -> dict:
     sh = next((s.shape for s in sites if meta_val(s.q) is not None), None)
     if sh is None:
         return {}
-    return {"num_attention_heads": sh["q_heads"], "num_key_value_heads": sh["kv_heads"],
-            "head_dim": sh["head_dim"]}
+    return {
+        "num_attention_heads": sh["q_heads"],
+        "num_key_value_heads": sh["kv_heads"],
+        "head_dim": sh["head_dim"],
+    }
 
 
 def rewrite_graph(gm: fx.GraphModule, options: BackendOptions) -> list[SiteReport]:
@@ -116,8 +123,15 @@ def rewrite_graph(gm: fx.GraphModule, options: BackendOptions) -> list[SiteRepor
                 site.fallback = structure
             else:
                 site.structure = structure
-        row = SiteReport(name=site.name, form=site.form, shape=site.shape, dtype=str(site.dtype).replace("torch.", ""),
-                         became="kept", reason=site.fallback or "", gqa_folded=site.gqa_folded)
+        row = SiteReport(
+            name=site.name,
+            form=site.form,
+            shape=site.shape,
+            dtype=str(site.dtype).replace("torch.", ""),
+            became="kept",
+            reason=site.fallback or "",
+            gqa_folded=site.gqa_folded,
+        )
         rows.append(row)
         if site.fallback is not None:
             counters["kept"] += 1
@@ -129,9 +143,15 @@ def rewrite_graph(gm: fx.GraphModule, options: BackendOptions) -> list[SiteRepor
         counters["rewritten"] += 1
         counters["gqa_folded"] += site.gqa_folded
         counters["mask_structured"] += site.mask is not None
-        row.became, row.rules, row.density = "sparse_attention", [str(r) for r in rules], _density(site, rules)
+        row.became, row.rules, row.density = (
+            "sparse_attention",
+            [str(r) for r in rules],
+            _density(site, rules),
+        )
         row.mask = site.structure.describe() + "".join(f"; {n}" for n in notes)
-        row.reason = "rewritten" + (f" (GQA folded, {site.kv_groups} query heads per KV head)" if site.gqa_folded else "")
+        row.reason = "rewritten" + (
+            f" (GQA folded, {site.kv_groups} query heads per KV head)" if site.gqa_folded else ""
+        )
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return rows
@@ -148,9 +168,16 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
 
     # The CPU op is the chunked PyTorch reference: Inductor must call it, not trace its loop
     # (tracing would specialise on the sequence length). Scoped, not a global flip.
-    on_cpu = all(meta_val(n.args[0]).device.type == "cpu" for n in gm.graph.nodes
-                 if n.target is torch.ops.sparsecomp.sparse_attention.default)
-    patch = torch._functorch.config.patch(decompose_custom_triton_ops=False) if on_cpu else contextlib.nullcontext()
+    on_cpu = all(
+        meta_val(n.args[0]).device.type == "cpu"
+        for n in gm.graph.nodes
+        if n.target is torch.ops.sparsecomp.sparse_attention.default
+    )
+    patch = (
+        torch._functorch.config.patch(decompose_custom_triton_ops=False)
+        if on_cpu
+        else contextlib.nullcontext()
+    )
     with patch:
         return compile_fx(gm, example_inputs)
 

@@ -23,8 +23,19 @@ def main(argv=None) -> int:
 
     from .demo import run_demo
 
-    results = [run_demo(shape=args.shape, layers=args.layers, seq_len=n, sink=args.sink, window=args.window,
-                        device=args.device, check=not args.no_check, block=args.block) for n in args.seq_len]
+    results = [
+        run_demo(
+            shape=args.shape,
+            layers=args.layers,
+            seq_len=n,
+            sink=args.sink,
+            window=args.window,
+            device=args.device,
+            check=not args.no_check,
+            block=args.block,
+        )
+        for n in args.seq_len
+    ]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

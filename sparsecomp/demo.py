@@ -22,9 +22,16 @@ def build_model(shape: str, layers: int | None, dtype, device):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     hidden, n_layers, heads, kv_heads, inter = SHAPES[shape]
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers or n_layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, intermediate_size=inter, vocab_size=1024,
-                      max_position_embeddings=1 << 20, rope_theta=500000.0)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers or n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=inter,
+        vocab_size=1024,
+        max_position_embeddings=1 << 20,
+        rope_theta=500000.0,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     return model.to(device).eval()
@@ -57,15 +64,26 @@ def _time_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
 
 
-def run_demo(shape="tiny", layers=None, seq_len=512, sink=16, window=64, device=None, dtype=None,
-             check=True, block=None) -> dict:
+def run_demo(
+    shape="tiny",
+    layers=None,
+    seq_len=512,
+    sink=16,
+    window=64,
+    device=None,
+    dtype=None,
+    check=True,
+    block=None,
+) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     plan = f"streaming:sink={sink},window={window}"
     model = build_model(shape, layers, dtype, device)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
-    print(f"sparsecomp demo: Llama-architecture ({shape}, {model.config.num_hidden_layers} layers, random "
-          f"weights), {seq_len} tokens, {dtype}, {device}; plan {plan}")
+    print(
+        f"sparsecomp demo: Llama-architecture ({shape}, {model.config.num_hidden_layers} layers, random "
+        f"weights), {seq_len} tokens, {dtype}, {device}; plan {plan}"
+    )
     kernel_options = {"block_m": block, "block_n": block} if block else None
     compiled = sparsecomp.compile(model, plan, kernel_options=kernel_options, dynamic=False)
     if device == "cuda":
@@ -78,16 +96,20 @@ def run_demo(shape="tiny", layers=None, seq_len=512, sink=16, window=64, device=
     if device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         nxn = seq_len * seq_len * model.config.num_attention_heads * 2 / 2**30
-        print(f"peak GPU memory {result['peak_memory_gib']:.2f} GiB (one layer's N x N bf16 scores "
-              f"would be {nxn:.1f} GiB)")
+        print(
+            f"peak GPU memory {result['peak_memory_gib']:.2f} GiB (one layer's N x N bf16 scores "
+            f"would be {nxn:.1f} GiB)"
+        )
     if check:
         with torch.no_grad(), streaming_sdpa(sink, window):
             ref = model(ids, use_cache=False).logits
         err = ((logits.float() - ref.float()).norm() / ref.float().norm()).item()
         tol = 2e-2 if dtype != torch.float32 else 1e-4
         result["relative_error"] = err
-        print(f"relative error vs dense masked reference: {err:.2e} (tolerance {tol:.0e}) -> "
-              f"{'OK' if err <= tol else 'MISMATCH'}")
+        print(
+            f"relative error vs dense masked reference: {err:.2e} (tolerance {tol:.0e}) -> "
+            f"{'OK' if err <= tol else 'MISMATCH'}"
+        )
         if err > tol:
             raise SystemExit(1)
     if device == "cuda":
@@ -96,6 +118,8 @@ def run_demo(shape="tiny", layers=None, seq_len=512, sink=16, window=64, device=
             dense_ms = _time_ms(lambda: dense(ids, use_cache=False))
             sparse_ms = _time_ms(lambda: compiled(ids, use_cache=False))
         result.update(dense_sdpa_ms=dense_ms, sparsecomp_ms=sparse_ms)
-        print(f"forward: dense SDPA (torch.compile) {dense_ms:.2f} ms, sparsecomp {sparse_ms:.2f} ms, "
-              f"speedup {dense_ms / sparse_ms:.2f}x")
+        print(
+            f"forward: dense SDPA (torch.compile) {dense_ms:.2f} ms, sparsecomp {sparse_ms:.2f} ms, "
+            f"speedup {dense_ms / sparse_ms:.2f}x"
+        )
     return result

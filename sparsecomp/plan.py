@@ -25,7 +25,9 @@ class Rule:
         if self.kind not in RULE_KINDS:
             raise ValueError(f"unknown rule kind {self.kind!r}; known: {RULE_KINDS}")
         if self.kind == "streaming" and (self.window <= 0 or self.sink < 0):
-            raise ValueError(f"streaming needs window > 0 and sink >= 0; got sink={self.sink}, window={self.window}")
+            raise ValueError(
+                f"streaming needs window > 0 and sink >= 0; got sink={self.sink}, window={self.window}"
+            )
 
     @classmethod
     def parse(cls, text: str) -> Rule:
@@ -82,7 +84,9 @@ class Plan:
         if len(entry) == kv_heads:
             groups = q_heads // kv_heads
             return [r for r in entry for _ in range(groups)]
-        raise ValueError(f"plan gives {len(entry)} rules for {site}; it has {q_heads} query and {kv_heads} KV heads")
+        raise ValueError(
+            f"plan gives {len(entry)} rules for {site}; it has {q_heads} query and {kv_heads} KV heads"
+        )
 
     def check_fingerprint(self, actual: dict) -> None:
         """Refuse a plan made for another model: every field both sides know must agree."""
@@ -101,7 +105,9 @@ class Plan:
             "version": self.version,
             "fingerprint": self.fingerprint,
             "default": rule(self.default),
-            "sites": {k: [rule(r) for r in v] if isinstance(v, list) else rule(v) for k, v in self.sites.items()},
+            "sites": {
+                k: [rule(r) for r in v] if isinstance(v, list) else rule(v) for k, v in self.sites.items()
+            },
             "info": self.info,
         }
 
@@ -109,13 +115,20 @@ class Plan:
     def from_json(cls, obj: dict) -> Plan:
         version = obj.get("version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"plan schema version {version!r}; this sparsecomp reads version {SCHEMA_VERSION}")
+            raise ValueError(
+                f"plan schema version {version!r}; this sparsecomp reads version {SCHEMA_VERSION}"
+            )
         sites = {
             k: [_rule_from_json(r) for r in v] if isinstance(v, list) else _rule_from_json(v)
             for k, v in obj.get("sites", {}).items()
         }
-        return cls(default=_rule_from_json(obj.get("default", "dense")), sites=sites,
-                   fingerprint=obj.get("fingerprint"), info=obj.get("info", {}), version=version)
+        return cls(
+            default=_rule_from_json(obj.get("default", "dense")),
+            sites=sites,
+            fingerprint=obj.get("fingerprint"),
+            info=obj.get("info", {}),
+            version=version,
+        )
 
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -133,10 +146,12 @@ def model_fingerprint(model) -> dict:
         get = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         heads = getattr(get, "num_attention_heads", None)
         hidden = getattr(get, "hidden_size", None)
-        fp.update({
-            "num_layers": getattr(get, "num_hidden_layers", None),
-            "num_attention_heads": heads,
-            "num_key_value_heads": getattr(get, "num_key_value_heads", heads),
-            "head_dim": getattr(get, "head_dim", None) or (hidden // heads if hidden and heads else None),
-        })
+        fp.update(
+            {
+                "num_layers": getattr(get, "num_hidden_layers", None),
+                "num_attention_heads": heads,
+                "num_key_value_heads": getattr(get, "num_key_value_heads", heads),
+                "head_dim": getattr(get, "head_dim", None) or (hidden // heads if hidden and heads else None),
+            }
+        )
     return {k: v for k, v in fp.items() if v is not None}

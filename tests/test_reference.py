@@ -1,0 +1,170 @@
+"""The op's PyTorch reference and the index builder against a plain dense masked golden (fp64)."""
+
+import math
+
+import pytest
+import torch
+from sparsecomp.kernels import (
+    build_block_index,
+    index_positions,
+    sparse_attention,
+    sparse_attention_reference,
+)
+from sparsecomp.kernels.sparse_attention import kept_pairs
+
+
+def golden(q, k, v, keep, scale, softcap=0.0):
+    """fp64 dense attention with an explicit (B, H, Nq, Nk) keep mask; empty rows give zeros."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def make_case(b, hq, hkv, nq, nk, d, dtype, pad=0):
+    q = torch.randn(b, hq, nq, d, dtype=dtype)
+    k = torch.randn(b, hkv, nk, d, dtype=dtype)
+    v = torch.randn(b, hkv, nk, d, dtype=dtype)
+    key_ok = None
+    if pad:
+        key_ok = torch.ones(b, nk, dtype=torch.bool)
+        key_ok[-1, :pad] = False  # left padding on the last row
+    return q, k, v, key_ok
+
+
+CASES = [  # (B, Hq, Hkv, Nq, Nk, D, block, causal, window, sinks, windows, pad)
+    (1, 2, 1, 1, 1, 16, 16, True, 0, [0, 0], [0, 0], 0),
+    (1, 4, 2, 63, 63, 16, 16, True, 0, [0, 4, 0, 2], [0, 8, 0, 20], 0),
+    (2, 4, 1, 100, 100, 32, 16, True, 0, [3, 3, 3, 3], [17, 17, 40, 5], 7),
+    (2, 2, 2, 57, 57, 24, 16, True, 12, [0, 2], [0, 5], 3),
+    (1, 6, 3, 40, 40, 16, 8, False, 0, [0] * 6, [0] * 6, 0),
+    (2, 2, 1, 257, 257, 16, 32, True, 0, [16, 0], [64, 0], 30),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_dense_golden(case, dtype):
+    b, hq, hkv, nq, nk, d, block, causal, window, sinks, windows, pad = case
+    q, k, v, key_ok = make_case(b, hq, hkv, nq, nk, d, dtype, pad)
+    q_pos, k_pos = index_positions(q, 2), index_positions(k, 2)
+    sink, win = torch.tensor(sinks, dtype=torch.int32), torch.tensor(windows, dtype=torch.int32)
+    index = build_block_index(
+        q_pos,
+        k_pos,
+        key_ok,
+        sink,
+        win,
+        causal=causal,
+        window=window,
+        block_m=block,
+        block_n=block,
+        max_blocks=None,
+    )
+    scale = 1 / math.sqrt(d)
+    out = sparse_attention(
+        q, k, v, q_pos, k_pos, key_ok, *index, sink, win, scale, causal, window, 0.0, block, block
+    )
+    start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
+    keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=causal, window=window)
+    keep = keep.expand(b, hq, nq, nk)
+    ref = golden(q, k, v, keep, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    # Rows with no kept key are zeros (left-padded query rows under causal masks).
+    empty = ~keep.any(-1)
+    assert (out[empty] == 0).all()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_index_is_exact(case):
+    """Full blocks keep every pair; no kept pair lies outside the listed blocks."""
+    b, hq, hkv, nq, nk, d, block, causal, window, sinks, windows, pad = case
+    _, _, _, key_ok = make_case(b, hq, hkv, nq, nk, d, torch.float32, pad)
+    q_pos, k_pos = torch.arange(nq)[None], torch.arange(nk)[None]
+    sink, win = torch.tensor(sinks, dtype=torch.int32), torch.tensor(windows, dtype=torch.int32)
+    from sparsecomp.kernels import block_index_bound
+
+    bound = block_index_bound(
+        sinks, windows, causal=causal, window=window, block_m=block, block_n=block, positions_are_indices=True
+    )
+    fb, fc, pb, pc = build_block_index(
+        q_pos,
+        k_pos,
+        key_ok,
+        sink,
+        win,
+        causal=causal,
+        window=window,
+        block_m=block,
+        block_n=block,
+        max_blocks=bound,
+    )
+    start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
+    keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=causal, window=window).expand(
+        b, hq, nq, nk
+    )
+    n_qb, n_kb = -(-nq // block), -(-nk // block)
+    padded = torch.zeros(b, hq, n_qb * block, n_kb * block, dtype=torch.bool)
+    padded[..., :nq, :nk] = keep
+    blocks = padded.view(b, hq, n_qb, block, n_kb, block)
+    kept_any = blocks.any(-1).any(-2)  # (B, H, nQB, nKB)
+    inside = torch.zeros(b, hq, n_qb * block, n_kb * block, dtype=torch.bool)
+    inside[..., :nq, :nk] = True
+    kept_all = (blocks | ~inside.view_as(blocks)).all(-1).all(-2)  # ignoring positions past N
+    fb, fc, pb, pc = (t.expand(b, hq, *t.shape[2:]) for t in (fb, fc, pb, pc))
+    for bi in range(b):
+        for h in range(hq):
+            for qb in range(n_qb):
+                full = set(fb[bi, h, qb, : fc[bi, h, qb]].tolist())
+                part = set(pb[bi, h, qb, : pc[bi, h, qb]].tolist())
+                assert not full & part
+                needed = set(torch.nonzero(kept_any[bi, h, qb]).flatten().tolist())
+                assert needed <= full | part, (bi, h, qb)
+                for kb in full:
+                    assert kept_all[bi, h, qb, kb] and kb * block + block <= nk
+
+
+def test_reference_softcap_and_errors():
+    q, k, v, _ = make_case(1, 2, 1, 20, 20, 16, torch.float32)
+    q_pos = k_pos = torch.arange(20)[None]
+    zeros = torch.zeros(2, dtype=torch.int32)
+    index = build_block_index(
+        q_pos, k_pos, None, zeros, zeros, causal=True, window=0, block_m=16, block_n=16, max_blocks=None
+    )
+    out = sparse_attention_reference(
+        q * 4, k, v, q_pos, k_pos, None, *index, zeros, zeros, 0.5, True, 0, 5.0, 16, 16
+    )
+    keep = torch.ones(20, 20, dtype=torch.bool).tril()[None, None].expand(1, 2, 20, 20)
+    torch.testing.assert_close(
+        out.double(), golden(q * 4, k, v, keep, 0.5, softcap=5.0), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="head_dim=12"):
+        q12 = torch.randn(1, 2, 20, 12)
+        k12 = torch.randn(1, 1, 20, 12)
+        sparse_attention_reference(
+            q12, k12, k12, q_pos, k_pos, None, *index, zeros, zeros, 1.0, True, 0, 0.0, 16, 16
+        )
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        sparse_attention_reference(
+            q,
+            torch.randn(1, 3, 20, 16),
+            torch.randn(1, 3, 20, 16),
+            q_pos,
+            k_pos,
+            None,
+            *index,
+            zeros,
+            zeros,
+            1.0,
+            True,
+            0,
+            0.0,
+            16,
+            16,
+        )
