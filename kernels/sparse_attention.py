@@ -31,9 +31,7 @@ def check_head_dim(head_dim: int) -> str | None:
 
 def _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, hq, nq, d = q.shape
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d:
         raise ValueError(f"k/v shapes {tuple(k.shape)} / {tuple(v.shape)} do not fit q {tuple(q.shape)}")
@@ -46,18 +44,14 @@ def _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window):
     if (reason := check_head_dim(d)) is not None:
         raise ValueError(reason)
     if q_pos.shape[-1] != nq or k_pos.shape[-1] != k.shape[2]:
-        raise ValueError(
-            f"positions {tuple(q_pos.shape)} / {tuple(k_pos.shape)} do not fit Nq={nq}, Nk={k.shape[2]}"
-        )
+        raise ValueError(f"positions {tuple(q_pos.shape)} / {tuple(k_pos.shape)} do not fit Nq={nq}, Nk={k.shape[2]}")
     if key_ok is not None and key_ok.shape[-1] != k.shape[2]:
         raise ValueError(f"key_ok {tuple(key_ok.shape)} does not fit Nk={k.shape[2]}")
     if head_sink.numel() != hq or head_window.numel() != hq:
         raise ValueError(f"per-head rules have {head_sink.numel()} / {head_window.numel()} entries; Hq={hq}")
 
 
-def kept_pairs(
-    q_pos_rows, k_pos, key_ok, start, head_sink, head_window, *, causal: bool, window: int
-) -> torch.Tensor:
+def kept_pairs(q_pos_rows, k_pos, key_ok, start, head_sink, head_window, *, causal: bool, window: int) -> torch.Tensor:
     """Structure mask and per-head local rule for some query rows: (B', Hq, rows, Nk) bool."""
     qp = q_pos_rows[:, None, :, None].to(torch.int64)
     kp = k_pos[:, None, None, :].to(torch.int64)

@@ -218,9 +218,7 @@ def _same_value(interp, node):
     """Ops that keep values: device/dtype moves (not to bool), expand, contiguous."""
     val = interp.value(node.args[0])
     if node.target in ("to", "type") or node.target is torch.Tensor.to:
-        dtype = node.kwargs.get("dtype") or next(
-            (a for a in node.args[1:] if isinstance(a, torch.dtype)), None
-        )
+        dtype = node.kwargs.get("dtype") or next((a for a in node.args[1:] if isinstance(a, torch.dtype)), None)
         if dtype == torch.bool and not isinstance(val, Conj | Const | KeyMask):
             if isinstance(val, Leaf):
                 return val  # a runtime tensor made bool: still a leaf (read as truthy)
@@ -271,9 +269,7 @@ def _getitem(interp, node):
     expanded = []
     for i in index:
         if i is Ellipsis:
-            expanded.extend(
-                [slice(None)] * (rank - sum(1 for j in index if j is not None and j is not Ellipsis))
-            )
+            expanded.extend([slice(None)] * (rank - sum(1 for j in index if j is not None and j is not Ellipsis)))
         else:
             expanded.append(i)
     expanded += [slice(None)] * (rank - sum(1 for j in expanded if j is not None))

@@ -9,9 +9,7 @@ from .plan import Plan, model_fingerprint
 from .report import InspectReport
 
 
-def compile(
-    model: torch.nn.Module, plan=None, *, kernel_options=None, inner: str = "inductor", **torch_compile_kwargs
-):
+def compile(model: torch.nn.Module, plan=None, *, kernel_options=None, inner: str = "inductor", **torch_compile_kwargs):
     """``torch.compile`` with every attention rewritten by ``plan`` (a Plan, preset or .json path).
 
     ``kernel_options`` sets block sizes; ``inner`` picks what compiles the rewritten graph

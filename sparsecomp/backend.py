@@ -41,9 +41,7 @@ class BackendOptions:
             inner=options.pop("inner", "inductor"),
         )
         if options:
-            raise ValueError(
-                f"unknown sparsecomp options {sorted(options)}; known: plan, kernel_options, inner"
-            )
+            raise ValueError(f"unknown sparsecomp options {sorted(options)}; known: plan, kernel_options, inner")
         if opts.inner not in INNER_COMPILERS:
             raise ValueError(f"inner={opts.inner!r}; known: {INNER_COMPILERS}")
         return opts
@@ -173,11 +171,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
         for n in gm.graph.nodes
         if n.target is torch.ops.sparsecomp.sparse_attention.default
     )
-    patch = (
-        torch._functorch.config.patch(decompose_custom_triton_ops=False)
-        if on_cpu
-        else contextlib.nullcontext()
-    )
+    patch = torch._functorch.config.patch(decompose_custom_triton_ops=False) if on_cpu else contextlib.nullcontext()
     with patch:
         return compile_fx(gm, example_inputs)
 

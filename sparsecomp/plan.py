@@ -25,9 +25,7 @@ class Rule:
         if self.kind not in RULE_KINDS:
             raise ValueError(f"unknown rule kind {self.kind!r}; known: {RULE_KINDS}")
         if self.kind == "streaming" and (self.window <= 0 or self.sink < 0):
-            raise ValueError(
-                f"streaming needs window > 0 and sink >= 0; got sink={self.sink}, window={self.window}"
-            )
+            raise ValueError(f"streaming needs window > 0 and sink >= 0; got sink={self.sink}, window={self.window}")
 
     @classmethod
     def parse(cls, text: str) -> Rule:
@@ -84,9 +82,7 @@ class Plan:
         if len(entry) == kv_heads:
             groups = q_heads // kv_heads
             return [r for r in entry for _ in range(groups)]
-        raise ValueError(
-            f"plan gives {len(entry)} rules for {site}; it has {q_heads} query and {kv_heads} KV heads"
-        )
+        raise ValueError(f"plan gives {len(entry)} rules for {site}; it has {q_heads} query and {kv_heads} KV heads")
 
     def check_fingerprint(self, actual: dict) -> None:
         """Refuse a plan made for another model: every field both sides know must agree."""
@@ -105,9 +101,7 @@ class Plan:
             "version": self.version,
             "fingerprint": self.fingerprint,
             "default": rule(self.default),
-            "sites": {
-                k: [rule(r) for r in v] if isinstance(v, list) else rule(v) for k, v in self.sites.items()
-            },
+            "sites": {k: [rule(r) for r in v] if isinstance(v, list) else rule(v) for k, v in self.sites.items()},
             "info": self.info,
         }
 
@@ -115,9 +109,7 @@ class Plan:
     def from_json(cls, obj: dict) -> Plan:
         version = obj.get("version")
         if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"plan schema version {version!r}; this sparsecomp reads version {SCHEMA_VERSION}"
-            )
+            raise ValueError(f"plan schema version {version!r}; this sparsecomp reads version {SCHEMA_VERSION}")
         sites = {
             k: [_rule_from_json(r) for r in v] if isinstance(v, list) else _rule_from_json(v)
             for k, v in obj.get("sites", {}).items()

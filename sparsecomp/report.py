@@ -105,9 +105,7 @@ class InspectReport:
         lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         n_sparse = sum(s.became == "sparse_attention" for s in self.sites)
-        lines.append(
-            f"{len(self.sites)} attention sites: {n_sparse} rewritten, {len(self.sites) - n_sparse} kept"
-        )
+        lines.append(f"{len(self.sites)} attention sites: {n_sparse} rewritten, {len(self.sites) - n_sparse} kept")
         return "\n".join(lines)
 
     __repr__ = __str__

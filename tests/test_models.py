@@ -26,9 +26,7 @@ DECODER = dict(
 
 def make(name, impl):
     if name in ("llama", "qwen2", "qwen3"):
-        return AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(name, **DECODER), attn_implementation=impl
-        )
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(name, **DECODER), attn_implementation=impl)
     if name == "mistral":
         return AutoModelForCausalLM.from_config(
             AutoConfig.for_model(name, sliding_window=8, **DECODER), attn_implementation=impl
@@ -60,9 +58,7 @@ class ShapeRecordingBackend(SparsecompBackend):
         compiled = super().__call__(gm, example_inputs)
         ShapeProp(gm).propagate(*example_inputs)
         self.shapes = [
-            tuple(n.meta["tensor_meta"].shape)
-            for n in gm.graph.nodes
-            if hasattr(n.meta.get("tensor_meta"), "shape")
+            tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if hasattr(n.meta.get("tensor_meta"), "shape")
         ]
         return compiled
 

@@ -66,9 +66,7 @@ def test_reference_matches_dense_golden(case, dtype):
         max_blocks=None,
     )
     scale = 1 / math.sqrt(d)
-    out = sparse_attention(
-        q, k, v, q_pos, k_pos, key_ok, *index, sink, win, scale, causal, window, 0.0, block, block
-    )
+    out = sparse_attention(q, k, v, q_pos, k_pos, key_ok, *index, sink, win, scale, causal, window, 0.0, block, block)
     start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
     keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=causal, window=window)
     keep = keep.expand(b, hq, nq, nk)
@@ -106,9 +104,7 @@ def test_index_is_exact(case):
         max_blocks=bound,
     )
     start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
-    keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=causal, window=window).expand(
-        b, hq, nq, nk
-    )
+    keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=causal, window=window).expand(b, hq, nq, nk)
     n_qb, n_kb = -(-nq // block), -(-nk // block)
     padded = torch.zeros(b, hq, n_qb * block, n_kb * block, dtype=torch.bool)
     padded[..., :nq, :nk] = keep
@@ -137,19 +133,13 @@ def test_reference_softcap_and_errors():
     index = build_block_index(
         q_pos, k_pos, None, zeros, zeros, causal=True, window=0, block_m=16, block_n=16, max_blocks=None
     )
-    out = sparse_attention_reference(
-        q * 4, k, v, q_pos, k_pos, None, *index, zeros, zeros, 0.5, True, 0, 5.0, 16, 16
-    )
+    out = sparse_attention_reference(q * 4, k, v, q_pos, k_pos, None, *index, zeros, zeros, 0.5, True, 0, 5.0, 16, 16)
     keep = torch.ones(20, 20, dtype=torch.bool).tril()[None, None].expand(1, 2, 20, 20)
-    torch.testing.assert_close(
-        out.double(), golden(q * 4, k, v, keep, 0.5, softcap=5.0), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(out.double(), golden(q * 4, k, v, keep, 0.5, softcap=5.0), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="head_dim=12"):
         q12 = torch.randn(1, 2, 20, 12)
         k12 = torch.randn(1, 1, 20, 12)
-        sparse_attention_reference(
-            q12, k12, k12, q_pos, k_pos, None, *index, zeros, zeros, 1.0, True, 0, 0.0, 16, 16
-        )
+        sparse_attention_reference(q12, k12, k12, q_pos, k_pos, None, *index, zeros, zeros, 1.0, True, 0, 0.0, 16, 16)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         sparse_attention_reference(
             q,
