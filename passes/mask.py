@@ -242,9 +242,9 @@ def _reshape_like(interp, node):
     # Map the indexed dimension by matching non-1 sizes from the right.
     src_real = [(i - len(src), s) for i, s in enumerate(src) if not _same(s, 1)]
     dst_real = [(i - len(dst), s) for i, s in enumerate(dst) if not _same(s, 1)]
-    if len(src_real) != len(dst_real) or not all(_same(a[1], b[1]) for a, b in zip(src_real, dst_real)):
+    if len(src_real) != len(dst_real) or not all(_same(a[1], b[1]) for a, b in zip(src_real, dst_real, strict=True)):
         raise _NotUnderstood("reshape that mixes dimensions")
-    mapping = {a[0]: b[0] for a, b in zip(src_real, dst_real)}
+    mapping = {a[0]: b[0] for a, b in zip(src_real, dst_real, strict=True)}
     if val.dim not in mapping:
         if _same(val.length, 1):
             return Const(val.offset) if val.source is None else Leaf(node)
@@ -486,6 +486,8 @@ def structure_from_value(value, n_q, n_k) -> MaskStructure | str:
     """Turn the abstract value of a bool mask into structure, or a reason it cannot be."""
     if isinstance(value, Unknown):
         return f"mask not understood ({value.reason})"
+    if isinstance(value, Leaf):
+        return "mask is run-time data; its values cannot be proven to be a structure"
     if isinstance(value, Indexed) and value.source is not None and value.dim == _KEY_DIM:
         value = Conj(frozenset([KeyMask(value.source)]))
     conj = _as_conj(value)

@@ -106,7 +106,7 @@ def _bool_from_additive(mask: fx.Node) -> fx.Node | None:
 def match_sdpa(node: fx.Node) -> AttentionSite | None:
     if not is_call(node, *_SDPA):
         return None
-    args = dict(zip(_SDPA_ARGS, node.args))
+    args = dict(zip(_SDPA_ARGS, node.args, strict=False))
     args.update(node.kwargs)
     q, k, v = args["query"], args["key"], args["value"]
     if _val(q) is None or _val(q).dim() != 4:

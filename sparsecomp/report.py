@@ -102,7 +102,7 @@ class InspectReport:
             why = s.mask if s.became == "sparse_attention" else s.reason
             rows.append((s.name, s.form, shape, s.dtype, s.became, s.rules_summary(), density, why))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         n_sparse = sum(s.became == "sparse_attention" for s in self.sites)
         lines.append(f"{len(self.sites)} attention sites: {n_sparse} rewritten, {len(self.sites) - n_sparse} kept")

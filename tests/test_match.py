@@ -1,0 +1,157 @@
+"""Matching and mask proofs on hand-made modules: every SDPA call form and the hand-written forms."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsecomp
+from sparsecomp.backend import BackendOptions, SparsecompBackend
+
+BLOCK = {"block_m": 16, "block_n": 16}
+
+
+def run(module, *args, plan="dense"):
+    backend = SparsecompBackend(BackendOptions.from_any({"plan": plan, "kernel_options": BLOCK, "inner": "eager"}))
+    out = torch.compile(module, backend=backend)(*args)
+    return out, backend.report()
+
+
+def causal_keep(n, device=None):
+    i = torch.arange(n, device=device)
+    return i[None, :] <= i[:, None]
+
+
+class Lambda(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def qkv(b=2, hq=4, hkv=4, n=33, d=16):
+    return torch.randn(b, hq, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+
+
+SDPA_FORMS = {
+    "positional_causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, None, 0.0, True),
+    "keyword_causal_scale": lambda q, k, v: F.scaled_dot_product_attention(
+        query=q, key=k, value=v, is_causal=True, scale=0.3
+    ),
+    "bool_mask_from_aranges": lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_keep(q.shape[2], q.device)
+    ),
+    "float_mask_from_bool": lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.where(causal_keep(q.shape[2]), 0.0, float("-inf"))
+    ),
+    "no_mask_bidirectional": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+    "torch_namespace": lambda q, k, v: torch._C._nn.scaled_dot_product_attention(q, k, v, is_causal=True),
+}
+
+
+@pytest.mark.parametrize("form", sorted(SDPA_FORMS))
+def test_sdpa_forms(form):
+    fn = SDPA_FORMS[form]
+    q, k, v = qkv()
+    out, report = run(Lambda(fn), q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v), atol=1e-5, rtol=1e-5)
+    assert [s.became for s in report.sites] == ["sparse_attention"], str(report)
+
+
+def test_sdpa_enable_gqa_reads_real_kv_heads():
+    q, k, v = qkv(hq=8, hkv=2)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    out, report = run(Lambda(fn), q, k, v)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert report.sites[0].shape["kv_heads"] == 2
+
+
+def test_sdpa_repeat_interleave_is_folded():
+    q, k, v = qkv(hq=6, hkv=3)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+
+    out, report = run(Lambda(fn), q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v), atol=1e-5, rtol=1e-5)
+    assert report.sites[0].gqa_folded and sparsecomp.counters["gqa_folded"] == 1
+
+
+def eager_masked_fill(q, k, v):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~causal_keep(q.shape[2]), float("-inf"))
+    p = F.dropout(F.softmax(s, dim=-1), p=0.0, training=False)
+    return p @ v
+
+
+def eager_where_cast(q, k, v):
+    s = torch.matmul(q, k.transpose(2, 3)) * 0.2
+    s = torch.where(causal_keep(q.shape[2]), s, torch.finfo(s.dtype).min)
+    return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def eager_softcap_additive(q, k, v):
+    s = torch.matmul(q, k.transpose(2, 3)) * 0.25
+    s = torch.tanh(s / 30.0) * 30.0
+    s = s + torch.where(causal_keep(q.shape[2]), 0.0, torch.finfo(s.dtype).min)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def eager_no_scale(q, k, v):  # T5-style: no scale, no mask
+    return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(3, 2)), dim=-1), v)
+
+
+@pytest.mark.parametrize("fn", [eager_masked_fill, eager_where_cast, eager_softcap_additive, eager_no_scale])
+def test_handwritten_forms(fn):
+    q, k, v = qkv()
+    out, report = run(Lambda(fn), q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v), atol=1e-5, rtol=1e-5)
+    site = report.sites[0]
+    assert site.form == "matmul_softmax_matmul" and site.became == "sparse_attention", str(report)
+
+
+def test_probabilities_used_elsewhere_is_not_a_site():
+    def fn(q, k, v):
+        p = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return p @ v, p.sum()
+
+    q, k, v = qkv()
+    out, report = run(Lambda(fn), q, k, v)
+    torch.testing.assert_close(out[0], fn(q, k, v)[0])
+    assert report.sites == []
+
+
+def test_runtime_mask_tensor_is_kept_with_reason():
+    q, k, v = qkv()
+    mask = torch.rand(2, 1, 33, 33) > 0.3
+
+    def fn(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    out, report = run(Lambda(fn), q, k, v, mask)
+    torch.testing.assert_close(out, fn(q, k, v, mask))
+    site = report.sites[0]
+    assert site.became == "kept" and "cannot be proven" in site.reason
+
+
+def test_window_and_offset_masks_are_proven():
+    """Keys within 5 positions, query positions shifted by 3 (a chunk after 3 cached tokens)."""
+    q = torch.randn(1, 2, 20, 16)
+    k = v = torch.randn(1, 2, 23, 16)
+
+    def fn(q, k, v):
+        i = torch.arange(20) + 3
+        j = torch.arange(23)
+        keep = (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - 5)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    out, report = run(Lambda(fn), q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v), atol=1e-5, rtol=1e-5)
+    assert report.sites[0].mask == "causal + window 5 + query offset 3"
