@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .fxutil import canonical_target
+
 _KEY_DIM, _QUERY_DIM, _BATCH_DIM = -1, -2, -4
 
 
@@ -147,9 +149,11 @@ class MaskInterpreter:
         for inp in node.all_input_nodes:
             if inp not in self.values:
                 self.value(inp)
-        target = node.target
+        if node.op not in ("call_function", "call_method"):
+            return Leaf(node)
+        target = canonical_target(node)
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        handler = _HANDLERS.get(target) or (_METHODS.get(target) if node.op == "call_method" else None)
+        handler = _HANDLERS.get(target) if not isinstance(target, str) else _METHODS.get(target)
         if handler is None:
             return Leaf(node)
         try:
@@ -217,15 +221,17 @@ def _shift(interp, node, sign):
 def _same_value(interp, node):
     """Ops that keep values: device/dtype moves (not to bool), expand, contiguous."""
     val = interp.value(node.args[0])
-    if node.target in ("to", "type") or node.target is torch.Tensor.to:
+    if canonical_target(node) in ("to", "type"):
         dtype = node.kwargs.get("dtype") or next((a for a in node.args[1:] if isinstance(a, torch.dtype)), None)
         if dtype == torch.bool and not isinstance(val, Conj | Const | KeyMask):
             if isinstance(val, Leaf):
-                return val  # a runtime tensor made bool: still a leaf (read as truthy)
+                return Leaf(node)  # a runtime tensor made bool: still a leaf (read as truthy)
             raise _NotUnderstood("integer values turned into bool")
     if isinstance(val, Indexed):
         shape = _shape(node)
         return replace(val, rank=len(shape)) if shape is not None else val
+    if isinstance(val, Leaf):
+        return Leaf(node)  # the moved / cast tensor is what the rewrite must read
     return val
 
 
@@ -358,7 +364,7 @@ _COMPARE = {
 
 
 def _compare(interp, node):
-    op = _COMPARE[node.target]
+    op = _COMPARE[canonical_target(node)]
     a, b = interp.value(node.args[0]), interp.value(node.args[1])
     if isinstance(a, Const) and isinstance(b, Const):
         return Const(bool(op(a.value, b.value)))

@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .site import AttentionSite, meta_val, module_path, unique_names
+from .fxutil import canonical_target, meta_val
+from .site import AttentionSite, module_path, unique_names
 
 _SDPA = {
     F.scaled_dot_product_attention,
@@ -29,11 +30,9 @@ _MASK_FLOOR = -1e30  # an additive value at or below this removes the key (HF us
 
 def is_call(node, *targets) -> bool:
     """node calls one of targets (functions, or method names as strings)."""
-    if not isinstance(node, fx.Node):
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
         return False
-    if node.op == "call_function":
-        return node.target in targets
-    return node.op == "call_method" and node.target in targets
+    return canonical_target(node) in targets
 
 
 _val = meta_val

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+
 from sparsecomp.kernels import block_index_bound, build_block_index, index_positions
 
 from .match import default_scale

@@ -8,14 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .fxutil import canonical_target, meta_val  # noqa: F401  (re-exported)
 from .mask import MaskStructure
-
-
-def meta_val(node):
-    """The fake value of a node: ``val`` after tracing, ``example_value`` in Dynamo's graphs."""
-    if not isinstance(node, fx.Node):
-        return None
-    return node.meta.get("val", node.meta.get("example_value"))
 
 
 @dataclass

@@ -155,3 +155,21 @@ def test_window_and_offset_masks_are_proven():
     out, report = run(Lambda(fn), q, k, v)
     torch.testing.assert_close(out, fn(q, k, v), atol=1e-5, rtol=1e-5)
     assert report.sites[0].mask == "causal + window 5 + query offset 3"
+
+
+def test_dunder_methods_read_like_operators():
+    """torch 2.11's Dynamo records ``a == b`` as the method ``__eq__``; the passes read both."""
+    import operator
+
+    import torch.fx as fx
+
+    from sparsecomp.passes.fxutil import canonical_target
+
+    g = fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    eq_method = g.call_method("__eq__", (a, b))
+    and_method = g.call_method("__and__", (a, b))
+    to_function = g.call_function(torch.Tensor.to, (a, torch.bool))
+    assert canonical_target(eq_method) is operator.eq
+    assert canonical_target(and_method) is operator.and_
+    assert canonical_target(to_function) == "to"

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from sparsecomp.kernels import (
     build_block_index,
     index_positions,
