@@ -5,7 +5,7 @@ and carries a plain PyTorch reference of the same semantics that runs on CPU.
 """
 
 from .block_index import SparseIndex, block_index_bound, build_block_index, index_positions
-from .sparse_attention import (
+from .block_sparse_attention import (
     SUPPORTED_DTYPES,
     check_head_dim,
     sparse_attention,

@@ -76,6 +76,10 @@ def rewrite_site(
             key_ok = _key_ok(graph, s.key_ok)
             sink = graph.call_function(head_values, (tuple(head_sink), site.q))
             window = graph.call_function(head_values, (tuple(head_window), site.q))
+            # Heads with one shared rule share one index (head dimension 1, read with stride 0).
+            uniform = len(set(zip(head_sink, head_window, strict=True))) == 1
+            index_sink = graph.call_function(head_values, (tuple(head_sink[:1]), site.q)) if uniform else sink
+            index_window = graph.call_function(head_values, (tuple(head_window[:1]), site.q)) if uniform else window
             bound = block_index_bound(
                 head_sink,
                 head_window,
@@ -87,7 +91,7 @@ def rewrite_site(
             )
             index = graph.call_function(
                 build_block_index,
-                (q_pos, k_pos, key_ok, sink, window),
+                (q_pos, k_pos, key_ok, index_sink, index_window),
                 dict(
                     causal=s.causal,
                     window=s.window,

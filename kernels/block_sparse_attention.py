@@ -1,0 +1,590 @@
+"""Block-sparse attention over the sparse index: the op every prefill pattern lowers to.
+
+Notation (see ``block_index.py`` for the index and the kept-pair rule):
+    q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D): GQA-native, query head h reads KV head h // (Hq / Hkv).
+    s[i, j] = scale * q[i] . k[j]; with softcap c > 0: s = c * tanh(s / c)   (Gemma 2)
+    out[i] = sum_j p[i, j] v[j],  p = softmax over the kept keys j of row i.
+    A kept key must be in one of the row's listed blocks (``full`` or ``part``) and pass the
+    structure mask and the head's local rule. Rows that keep no key give zeros, never NaN.
+
+Three layers in one file: the ``@triton.jit`` kernel (one program = one query block of one
+batch row and query head; it walks the listed key blocks, ``full`` ones without an element mask,
+``part`` ones with it, in tiles of BLOCK_N keys, online softmax in fp32 base 2:
+    s2 = (q . k) * scale * log2(e);  m' = max(m, rowmax(s2));  p = 2^(s2 - m')
+    l' = l * 2^(m - m') + rowsum(p);  acc' = acc * 2^(m - m') + p @ v;  out = acc / l (0 if l = 0)
+and head_dim padded to a power of two inside the kernel by masked loads), its launcher (grid,
+tiles, warps, stages from the kernel options), and the op registration. Beside them, the PyTorch
+reference: the same semantics computed in chunks of query rows (memory O(chunk * Nk), never
+Nq x Nk), which is the op's implementation off CUDA and the oracle of the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_index import first_valid_key
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    start_n,
+    K,
+    V,
+    KPos,
+    KeyOk,
+    k_base,
+    v_base,
+    kpos_base,
+    keyok_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    n_k,
+    scale2,
+    softcap,
+    window,
+    sink_h,
+    win_h,
+    key_start,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KEY_OK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_k = offs_n < n_k
+    d_ok = offs_d < HEAD_DIM
+    # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_D)
+    kt = tl.load(
+        K + k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        mask=in_k[None, :] & d_ok[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=in_k[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    if HAS_SOFTCAP:
+        # softcap * tanh(s * scale / softcap), tanh(x) = 2 sigmoid(2x) - 1; then to base 2
+        x = s * (scale2 / 1.4426950408889634) / softcap
+        s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0) * 1.4426950408889634
+    else:
+        s = s * scale2
+    if MASKED:
+        k_pos = tl.load(KPos + kpos_base + offs_n, mask=in_k, other=0)
+        dist = q_pos[:, None] - k_pos[None, :]
+        keep = in_k[None, :] & ((win_h <= 0) | (dist < win_h) | ((offs_n[None, :] - key_start) < sink_h))
+        if CAUSAL:
+            keep = keep & (dist >= 0)
+        if HAS_WINDOW:
+            keep = keep & (dist < window)
+        if HAS_KEY_OK:
+            ok = tl.load(KeyOk + keyok_base + offs_n, mask=in_k, other=0)
+            keep = keep & (ok[None, :] != 0)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sparse_attention_fwd(
+    Q,
+    K,
+    V,
+    Out,
+    QPos,
+    KPos,
+    KeyOk,
+    KeyStart,
+    FullBlocks,
+    FullCount,
+    PartBlocks,
+    PartCount,
+    HeadSink,
+    HeadWindow,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_qpb,
+    stride_kpb,
+    stride_kob,
+    stride_ksb,
+    stride_ib,
+    stride_ih,
+    stride_iq,
+    stride_cb,
+    stride_ch,
+    n_heads,
+    n_q,
+    n_k,
+    groups,
+    scale2,
+    softcap,
+    window,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SUB_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KEY_OK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    kvh = h // groups
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_q = offs_m < n_q
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=in_q[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
+    q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=in_q, other=0)
+    sink_h = tl.load(HeadSink + h)
+    win_h = tl.load(HeadWindow + h)
+    key_start = tl.load(KeyStart + b * stride_ksb)
+    k_base = b * stride_kb + kvh * stride_kh
+    v_base = b * stride_vb + kvh * stride_vh
+    kpos_base = b * stride_kpb
+    keyok_base = b * stride_kob
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    list_base = b * stride_ib + h * stride_ih + pid_m * stride_iq
+    count_at = b * stride_cb + h * stride_ch + pid_m
+
+    n_full = tl.load(FullCount + count_at)
+    for t in range(0, n_full):
+        kb = tl.load(FullBlocks + list_base + t)
+        for sub in tl.static_range(SUB_N):
+            acc, m_i, l_i = _attend_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                q_pos,
+                (kb * SUB_N + sub) * BLOCK_N,
+                K,
+                V,
+                KPos,
+                KeyOk,
+                k_base,
+                v_base,
+                kpos_base,
+                keyok_base,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                n_k,
+                scale2,
+                softcap,
+                window,
+                sink_h,
+                win_h,
+                key_start,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                False,
+                CAUSAL,
+                HAS_WINDOW,
+                HAS_KEY_OK,
+                HAS_SOFTCAP,
+                IEEE,
+            )
+    n_part = tl.load(PartCount + count_at)
+    for t in range(0, n_part):
+        kb = tl.load(PartBlocks + list_base + t)
+        for sub in tl.static_range(SUB_N):
+            acc, m_i, l_i = _attend_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                q_pos,
+                (kb * SUB_N + sub) * BLOCK_N,
+                K,
+                V,
+                KPos,
+                KeyOk,
+                k_base,
+                v_base,
+                kpos_base,
+                keyok_base,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                n_k,
+                scale2,
+                softcap,
+                window,
+                sink_h,
+                win_h,
+                key_start,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                True,
+                CAUSAL,
+                HAS_WINDOW,
+                HAS_KEY_OK,
+                HAS_SOFTCAP,
+                IEEE,
+            )
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty),
+        mask=in_q[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
+
+
+def _batch_stride(t: torch.Tensor, dim: int = 0) -> int:
+    """A dimension of size 1 (batch or head) is shared by every row of it: stride 0."""
+    return t.stride(dim) if t.shape[dim] > 1 else 0
+
+
+def launch_config(head_dim: int, block_m: int, block_n: int) -> dict:
+    """Tile and launch parameters from the kernel options (block sizes) and head_dim."""
+    tile_n = min(block_n, 64 if head_dim > 64 else 128)
+    if block_n % tile_n:
+        raise ValueError(f"block_n={block_n} must be a multiple of the key tile {tile_n}")
+    big = block_m >= 128 and head_dim >= 64
+    return {
+        "BLOCK_N": tile_n,
+        "SUB_N": block_n // tile_n,
+        "num_warps": 8 if big else 4,
+        "num_stages": 2 if head_dim > 128 else 3,
+    }
+
+
+def sparse_attention_triton(
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    key_ok,
+    full_blocks,
+    full_count,
+    part_blocks,
+    part_count,
+    head_sink,
+    head_window,
+    scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    block_m: int,
+    block_n: int,
+    launch=None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the kernel. ``launch`` wraps it (``torch.library.wrap_triton`` inside the op);
+    ``out`` lets tests pass a poisoned buffer to prove every element is written."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
+    key_start = first_valid_key(key_ok, q.device)
+    key_ok_arg = key_ok.view(torch.uint8) if key_ok is not None else key_start
+    cfg = launch_config(d, block_m, block_n)
+    kernel = (launch or (lambda f: f))(_sparse_attention_fwd)
+    grid = (triton.cdiv(nq, block_m), b * hq)
+    kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        q_pos,
+        k_pos,
+        key_ok_arg,
+        key_start,
+        full_blocks,
+        full_count,
+        part_blocks,
+        part_count,
+        head_sink,
+        head_window,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        q.stride(3),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        k.stride(3),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        v.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        out.stride(3),
+        _batch_stride(q_pos),
+        _batch_stride(k_pos),
+        _batch_stride(key_ok) if key_ok is not None else 0,
+        _batch_stride(key_start),
+        _batch_stride(full_blocks),
+        _batch_stride(full_blocks, 1),
+        full_blocks.stride(2),
+        _batch_stride(full_count),
+        _batch_stride(full_count, 1),
+        hq,
+        nq,
+        nk,
+        hq // hkv,
+        scale * LOG2E,
+        softcap,
+        window,
+        HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=block_m,
+        CAUSAL=causal,
+        HAS_WINDOW=window > 0,
+        HAS_KEY_OK=key_ok is not None,
+        HAS_SOFTCAP=softcap > 0,
+        IEEE=q.dtype == torch.float32,
+        **cfg,
+    )
+    return out
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_CHUNK_ELEMENTS = 1 << 26  # scores held at once by the reference: 256 MiB of fp32
+
+
+def check_head_dim(head_dim: int) -> str | None:
+    """Why a head dimension cannot run, or None. Non powers of two are padded by the kernel."""
+    if head_dim < 16 or head_dim > _MAX_HEAD_DIM or head_dim % 8:
+        return f"head_dim={head_dim}; supported: multiples of 8 from 16 to {_MAX_HEAD_DIM}"
+    return None
+
+
+def _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, hq, nq, d = q.shape
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d:
+        raise ValueError(f"k/v shapes {tuple(k.shape)} / {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if hq % k.shape[1]:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({k.shape[1]})")
+    if v.shape[-1] != d:
+        raise ValueError(f"value head_dim {v.shape[-1]} differs from query head_dim {d}; not supported")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"dtypes q={q.dtype} k={k.dtype} v={v.dtype}; supported: one of {SUPPORTED_DTYPES}")
+    if (reason := check_head_dim(d)) is not None:
+        raise ValueError(reason)
+    if q_pos.shape[-1] != nq or k_pos.shape[-1] != k.shape[2]:
+        raise ValueError(f"positions {tuple(q_pos.shape)} / {tuple(k_pos.shape)} do not fit Nq={nq}, Nk={k.shape[2]}")
+    if key_ok is not None and key_ok.shape[-1] != k.shape[2]:
+        raise ValueError(f"key_ok {tuple(key_ok.shape)} does not fit Nk={k.shape[2]}")
+    if head_sink.numel() != hq or head_window.numel() != hq:
+        raise ValueError(f"per-head rules have {head_sink.numel()} / {head_window.numel()} entries; Hq={hq}")
+
+
+def kept_pairs(q_pos_rows, k_pos, key_ok, start, head_sink, head_window, *, causal: bool, window: int) -> torch.Tensor:
+    """Structure mask and per-head local rule for some query rows: (B', Hq, rows, Nk) bool."""
+    qp = q_pos_rows[:, None, :, None].to(torch.int64)
+    kp = k_pos[:, None, None, :].to(torch.int64)
+    keep = torch.ones((), dtype=torch.bool, device=q_pos_rows.device)
+    if causal:
+        keep = keep & (kp <= qp)
+    if window > 0:
+        keep = keep & (qp - kp < window)
+    if key_ok is not None:
+        keep = keep & key_ok[:, None, None, :]
+    w = head_window.to(torch.int64)[None, :, None, None]
+    s = head_sink.to(torch.int64)[None, :, None, None]
+    key_idx = torch.arange(k_pos.shape[-1], device=k_pos.device)[None, None, None, :]
+    local = (w <= 0) | (qp - kp < w) | (key_idx - start[:, None, None, None] < s)
+    return keep & local
+
+
+def _listed(blocks, count, n_k_blocks):
+    """(B', Hq, nQB, L) lists → (B', Hq, nQB, nKB) membership."""
+    slot = torch.arange(blocks.shape[-1], device=blocks.device)
+    ids = torch.where(slot < count[..., None], blocks.to(torch.int64), n_k_blocks)
+    member = torch.zeros(*blocks.shape[:-1], n_k_blocks + 1, dtype=torch.bool, device=blocks.device)
+    return member.scatter_(-1, ids, True)[..., :n_k_blocks]
+
+
+def sparse_attention_reference(
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    key_ok,
+    full_blocks,
+    full_count,
+    part_blocks,
+    part_count,
+    head_sink,
+    head_window,
+    scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    block_m: int,
+    block_n: int,
+) -> torch.Tensor:
+    """Plain PyTorch semantics of ``sparse_attention`` (fp32 math), chunked over query rows."""
+    _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    groups = hq // hkv
+    n_kb = -(-nk // block_n)
+    listed = _listed(full_blocks, full_count, n_kb) | _listed(part_blocks, part_count, n_kb)
+    start = first_valid_key(key_ok, q.device)
+    kf = k.float()[:, :, None]  # (B, Hkv, 1, Nk, D)
+    vf = v.float()[:, :, None]
+    out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
+    rows_per_chunk = max(block_m, (_CHUNK_ELEMENTS // max(1, b * hq * nk)) // block_m * block_m)
+    for r0 in range(0, nq, rows_per_chunk):
+        r1 = min(nq, r0 + rows_per_chunk)
+        qc = q[:, :, r0:r1].float().view(b, hkv, groups, r1 - r0, d)
+        s = (qc @ kf.transpose(-1, -2)).view(b, hq, r1 - r0, nk) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        rows = torch.arange(r0, r1, device=q.device)
+        in_index = listed[:, :, rows // block_m].repeat_interleave(block_n, dim=-1)[..., :nk]
+        keep = in_index & kept_pairs(
+            q_pos[:, r0:r1], k_pos, key_ok, start, head_sink, head_window, causal=causal, window=window
+        )
+        s = s.masked_fill(~keep, float("-inf"))
+        row_max = s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+        p = torch.exp(s - row_max)
+        denom = p.sum(-1, keepdim=True)
+        o = (p.view(b, hkv, groups, r1 - r0, nk) @ vf).view(b, hq, r1 - r0, d)
+        out[:, :, r0:r1] = torch.where(denom > 0, o / denom.clamp_min(1e-30), 0.0).to(q.dtype)
+    return out
+
+
+@torch.library.triton_op("sparsecomp::sparse_attention", mutates_args=())
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    key_ok: torch.Tensor | None,
+    full_blocks: torch.Tensor,
+    full_count: torch.Tensor,
+    part_blocks: torch.Tensor,
+    part_count: torch.Tensor,
+    head_sink: torch.Tensor,
+    head_window: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    block_m: int,
+    block_n: int,
+) -> torch.Tensor:
+    """Block-sparse attention (see the notation above): the Triton kernel on CUDA, the reference
+    elsewhere."""
+    if q.is_cuda:
+        _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
+        return sparse_attention_triton(
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            key_ok,
+            full_blocks,
+            full_count,
+            part_blocks,
+            part_count,
+            head_sink,
+            head_window,
+            scale,
+            causal,
+            window,
+            softcap,
+            block_m,
+            block_n,
+            launch=torch.library.wrap_triton,
+        )
+    return sparse_attention_reference(
+        q,
+        k,
+        v,
+        q_pos,
+        k_pos,
+        key_ok,
+        full_blocks,
+        full_count,
+        part_blocks,
+        part_count,
+        head_sink,
+        head_window,
+        scale,
+        causal,
+        window,
+        softcap,
+        block_m,
+        block_n,
+    )
+
+
+@sparse_attention.register_fake
+def _sparse_attention_fake(q, k, v, *args):
+    return q.new_empty(q.shape)

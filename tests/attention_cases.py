@@ -1,0 +1,36 @@
+"""Shared attention test cases and the fp64 dense golden (imported by the kernel tests)."""
+
+import torch
+
+
+def golden(q, k, v, keep, scale, softcap=0.0):
+    """fp64 dense attention with an explicit (B, H, Nq, Nk) keep mask; empty rows give zeros."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def make_case(b, hq, hkv, nq, nk, d, dtype, pad=0):
+    q = torch.randn(b, hq, nq, d, dtype=dtype)
+    k = torch.randn(b, hkv, nk, d, dtype=dtype)
+    v = torch.randn(b, hkv, nk, d, dtype=dtype)
+    key_ok = None
+    if pad:
+        key_ok = torch.ones(b, nk, dtype=torch.bool)
+        key_ok[-1, :pad] = False  # left padding on the last row
+    return q, k, v, key_ok
+
+
+CASES = [  # (B, Hq, Hkv, Nq, Nk, D, block, causal, window, sinks, windows, pad)
+    (1, 2, 1, 1, 1, 16, 16, True, 0, [0, 0], [0, 0], 0),
+    (1, 4, 2, 63, 63, 16, 16, True, 0, [0, 4, 0, 2], [0, 8, 0, 20], 0),
+    (2, 4, 1, 100, 100, 32, 16, True, 0, [3, 3, 3, 3], [17, 17, 40, 5], 7),
+    (2, 2, 2, 57, 57, 24, 16, True, 12, [0, 2], [0, 5], 3),
+    (1, 6, 3, 40, 40, 16, 8, False, 0, [0] * 6, [0] * 6, 0),
+    (2, 2, 1, 257, 257, 16, 32, True, 0, [16, 0], [64, 0], 30),
+]
