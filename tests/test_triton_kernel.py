@@ -6,6 +6,7 @@ import pytest
 import torch
 from attention_cases import CASES, golden, make_case
 
+import sparsecomp
 from sparsecomp.kernels import build_block_index, index_positions, sparse_attention_reference
 from sparsecomp.kernels.block_sparse_attention import sparse_attention_triton
 
@@ -56,3 +57,62 @@ def test_kernel_positions_from_a_tensor_and_larger_key_blocks():
     local = (q_pos[0][:, None] - k_pos[0][None, :] < 6) | (k_pos[0][None, :] < 1)
     keep[:, 0] &= local
     torch.testing.assert_close(out.double().cpu(), golden(q, k, v, keep, 0.25).cpu(), atol=1e-5, rtol=1e-5)
+
+
+gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="bf16 and compiled kernels are checked on the GPU")
+
+
+@gpu_only
+@pytest.mark.parametrize("sink,window", [(0, 0), (16, 200)])
+def test_bf16_error_within_1_5x_of_sdpa(sink, window):
+    """Error against an fp64 golden, relative to SDPA's own bf16 error on the same mask."""
+    b, hq, hkv, n, d = 1, 8, 2, 1000, 128
+    q, k, v, _ = (t.cuda() if t is not None else None for t in make_case(b, hq, hkv, n, n, d, torch.bfloat16))
+    i = torch.arange(n, device="cuda")
+    keep = i[None, :] <= i[:, None]
+    if window:
+        keep &= (i[:, None] - i[None, :] < window) | (i[None, :] < sink)
+    ref = golden(q, k, v, keep.expand(b, hq, n, n), d**-0.5)
+    k_rep, v_rep = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=keep)
+    q_pos, k_pos = index_positions(q, 2), index_positions(k, 2)
+    heads = (
+        torch.full((hq,), sink, dtype=torch.int32, device="cuda"),
+        torch.full((hq,), window, dtype=torch.int32, device="cuda"),
+    )
+    index = build_block_index(
+        q_pos, k_pos, None, heads[0][:1], heads[1][:1], causal=True, window=0, block_m=128, block_n=128, max_blocks=None
+    )
+    ours = torch.ops.sparsecomp.sparse_attention(
+        q, k, v, q_pos, k_pos, None, *index, *heads, d**-0.5, True, 0, 0.0, 128, 128
+    )
+
+    def err(x):
+        return ((x.double() - ref).norm() / ref.norm()).item()
+
+    assert err(ours) <= 1.5 * err(sdpa), (err(ours), err(sdpa))
+
+
+@gpu_only
+def test_compiled_model_on_gpu_runs_the_kernel_through_inductor():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sparsecomp.demo import streaming_sdpa
+
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    ids = torch.randint(0, 100, (2, 700), device="cuda")
+    compiled = sparsecomp.compile(model, "streaming:sink=8,window=128", dynamic=False)
+    with torch.no_grad():
+        out = compiled(ids).logits.float()
+        with streaming_sdpa(sink=8, window=128):
+            ref = model(ids).logits.float()
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    assert sparsecomp.counters["rewritten"] == 2

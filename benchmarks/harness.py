@@ -1,0 +1,63 @@
+"""Shared benchmark harness: timing, environment description, result files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from pathlib import Path
+
+import torch
+import triton
+
+
+def median_ms(fn, rep_ms: int = 100) -> float:
+    """Median of ``triton.testing.do_bench`` (CUDA events, warm-up first)."""
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def environment() -> dict:
+    import transformers  # noqa: F401  (optional: only its version is recorded)
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            gpu=props.name,
+            sm_count=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    try:
+        import transformers as tf
+
+        env["transformers"] = tf.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write_results(out_dir: Path, stem: str, env: dict, rows: list[dict], table: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    if rows:
+        keys = sorted({k for r in rows for k in r})
+        with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    (out_dir / f"{stem}.md").write_text(f"# {stem}\n\n{header}\n\n{table}\n")
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, title, format)."""
+    lines = ["| " + " | ".join(t for _, t, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
