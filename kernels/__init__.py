@@ -4,13 +4,17 @@ Each op is registered with ``torch.library.triton_op`` so Inductor can see Trito
 and carries a plain PyTorch reference of the same semantics that runs on CPU.
 """
 
-from .block_index import SparseIndex, block_index_bound, build_block_index, index_positions
-from .block_sparse_attention import (
-    SUPPORTED_DTYPES,
-    check_head_dim,
-    sparse_attention,
-    sparse_attention_reference,
-)
+# This folder is installed as sparsecomp.kernels. Run from the repository root, Python can also find it
+# as a bare top-level "kernels" (transformers probes for a package of that name). Importing it under
+# that name must do nothing: executing the modules twice would register the ops twice.
+if __name__ == "sparsecomp.kernels":
+    from .block_index import SparseIndex, block_index_bound, build_block_index, index_positions
+    from .block_sparse_attention import (
+        SUPPORTED_DTYPES,
+        check_head_dim,
+        sparse_attention,
+        sparse_attention_reference,
+    )
 
 __all__ = [
     "SUPPORTED_DTYPES",

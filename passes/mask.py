@@ -17,7 +17,7 @@ Dimensions are counted from the right (-1 keys, -2 queries, -4 batch), as broadc
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -62,8 +62,8 @@ class Bound:
     k_source: fx.Node | None
     q_source: fx.Node | None
     limit: int
-    k_len: object
-    q_len: object
+    k_len: object = field(compare=False)  # lengths may be SymInts, which do not hash
+    q_len: object = field(compare=False)
 
 
 @dataclass(frozen=True)

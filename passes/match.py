@@ -85,13 +85,25 @@ def fold_kv_repeat(node: fx.Node) -> tuple[fx.Node, int] | None:
     return base, int(groups)
 
 
+def _constant(x) -> float | None:
+    """A number, or a node that makes a constant: ``torch.tensor(0.0)``, ``torch.zeros(())``..."""
+    if (n := _number(x)) is not None:
+        return n
+    if is_call(x, torch.tensor, torch.scalar_tensor):
+        return _number(x.args[0] if x.args else x.kwargs.get("data"))
+    if is_call(x, torch.zeros, torch.zeros_like, "new_zeros", "zero_"):
+        return 0.0
+    if is_call(x, torch.full):
+        return _number(x.args[1] if len(x.args) > 1 else x.kwargs.get("fill_value"))
+    return None
+
+
 def _bool_from_additive(mask: fx.Node) -> fx.Node | None:
     """``where(keep, 0, -big)``: an additive mask that only removes keys → its bool ``keep``."""
     if is_call(mask, torch.where) and len(mask.args) == 3:
         keep, zero, neg = mask.args
-        zero_ok = _number(zero) == 0.0 or (is_call(zero, torch.zeros, torch.zeros_like) and True)
-        neg_v = _number(neg)
-        if zero_ok and neg_v is not None and neg_v <= _MASK_FLOOR:
+        neg_v = _constant(neg)
+        if _constant(zero) == 0.0 and neg_v is not None and neg_v <= _MASK_FLOOR:
             val = _val(keep)
             if val is not None and val.dtype == torch.bool:
                 return keep
@@ -167,7 +179,7 @@ def _step_mask_where(node, walk):
     """GPT-2 (legacy): where(causal, scores, finfo.min)."""
     if is_call(node, torch.where) and walk.mask is None and len(node.args) == 3:
         keep, scores, neg = node.args
-        if _number(neg) is not None and _number(neg) <= _MASK_FLOOR:
+        if (c := _constant(neg)) is not None and c <= _MASK_FLOOR:
             walk.mask = keep
             return scores
     return None
@@ -178,8 +190,8 @@ def _step_masked_fill(node, walk):
     if is_call(node, "masked_fill", torch.masked_fill) and walk.mask is None:
         scores, drop, neg = node.args[:3]
         if (
-            _number(neg) is not None
-            and _number(neg) <= _MASK_FLOOR
+            _constant(neg) is not None
+            and _constant(neg) <= _MASK_FLOOR
             and is_call(drop, operator.invert, torch.logical_not, "logical_not", "__invert__")
         ):
             walk.mask = drop.args[0]
