@@ -176,6 +176,9 @@ def _sparse_attention_fwd(
     HAS_SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    # Scalars may arrive as fp64 (Inductor passes Python floats so): keep the math in fp32.
+    scale2 = tl.cast(scale2, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads

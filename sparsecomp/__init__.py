@@ -1,6 +1,17 @@
 """sparsecomp: a training-free sparse-attention compiler for PyTorch."""
 
+import os
+
 import torch
+
+# In a source checkout, passes/ and kernels/ sit beside this folder (pyproject maps them into the
+# package when it is installed): let Python find them as sparsecomp.passes / sparsecomp.kernels too,
+# so that running from the repository root imports one sparsecomp, whichever way it was installed.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(__path__[0], "kernels")) and os.path.isfile(
+    os.path.join(_root, "kernels", "__init__.py")
+):
+    __path__.append(_root)
 
 from . import kernels, passes  # noqa: F401  (registers torch.ops.sparsecomp.*)
 from .api import compile, inspect
