@@ -173,13 +173,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     flex = None if args.no_flex else torch.compile(flex_attention, dynamic=False)
-    rows = []
-    for n in args.lengths:
-        big = n >= args.sparse_only_from
-        patterns = [x for x in args.patterns if not (big and x == "dense")]
-        rows += run_length(n, patterns, flex, skip_dense_sdpa=big)
-        torch.cuda.empty_cache()
-    env = environment()
+    rows, env = [], environment()
     columns = [
         ("N", "N", ""),
         ("pattern", "pattern", ""),
@@ -196,9 +190,14 @@ def main(argv=None):
         ("tflops", "TFLOP/s", ".0f"),
         ("error", "error", ""),
     ]
-    table = markdown_table(rows, columns)
-    print(table)
-    write_results(Path(args.out), "prefill_attention", env, rows, table)
+    for n in args.lengths:
+        big = n >= args.sparse_only_from
+        patterns = [x for x in args.patterns if not (big and x == "dense")]
+        rows += run_length(n, patterns, flex, skip_dense_sdpa=big)
+        torch.cuda.empty_cache()
+        # written after every length, so a run cut short keeps what it measured
+        write_results(Path(args.out), "prefill_attention", env, rows, markdown_table(rows, columns))
+    print(markdown_table(rows, columns))
 
 
 if __name__ == "__main__":

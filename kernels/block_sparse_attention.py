@@ -303,6 +303,9 @@ def _batch_stride(t: torch.Tensor, dim: int = 0) -> int:
 
 def launch_config(head_dim: int, block_m: int, block_n: int) -> dict:
     """Tile and launch parameters from the kernel options (block sizes) and head_dim."""
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name}={size}; the Triton kernel needs a power of two >= 16")
     tile_n = min(block_n, 64 if head_dim > 64 else 128)
     if block_n % tile_n:
         raise ValueError(f"block_n={block_n} must be a multiple of the key tile {tile_n}")
