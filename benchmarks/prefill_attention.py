@@ -106,34 +106,105 @@ def flex_block_mask(pattern: str, n: int, index, device):
     return create_block_mask(mod, 1, 1, n, n, device=device, BLOCK_SIZE=BLOCK, _compile=True)
 
 
-def measure_pattern(pattern: str, q, k, v, flex, sdpa_ms) -> dict:
+def measure_pattern(pattern: str, q, k, v, flex, sdpa_ms, tuning: dict) -> dict:
     n, dev = q.shape[2], q.device
     q_pos, k_pos, index, density, (sink, window), build = pattern_index(pattern, q, k)
     sinks = torch.full((HQ,), sink, dtype=torch.int32, device=dev)
     windows = torch.full((HQ,), window, dtype=torch.int32, device=dev)
 
-    def ours(index=index):
+    def ours(index=index, cfg=tuning):
         return torch.ops.sparsecomp.sparse_attention(
-            q, k, v, q_pos, k_pos, None, *index, sinks, windows, D**-0.5, True, 0, 0.0, BLOCK, BLOCK
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            None,
+            *index,
+            sinks,
+            windows,
+            D**-0.5,
+            True,
+            0,
+            0.0,
+            BLOCK,
+            BLOCK,
+            cfg.get("tile_n", 0),
+            cfg.get("num_warps", 0),
+            cfg.get("num_stages", 0),
         )
 
-    row = {"density": density, "sparsecomp_ms": median_ms(ours)}
+    row = {"density": density, "default_ms": median_ms(lambda: ours(cfg={}))}
+    row["sparsecomp_ms"] = median_ms(ours) if tuning else row["default_ms"]
+    row["config"] = " ".join(f"{k}={v}" for k, v in tuning.items()) or "default"
     if build is not None:
         row["index_ms"] = median_ms(build)
         row["sparsecomp_total_ms"] = median_ms(lambda: ours(build()))
-    if flex is not None:
-        bm = flex_block_mask(pattern, n, index, dev)
-        row["flex_ms"] = median_ms(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))
-        row["vs_flex"] = row["flex_ms"] / row["sparsecomp_ms"]
     if sdpa_ms:
         row["vs_sdpa"] = sdpa_ms / row["sparsecomp_ms"]
         row["ideal_ms"] = density * sdpa_ms
         row["vs_ideal"] = row["sparsecomp_ms"] / row["ideal_ms"]
     row["tflops"] = 4 * HQ * D * density * n * (n + 1) / 2 / row["sparsecomp_ms"] / 1e9
+    if flex is not None:
+        try:
+            bm = flex_block_mask(pattern, n, index, dev)
+            row["flex_ms"] = median_ms(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))
+            row["vs_flex"] = row["flex_ms"] / row["sparsecomp_ms"]
+        except Exception as e:  # Flex failing must not hide our numbers
+            row["error"] = f"flex: {type(e).__name__}: {str(e)[:120]}"
     return row
 
 
-def run_length(n: int, patterns: list[str], flex, skip_dense_sdpa: bool) -> list[dict]:
+def tune(pattern: str, n: int) -> dict:
+    """Sweep key tile, warps and stages for a pattern at length n; return the fastest."""
+    q = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q_pos, k_pos, index, _, (sink, window), _ = pattern_index(pattern, q, k)
+    sinks = torch.full((HQ,), sink, dtype=torch.int32, device="cuda")
+    windows = torch.full((HQ,), window, dtype=torch.int32, device="cuda")
+    best, results = None, []
+    for tile_n in (64, 128):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                cfg = {"tile_n": tile_n, "num_warps": warps, "num_stages": stages}
+                try:
+                    ms = median_ms(
+                        lambda cfg=cfg: torch.ops.sparsecomp.sparse_attention(
+                            q,
+                            k,
+                            v,
+                            q_pos,
+                            k_pos,
+                            None,
+                            *index,
+                            sinks,
+                            windows,
+                            D**-0.5,
+                            True,
+                            0,
+                            0.0,
+                            BLOCK,
+                            BLOCK,
+                            cfg["tile_n"],
+                            cfg["num_warps"],
+                            cfg["num_stages"],
+                        )
+                    )
+                except Exception as e:  # e.g. out of shared memory
+                    print(f"tune {pattern} {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                results.append((ms, cfg))
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+    print(
+        f"tune {pattern} N={n}: " + ", ".join(f"{ms:.3f}ms {c}" for ms, c in sorted(results, key=lambda r: r[0])[:4]),
+        flush=True,
+    )
+    return best[1] if best else {}
+
+
+def run_length(n: int, patterns: list[str], flex, skip_dense_sdpa: bool, tuned: dict) -> list[dict]:
     dev = "cuda"
     torch.manual_seed(n)
     q = torch.randn(1, HQ, n, D, device=dev, dtype=torch.bfloat16)
@@ -150,7 +221,7 @@ def run_length(n: int, patterns: list[str], flex, skip_dense_sdpa: bool) -> list
     for pattern in patterns:
         row = {"N": n, "pattern": pattern, "sdpa_cudnn_ms": sdpa_ms, "sdpa_fa2_ms": fa2_ms}
         try:
-            row.update(measure_pattern(pattern, q, k, v, flex, sdpa_ms))
+            row.update(measure_pattern(pattern, q, k, v, flex, sdpa_ms, tuned.get(pattern, {})))
         except Exception as e:  # one failed configuration must not lose the others
             row["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -170,9 +241,15 @@ def main(argv=None):
         default=262144,
         help="from this length on, skip dense SDPA and dense patterns (time)",
     )
+    p.add_argument("--tune-at", type=int, default=32768, help="sweep launch configs at this length (0: off)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    # One compiled Flex per length and mask: allow the recompiles (a script may set Dynamo config).
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager math (N x N)
     flex = None if args.no_flex else torch.compile(flex_attention, dynamic=False)
+    tuned = {p: tune(p, args.tune_at) for p in args.patterns} if args.tune_at else {}
     rows, env = [], environment()
     columns = [
         ("N", "N", ""),
@@ -181,7 +258,9 @@ def main(argv=None):
         ("sdpa_cudnn_ms", "SDPA cuDNN ms", ".3f"),
         ("sdpa_fa2_ms", "SDPA FA2 ms", ".3f"),
         ("flex_ms", "Flex ms", ".3f"),
+        ("default_ms", "ours (default cfg) ms", ".3f"),
         ("sparsecomp_ms", "ours ms", ".3f"),
+        ("config", "config", ""),
         ("index_ms", "index ms", ".3f"),
         ("sparsecomp_total_ms", "ours+index ms", ".3f"),
         ("vs_sdpa", "x SDPA", ".2f"),
@@ -193,7 +272,7 @@ def main(argv=None):
     for n in args.lengths:
         big = n >= args.sparse_only_from
         patterns = [x for x in args.patterns if not (big and x == "dense")]
-        rows += run_length(n, patterns, flex, skip_dense_sdpa=big)
+        rows += run_length(n, patterns, flex, skip_dense_sdpa=big, tuned=tuned)
         torch.cuda.empty_cache()
         # written after every length, so a run cut short keeps what it measured
         write_results(Path(args.out), "prefill_attention", env, rows, markdown_table(rows, columns))

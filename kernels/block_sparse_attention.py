@@ -301,20 +301,22 @@ def _batch_stride(t: torch.Tensor, dim: int = 0) -> int:
     return t.stride(dim) if t.shape[dim] > 1 else 0
 
 
-def launch_config(head_dim: int, block_m: int, block_n: int) -> dict:
-    """Tile and launch parameters from the kernel options (block sizes) and head_dim."""
+def launch_config(
+    head_dim: int, block_m: int, block_n: int, tile_n: int = 0, num_warps: int = 0, num_stages: int = 0
+) -> dict:
+    """Tile and launch parameters: the kernel options' values, or defaults for 0."""
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name}={size}; the Triton kernel needs a power of two >= 16")
-    tile_n = min(block_n, 64 if head_dim > 64 else 128)
-    if block_n % tile_n:
-        raise ValueError(f"block_n={block_n} must be a multiple of the key tile {tile_n}")
+    tile_n = tile_n or min(block_n, 64 if head_dim > 64 else 128)
+    if block_n % tile_n or tile_n < 16:
+        raise ValueError(f"block_n={block_n} must be a multiple of the key tile {tile_n} (>= 16)")
     big = block_m >= 128 and head_dim >= 64
     return {
         "BLOCK_N": tile_n,
         "SUB_N": block_n // tile_n,
-        "num_warps": 8 if big else 4,
-        "num_stages": 2 if head_dim > 128 else 3,
+        "num_warps": num_warps or (8 if big else 4),
+        "num_stages": num_stages or (2 if head_dim > 128 else 3),
     }
 
 
@@ -337,6 +339,9 @@ def sparse_attention_triton(
     softcap: float,
     block_m: int,
     block_n: int,
+    tile_n: int = 0,
+    num_warps: int = 0,
+    num_stages: int = 0,
     launch=None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -348,7 +353,7 @@ def sparse_attention_triton(
         out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
     key_start = first_valid_key(key_ok, q.device)
     key_ok_arg = key_ok.view(torch.uint8) if key_ok is not None else key_start
-    cfg = launch_config(d, block_m, block_n)
+    cfg = launch_config(d, block_m, block_n, tile_n, num_warps, num_stages)
     kernel = (launch or (lambda f: f))(_sparse_attention_fwd)
     grid = (triton.cdiv(nq, block_m), b * hq)
     kernel[grid](
@@ -543,9 +548,13 @@ def sparse_attention(
     softcap: float,
     block_m: int,
     block_n: int,
+    tile_n: int = 0,
+    num_warps: int = 0,
+    num_stages: int = 0,
 ) -> torch.Tensor:
     """Block-sparse attention (see the notation above): the Triton kernel on CUDA, the reference
-    elsewhere."""
+    elsewhere. ``tile_n``, ``num_warps``, ``num_stages`` tune the kernel (0 = default); they never
+    change the result."""
     if q.is_cuda:
         _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
         return sparse_attention_triton(
@@ -567,6 +576,9 @@ def sparse_attention(
             softcap,
             block_m,
             block_n,
+            tile_n,
+            num_warps,
+            num_stages,
             launch=torch.library.wrap_triton,
         )
     return sparse_attention_reference(

@@ -20,10 +20,14 @@ from .site import AttentionSite, meta_val
 
 @dataclass(frozen=True)
 class KernelOptions:
-    """How the kernel runs (never what it keeps): block sizes of the sparse index."""
+    """How the kernel runs, never what it keeps: block sizes of the sparse index, and the Triton
+    key tile, warps and pipeline stages (0 = the kernel's default for the head_dim)."""
 
     block_m: int = 128
     block_n: int = 128
+    tile_n: int = 0
+    num_warps: int = 0
+    num_stages: int = 0
 
 
 def _positions(graph, source, like, dim, offset):
@@ -121,6 +125,9 @@ def rewrite_site(
                 float(site.softcap),
                 options.block_m,
                 options.block_n,
+                options.tile_n,
+                options.num_warps,
+                options.num_stages,
             ),
         )
         old = meta_val(site.output)

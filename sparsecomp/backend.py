@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -164,15 +163,12 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    # The CPU op is the chunked PyTorch reference: Inductor must call it, not trace its loop
-    # (tracing would specialise on the sequence length). Scoped, not a global flip.
-    on_cpu = all(
-        meta_val(n.args[0]).device.type == "cpu"
-        for n in gm.graph.nodes
-        if n.target is torch.ops.sparsecomp.sparse_attention.default
-    )
-    patch = torch._functorch.config.patch(decompose_custom_triton_ops=False) if on_cpu else contextlib.nullcontext()
-    with patch:
+    # Inductor calls the sparse op rather than tracing into it (scoped, not a global flip):
+    # - on CPU the op is the chunked reference, whose loop would specialise on the sequence length;
+    # - on CUDA the launcher reads the strides of the tensors it gets. Traced, it would bake the
+    #   strides seen at trace time, and torch 2.11's Inductor only keeps their order: a batch of 2
+    #   then read out of bounds on the H100. Opaque, the kernel always sees the real strides.
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
         return compile_fx(gm, example_inputs)
 
 
