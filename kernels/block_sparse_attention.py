@@ -351,11 +351,29 @@ def sparse_attention_triton(
     hkv, nk = k.shape[1], k.shape[2]
     if out is None:
         out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
+    n_qb = triton.cdiv(nq, block_m)
+    lists = (full_blocks, part_blocks)
+    if any(t.dim() != 4 or t.shape[2] != n_qb or t.shape[1] not in (1, hq) for t in lists) or (
+        full_blocks.shape != part_blocks.shape
+        or full_count.shape != full_blocks.shape[:3]
+        or part_count.shape != full_count.shape
+    ):
+        raise ValueError(
+            f"sparse index shapes {tuple(full_blocks.shape)}, {tuple(full_count.shape)}, {tuple(part_blocks.shape)}, "
+            f"{tuple(part_count.shape)} do not fit B={b}, Hq={hq}, {n_qb} query blocks of {block_m}"
+        )
+    # The kernel reads these small tensors with unit last-dim stride and one stride set per pair
+    # (compiled graphs may hand them over in other layouts): make that true, cheaply.
+    q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
+    full_blocks, part_blocks = full_blocks.contiguous(), part_blocks.contiguous()
+    full_count, part_count = full_count.contiguous(), part_count.contiguous()
+    head_sink, head_window = head_sink.contiguous(), head_window.contiguous()
+    key_ok = key_ok.contiguous() if key_ok is not None else None
     key_start = first_valid_key(key_ok, q.device)
     key_ok_arg = key_ok.view(torch.uint8) if key_ok is not None else key_start
     cfg = launch_config(d, block_m, block_n, tile_n, num_warps, num_stages)
     kernel = (launch or (lambda f: f))(_sparse_attention_fwd)
-    grid = (triton.cdiv(nq, block_m), b * hq)
+    grid = (n_qb, b * hq)
     kernel[grid](
         q,
         k,
