@@ -21,8 +21,6 @@ from typing import NamedTuple
 
 import torch
 
-_BIG = 2**40  # bigger than any position; used to neutralise missing keys in min/max bounds
-
 
 class SparseIndex(NamedTuple):
     full_blocks: torch.Tensor  # (B', Hq, nQB, L) int32, ascending key-block ids, tail unused
@@ -75,14 +73,22 @@ def block_index_bound(
 
 
 def _block_bounds(pos: torch.Tensor, valid: torch.Tensor | None, block: int, n_blocks):
-    """Per-block (min, max) of positions over valid entries; empty blocks get (BIG, -BIG)."""
-    pad = n_blocks * block - pos.shape[-1]
+    """Per-block (min, max) of positions over valid entries; a block with none gets min > max.
+
+    The tail past N repeats the last entry (a gather with clamped indices), which leaves every
+    block's min and max unchanged. No sentinel constants: Inductor's GPU lowering of a padding
+    value of 2**40 wrapped it to 0 (seen on torch 2.11), which marked future key blocks as kept.
+    """
+    n = pos.shape[-1]
+    tail_clamped = torch.arange(n_blocks * block, device=pos.device).clamp_max(n - 1)
     pos = pos.to(torch.int64)
-    lo = pos if valid is None else torch.where(valid, pos, _BIG)
-    hi = pos if valid is None else torch.where(valid, pos, -_BIG)
-    lo = torch.nn.functional.pad(lo, (0, pad), value=_BIG).view(*lo.shape[:-1], n_blocks, block)
-    hi = torch.nn.functional.pad(hi, (0, pad), value=-_BIG).view(*hi.shape[:-1], n_blocks, block)
-    return lo.amin(-1), hi.amax(-1)
+    lo = hi = pos
+    if valid is not None:
+        lo = torch.where(valid, pos, pos.max() + 1)
+        hi = torch.where(valid, pos, pos.min() - 1)
+    lo = lo[..., tail_clamped].view(*lo.shape[:-1], n_blocks, block).amin(-1)
+    hi = hi[..., tail_clamped].view(*hi.shape[:-1], n_blocks, block).amax(-1)
+    return lo, hi
 
 
 def _compact(keep: torch.Tensor, length) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +123,7 @@ def build_block_index(
     key_idx = torch.arange(n_kb * block_n, device=k_pos.device)
     exists = key_idx < n_k
     if key_ok is not None:
-        exists = exists & torch.nn.functional.pad(key_ok, (0, n_kb * block_n - n_k), value=False)
+        exists = exists & key_ok[..., key_idx.clamp_max(n_k - 1)]
     all_exist = exists.view(-1, n_kb, block_n).all(-1)[:, None, None, :]
     any_exist = k_lo <= k_hi
 

@@ -127,3 +127,22 @@ def test_reference_softcap_and_errors():
             16,
             16,
         )
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_index_builder_compiles_to_the_same_index(device):
+    """The builder runs inside compiled graphs: Inductor must give the index eager gives (on the
+    GPU it once did not: a padding constant of 2**40 wrapped to 0)."""
+    b, nq, nk, block = 2, 100, 100, 16
+    key_ok = torch.ones(b, nk, dtype=torch.bool, device=device)
+    key_ok[1, :9] = False
+    q_pos, k_pos = torch.arange(nq, device=device)[None], torch.arange(nk, device=device)[None]
+    sink = torch.tensor([3, 0], dtype=torch.int32, device=device)
+    win = torch.tensor([20, 0], dtype=torch.int32, device=device)
+    kwargs = dict(causal=True, window=0, block_m=block, block_n=block, max_blocks=None)
+    eager = build_block_index(q_pos, k_pos, key_ok, sink, win, **kwargs)
+    compiled = torch.compile(build_block_index, backend="inductor", fullgraph=True)(
+        q_pos, k_pos, key_ok, sink, win, **kwargs
+    )
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e)
