@@ -19,7 +19,10 @@ SHAPES = {
 
 
 def build_model(shape: str, layers: int | None, dtype, device):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    try:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+    except ImportError as e:
+        raise SystemExit("sparsecomp demo builds a Hugging Face model: pip install 'sparsecomp[hf]'") from e
 
     hidden, n_layers, heads, kv_heads, inter = SHAPES[shape]
     cfg = LlamaConfig(
