@@ -24,7 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, markdown_table, median_ms, write_results  # noqa: E402
 
-from sparsecomp.kernels import build_block_index, index_positions  # noqa: E402
+from sparsecomp.kernels import SparseIndex, build_block_index, index_positions  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 128
 SINK, WINDOW = 128, 2048
@@ -54,7 +54,7 @@ def random_index(n: int, density: float, device, seed: int = 0):
     part_blocks[..., 0] = torch.arange(nb, device=device, dtype=torch.int32)
     part_count = torch.ones(1, HQ, nb, dtype=torch.int32, device=device)
     computed = (full_count.sum() + part_count.sum()).item() / (HQ * causal_blocks)
-    return (full_blocks.contiguous(), full_count, part_blocks, part_count), computed
+    return SparseIndex(full_blocks.contiguous(), full_count, part_blocks, part_count), computed
 
 
 def pattern_index(pattern: str, q, k):
@@ -98,7 +98,7 @@ def pattern_index(pattern: str, q, k):
 
 def flex_block_mask(pattern: str, n: int, index, device):
     if pattern == "random10":
-        full_blocks, full_count, part_blocks, part_count = index
+        full_blocks, full_count, part_blocks, part_count = index[:4]
         return BlockMask.from_kv_blocks(
             part_count, part_blocks, full_count, full_blocks, BLOCK_SIZE=BLOCK, mask_mod=causal_mask
         )

@@ -23,10 +23,14 @@ import torch
 
 
 class SparseIndex(NamedTuple):
-    full_blocks: torch.Tensor  # (B', Hq, nQB, L) int32, ascending key-block ids, tail unused
-    full_count: torch.Tensor  # (B', Hq, nQB) int32
-    part_blocks: torch.Tensor  # (B', Hq, nQB, L) int32
-    part_count: torch.Tensor  # (B', Hq, nQB) int32
+    """B' and H' are the batch and head counts, or 1 where every row or head shares the lists."""
+
+    full_blocks: torch.Tensor  # (B', H', nQB, L) int32, ascending key-block ids, tail unused
+    full_count: torch.Tensor  # (B', H', nQB) int32
+    part_blocks: torch.Tensor  # (B', H', nQB, L) int32
+    part_count: torch.Tensor  # (B', H', nQB) int32
+    columns: torch.Tensor | None = None  # (B', H', nQB, C) int32 single keys, outside the listed blocks
+    column_count: torch.Tensor | None = None  # (B', H', nQB) int32
 
 
 def index_positions(x: torch.Tensor, dim: int, offset: int = 0) -> torch.Tensor:

@@ -4,12 +4,15 @@ Notation (see ``block_index.py`` for the index and the kept-pair rule):
     q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D): GQA-native, query head h reads KV head h // (Hq / Hkv).
     s[i, j] = scale * q[i] . k[j]; with softcap c > 0: s = c * tanh(s / c)   (Gemma 2)
     out[i] = sum_j p[i, j] v[j],  p = softmax over the kept keys j of row i.
-    A kept key must be in one of the row's listed blocks (``full`` or ``part``) and pass the
-    structure mask and the head's local rule. Rows that keep no key give zeros, never NaN.
+    A kept key passes the structure mask (causal, window, padding) and either lies in one of the
+    row's listed blocks (``full`` or ``part``) and passes the head's local rule (sink / window), or
+    is one of the row's listed single columns (vertical stripes; never inside a listed block).
+    Rows that keep no key give zeros, never NaN.
 
 Three layers in one file: the ``@triton.jit`` kernel (one program = one query block of one
 batch row and query head; it walks the listed key blocks, ``full`` ones without an element mask,
-``part`` ones with it, in tiles of BLOCK_N keys, online softmax in fp32 base 2:
+``part`` ones with it, in tiles of BLOCK_N keys, then gathers the listed columns BLOCK_N at a
+time; online softmax in fp32 base 2:
     s2 = (q . k) * scale * log2(e);  m' = max(m, rowmax(s2));  p = 2^(s2 - m')
     l' = l * 2^(m - m') + rowsum(p);  acc' = acc * 2^(m - m') + p @ v;  out = acc / l (0 if l = 0)
 and head_dim padded to a power of two inside the kernel by masked loads), its launcher (grid,
@@ -31,58 +34,25 @@ from .block_index import first_valid_key
 LOG2E = math.log2(math.e)
 
 
+# fmt: off
 @triton.jit
-def _attend_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    q_pos,
-    start_n,
-    K,
-    V,
-    KPos,
-    KeyOk,
-    k_base,
-    v_base,
-    kpos_base,
-    keyok_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    n_k,
-    scale2,
-    softcap,
-    window,
-    sink_h,
-    win_h,
-    key_start,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KEY_OK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+def _attend_keys(
+    acc, m_i, l_i, q, q_pos, offs_n, valid, K, V, KPos, KeyOk,
+    k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    scale2, softcap, window, sink_h, win_h, key_start,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    """One online-softmax step over the keys ``offs_n`` (a tile of a block, or gathered columns).
+    MASKED applies the structure mask; LOCAL also the head's sink/window rule (blocks, not columns)."""
     offs_d = tl.arange(0, BLOCK_D)
-    in_k = offs_n < n_k
     d_ok = offs_d < HEAD_DIM
-    # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_D)
-    kt = tl.load(
-        K + k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-        mask=in_k[None, :] & d_ok[:, None],
-        other=0.0,
-    )
-    v = tl.load(
-        V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=in_k[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    # K^T tile (BLOCK_D, keys) and V tile (keys, BLOCK_D)
+    kt = tl.load(K + k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=valid[None, :] & d_ok[:, None], other=0.0)
+    v = tl.load(V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=valid[:, None] & d_ok[None, :], other=0.0)
     if IEEE:
         s = tl.dot(q, kt, input_precision="ieee")
     else:
@@ -94,15 +64,17 @@ def _attend_tile(
     else:
         s = s * scale2
     if MASKED:
-        k_pos = tl.load(KPos + kpos_base + offs_n, mask=in_k, other=0)
+        k_pos = tl.load(KPos + kpos_base + offs_n, mask=valid, other=0)
         dist = q_pos[:, None] - k_pos[None, :]
-        keep = in_k[None, :] & ((win_h <= 0) | (dist < win_h) | ((offs_n[None, :] - key_start) < sink_h))
+        keep = valid[None, :]
+        if LOCAL:
+            keep = keep & ((win_h <= 0) | (dist < win_h) | ((offs_n[None, :] - key_start) < sink_h))
         if CAUSAL:
             keep = keep & (dist >= 0)
         if HAS_WINDOW:
             keep = keep & (dist < window)
         if HAS_KEY_OK:
-            ok = tl.load(KeyOk + keyok_base + offs_n, mask=in_k, other=0)
+            ok = tl.load(KeyOk + keyok_base + offs_n, mask=valid, other=0)
             keep = keep & (ok[None, :] != 0)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -119,62 +91,17 @@ def _attend_tile(
 
 @triton.jit
 def _sparse_attention_fwd(
-    Q,
-    K,
-    V,
-    Out,
-    QPos,
-    KPos,
-    KeyOk,
-    KeyStart,
-    FullBlocks,
-    FullCount,
-    PartBlocks,
-    PartCount,
-    HeadSink,
-    HeadWindow,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_qpb,
-    stride_kpb,
-    stride_kob,
-    stride_ksb,
-    stride_ib,
-    stride_ih,
-    stride_iq,
-    stride_cb,
-    stride_ch,
-    n_heads,
-    n_q,
-    n_k,
-    groups,
-    scale2,
-    softcap,
-    window,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SUB_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KEY_OK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    IEEE: tl.constexpr,
+    Q, K, V, Out, QPos, KPos, KeyOk, KeyStart, FullBlocks, FullCount, PartBlocks, PartCount,
+    Columns, ColumnCount, HeadSink, HeadWindow,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+    stride_qpb, stride_kpb, stride_kob, stride_ksb,
+    stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,          # block lists, their counts
+    stride_colb, stride_colh, stride_colq, stride_ccb, stride_cch,  # columns, their counts
+    n_heads, n_q, n_k, groups, scale2, softcap, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUB_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_COLUMNS: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Scalars may arrive as fp64 (Inductor passes Python floats so): keep the math in fp32.
     scale2 = tl.cast(scale2, tl.float32)
@@ -187,11 +114,8 @@ def _sparse_attention_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_q = offs_m < n_q
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=in_q[:, None] & (offs_d < HEAD_DIM)[None, :],
-        other=0.0,
-    )
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=in_q[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=in_q, other=0)
     sink_h = tl.load(HeadSink + h)
     win_h = tl.load(HeadWindow + h)
@@ -206,94 +130,47 @@ def _sparse_attention_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     list_base = b * stride_ib + h * stride_ih + pid_m * stride_iq
     count_at = b * stride_cb + h * stride_ch + pid_m
+    tile = tl.arange(0, BLOCK_N)
 
+    # Blocks that keep every pair: no element mask.
     n_full = tl.load(FullCount + count_at)
     for t in range(0, n_full):
         kb = tl.load(FullBlocks + list_base + t)
         for sub in tl.static_range(SUB_N):
-            acc, m_i, l_i = _attend_tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                q_pos,
-                (kb * SUB_N + sub) * BLOCK_N,
-                K,
-                V,
-                KPos,
-                KeyOk,
-                k_base,
-                v_base,
-                kpos_base,
-                keyok_base,
-                stride_kn,
-                stride_kd,
-                stride_vn,
-                stride_vd,
-                n_k,
-                scale2,
-                softcap,
-                window,
-                sink_h,
-                win_h,
-                key_start,
-                HEAD_DIM,
-                BLOCK_D,
-                BLOCK_N,
-                False,
-                CAUSAL,
-                HAS_WINDOW,
-                HAS_KEY_OK,
-                HAS_SOFTCAP,
-                IEEE,
-            )
+            offs_n = (kb * SUB_N + sub) * BLOCK_N + tile
+            acc, m_i, l_i = _attend_keys(
+                acc, m_i, l_i, q, q_pos, offs_n, offs_n < n_k, K, V, KPos, KeyOk,
+                k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                scale2, softcap, window, sink_h, win_h, key_start,
+                HEAD_DIM, BLOCK_D, False, False, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
+    # Blocks that keep some pairs: element mask (structure and the head's local rule).
     n_part = tl.load(PartCount + count_at)
     for t in range(0, n_part):
         kb = tl.load(PartBlocks + list_base + t)
         for sub in tl.static_range(SUB_N):
-            acc, m_i, l_i = _attend_tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                q_pos,
-                (kb * SUB_N + sub) * BLOCK_N,
-                K,
-                V,
-                KPos,
-                KeyOk,
-                k_base,
-                v_base,
-                kpos_base,
-                keyok_base,
-                stride_kn,
-                stride_kd,
-                stride_vn,
-                stride_vd,
-                n_k,
-                scale2,
-                softcap,
-                window,
-                sink_h,
-                win_h,
-                key_start,
-                HEAD_DIM,
-                BLOCK_D,
-                BLOCK_N,
-                True,
-                CAUSAL,
-                HAS_WINDOW,
-                HAS_KEY_OK,
-                HAS_SOFTCAP,
-                IEEE,
-            )
+            offs_n = (kb * SUB_N + sub) * BLOCK_N + tile
+            acc, m_i, l_i = _attend_keys(
+                acc, m_i, l_i, q, q_pos, offs_n, offs_n < n_k, K, V, KPos, KeyOk,
+                k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                scale2, softcap, window, sink_h, win_h, key_start,
+                HEAD_DIM, BLOCK_D, True, True, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
+    # Single key columns (vertical stripes), gathered BLOCK_N at a time, with the element mask.
+    if HAS_COLUMNS:
+        col_base = b * stride_colb + h * stride_colh + pid_m * stride_colq
+        n_cols = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + pid_m)
+        for c0 in range(0, n_cols, BLOCK_N):
+            slot = c0 + tile
+            cols = tl.load(Columns + col_base + slot, mask=slot < n_cols, other=0)
+            acc, m_i, l_i = _attend_keys(
+                acc, m_i, l_i, q, q_pos, cols, (slot < n_cols) & (cols < n_k), K, V, KPos, KeyOk,
+                k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                scale2, softcap, window, sink_h, win_h, key_start,
+                HEAD_DIM, BLOCK_D, True, False, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        out.to(Out.dtype.element_ty),
-        mask=in_q[:, None] & (offs_d < HEAD_DIM)[None, :],
-    )
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=in_q[:, None] & (offs_d < HEAD_DIM)[None, :])
+# fmt: on
 
 
 def _batch_stride(t: torch.Tensor, dim: int = 0) -> int:
@@ -320,6 +197,28 @@ def launch_config(
     }
 
 
+def _check_index(full_blocks, full_count, part_blocks, part_count, columns, column_count, b, hq, n_qb, block_m):
+    def fits(lists, counts):
+        return (
+            lists.dim() == 4
+            and lists.shape[2] == n_qb
+            and lists.shape[1] in (1, hq)
+            and lists.shape[0] in (1, b)
+            and counts.shape == lists.shape[:3]
+        )
+
+    ok = fits(full_blocks, full_count) and fits(part_blocks, part_count) and full_blocks.shape == part_blocks.shape
+    if columns is not None:
+        ok = ok and column_count is not None and fits(columns, column_count)
+    if not ok:
+        shapes = [
+            tuple(t.shape)
+            for t in (full_blocks, full_count, part_blocks, part_count, columns, column_count)
+            if t is not None
+        ]
+        raise ValueError(f"sparse index shapes {shapes} do not fit B={b}, Hq={hq}, {n_qb} query blocks of {block_m}")
+
+
 def sparse_attention_triton(
     q,
     k,
@@ -331,6 +230,8 @@ def sparse_attention_triton(
     full_count,
     part_blocks,
     part_count,
+    columns,
+    column_count,
     head_sink,
     head_window,
     scale: float,
@@ -349,62 +250,44 @@ def sparse_attention_triton(
     ``out`` lets tests pass a poisoned buffer to prove every element is written."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
+    n_qb = triton.cdiv(nq, block_m)
+    _check_index(full_blocks, full_count, part_blocks, part_count, columns, column_count, b, hq, n_qb, block_m)
     if out is None:
         out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
-    n_qb = triton.cdiv(nq, block_m)
-    lists = (full_blocks, part_blocks)
-    if any(t.dim() != 4 or t.shape[2] != n_qb or t.shape[1] not in (1, hq) for t in lists) or (
-        full_blocks.shape != part_blocks.shape
-        or full_count.shape != full_blocks.shape[:3]
-        or part_count.shape != full_count.shape
-    ):
-        raise ValueError(
-            f"sparse index shapes {tuple(full_blocks.shape)}, {tuple(full_count.shape)}, {tuple(part_blocks.shape)}, "
-            f"{tuple(part_count.shape)} do not fit B={b}, Hq={hq}, {n_qb} query blocks of {block_m}"
-        )
     # The kernel reads these small tensors with unit last-dim stride and one stride set per pair
     # (compiled graphs may hand them over in other layouts): make that true, cheaply.
-    q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
-    full_blocks, part_blocks = full_blocks.contiguous(), part_blocks.contiguous()
-    full_count, part_count = full_count.contiguous(), part_count.contiguous()
-    head_sink, head_window = head_sink.contiguous(), head_window.contiguous()
+    q_pos, k_pos, head_sink, head_window = (t.contiguous() for t in (q_pos, k_pos, head_sink, head_window))
+    full_blocks, full_count, part_blocks, part_count = (
+        t.contiguous() for t in (full_blocks, full_count, part_blocks, part_count)
+    )
+    if columns is not None:
+        columns, column_count = columns.contiguous(), column_count.contiguous()
     key_ok = key_ok.contiguous() if key_ok is not None else None
     key_start = first_valid_key(key_ok, q.device)
-    key_ok_arg = key_ok.view(torch.uint8) if key_ok is not None else key_start
+    cols, col_count = (columns, column_count) if columns is not None else (full_blocks, full_count)  # unread
     cfg = launch_config(d, block_m, block_n, tile_n, num_warps, num_stages)
     kernel = (launch or (lambda f: f))(_sparse_attention_fwd)
-    grid = (n_qb, b * hq)
-    kernel[grid](
+    kernel[(n_qb, b * hq)](
         q,
         k,
         v,
         out,
         q_pos,
         k_pos,
-        key_ok_arg,
+        key_ok.view(torch.uint8) if key_ok is not None else key_start,
         key_start,
         full_blocks,
         full_count,
         part_blocks,
         part_count,
+        cols,
+        col_count,
         head_sink,
         head_window,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        q.stride(3),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        k.stride(3),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        v.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
         _batch_stride(q_pos),
         _batch_stride(k_pos),
         _batch_stride(key_ok) if key_ok is not None else 0,
@@ -414,6 +297,11 @@ def sparse_attention_triton(
         full_blocks.stride(2),
         _batch_stride(full_count),
         _batch_stride(full_count, 1),
+        _batch_stride(cols),
+        _batch_stride(cols, 1),
+        cols.stride(2),
+        _batch_stride(col_count),
+        _batch_stride(col_count, 1),
         hq,
         nq,
         nk,
@@ -428,6 +316,7 @@ def sparse_attention_triton(
         HAS_WINDOW=window > 0,
         HAS_KEY_OK=key_ok is not None,
         HAS_SOFTCAP=softcap > 0,
+        HAS_COLUMNS=columns is not None,
         IEEE=q.dtype == torch.float32,
         **cfg,
     )
@@ -468,22 +357,36 @@ def _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window):
         raise ValueError(f"per-head rules have {head_sink.numel()} / {head_window.numel()} entries; Hq={hq}")
 
 
-def kept_pairs(q_pos_rows, k_pos, key_ok, start, head_sink, head_window, *, causal: bool, window: int) -> torch.Tensor:
-    """Structure mask and per-head local rule for some query rows: (B', Hq, rows, Nk) bool."""
+def structure_pairs(q_pos_rows, k_pos, key_ok, *, causal: bool, window: int) -> torch.Tensor:
+    """The model's own mask (causal, window, padding) for some query rows: (B', 1, rows, Nk)."""
     qp = q_pos_rows[:, None, :, None].to(torch.int64)
     kp = k_pos[:, None, None, :].to(torch.int64)
-    keep = torch.ones((), dtype=torch.bool, device=q_pos_rows.device)
+    keep = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q_pos_rows.device)
     if causal:
         keep = keep & (kp <= qp)
     if window > 0:
         keep = keep & (qp - kp < window)
     if key_ok is not None:
         keep = keep & key_ok[:, None, None, :]
+    return keep
+
+
+def local_pairs(q_pos_rows, k_pos, start, head_sink, head_window) -> torch.Tensor:
+    """Each head's local rule (sinks counted from the first existing key, or its window):
+    (B', Hq, rows, Nk). It applies to listed blocks, not to listed columns."""
+    qp = q_pos_rows[:, None, :, None].to(torch.int64)
+    kp = k_pos[:, None, None, :].to(torch.int64)
     w = head_window.to(torch.int64)[None, :, None, None]
     s = head_sink.to(torch.int64)[None, :, None, None]
     key_idx = torch.arange(k_pos.shape[-1], device=k_pos.device)[None, None, None, :]
-    local = (w <= 0) | (qp - kp < w) | (key_idx - start[:, None, None, None] < s)
-    return keep & local
+    return (w <= 0) | (qp - kp < w) | (key_idx - start[:, None, None, None] < s)
+
+
+def kept_pairs(q_pos_rows, k_pos, key_ok, start, head_sink, head_window, *, causal: bool, window: int) -> torch.Tensor:
+    """Structure mask and per-head local rule for some query rows: (B', Hq, rows, Nk) bool."""
+    return structure_pairs(q_pos_rows, k_pos, key_ok, causal=causal, window=window) & local_pairs(
+        q_pos_rows, k_pos, start, head_sink, head_window
+    )
 
 
 def _listed(blocks, count, n_k_blocks):
@@ -492,6 +395,15 @@ def _listed(blocks, count, n_k_blocks):
     ids = torch.where(slot < count[..., None], blocks.to(torch.int64), n_k_blocks)
     member = torch.zeros(*blocks.shape[:-1], n_k_blocks + 1, dtype=torch.bool, device=blocks.device)
     return member.scatter_(-1, ids, True)[..., :n_k_blocks]
+
+
+def _listed_columns(columns, column_count, qbs, n_k):
+    """Columns listed for the query blocks ``qbs``: (B', Hq, len(qbs), Nk) membership."""
+    cols, count = columns[:, :, qbs], column_count[:, :, qbs]
+    slot = torch.arange(cols.shape[-1], device=cols.device)
+    ids = torch.where(slot < count[..., None], cols.to(torch.int64).clamp(0, n_k), n_k)
+    member = torch.zeros(*cols.shape[:-1], n_k + 1, dtype=torch.bool, device=cols.device)
+    return member.scatter_(-1, ids, True)[..., :n_k]
 
 
 def sparse_attention_reference(
@@ -505,6 +417,8 @@ def sparse_attention_reference(
     full_count,
     part_blocks,
     part_count,
+    columns,
+    column_count,
     head_sink,
     head_window,
     scale: float,
@@ -514,7 +428,10 @@ def sparse_attention_reference(
     block_m: int,
     block_n: int,
 ) -> torch.Tensor:
-    """Plain PyTorch semantics of ``sparse_attention`` (fp32 math), chunked over query rows."""
+    """Plain PyTorch semantics of ``sparse_attention`` (fp32 math), chunked over query rows.
+
+    Columns must not fall inside a listed block of the same query block (the kernel would count
+    them twice); this is the index builders' invariant, and the reference checks it."""
     _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -532,11 +449,15 @@ def sparse_attention_reference(
         s = (qc @ kf.transpose(-1, -2)).view(b, hq, r1 - r0, nk) * scale
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
-        rows = torch.arange(r0, r1, device=q.device)
-        in_index = listed[:, :, rows // block_m].repeat_interleave(block_n, dim=-1)[..., :nk]
-        keep = in_index & kept_pairs(
-            q_pos[:, r0:r1], k_pos, key_ok, start, head_sink, head_window, causal=causal, window=window
-        )
+        qbs = torch.arange(r0, r1, device=q.device) // block_m
+        in_index = listed[:, :, qbs].repeat_interleave(block_n, dim=-1)[..., :nk]
+        keep = in_index & local_pairs(q_pos[:, r0:r1], k_pos, start, head_sink, head_window)
+        if columns is not None:
+            in_columns = _listed_columns(columns, column_count, qbs, nk)
+            if (in_columns & in_index).any():
+                raise ValueError("a listed column lies inside a listed block of the same query block")
+            keep = keep | in_columns
+        keep = keep & structure_pairs(q_pos[:, r0:r1], k_pos, key_ok, causal=causal, window=window)
         s = s.masked_fill(~keep, float("-inf"))
         row_max = s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
         p = torch.exp(s - row_max)
@@ -558,6 +479,8 @@ def sparse_attention(
     full_count: torch.Tensor,
     part_blocks: torch.Tensor,
     part_count: torch.Tensor,
+    columns: torch.Tensor | None,
+    column_count: torch.Tensor | None,
     head_sink: torch.Tensor,
     head_window: torch.Tensor,
     scale: float,
@@ -573,33 +496,7 @@ def sparse_attention(
     """Block-sparse attention (see the notation above): the Triton kernel on CUDA, the reference
     elsewhere. ``tile_n``, ``num_warps``, ``num_stages`` tune the kernel (0 = default); they never
     change the result."""
-    if q.is_cuda:
-        _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
-        return sparse_attention_triton(
-            q,
-            k,
-            v,
-            q_pos,
-            k_pos,
-            key_ok,
-            full_blocks,
-            full_count,
-            part_blocks,
-            part_count,
-            head_sink,
-            head_window,
-            scale,
-            causal,
-            window,
-            softcap,
-            block_m,
-            block_n,
-            tile_n,
-            num_warps,
-            num_stages,
-            launch=torch.library.wrap_triton,
-        )
-    return sparse_attention_reference(
+    args = (
         q,
         k,
         v,
@@ -610,6 +507,8 @@ def sparse_attention(
         full_count,
         part_blocks,
         part_count,
+        columns,
+        column_count,
         head_sink,
         head_window,
         scale,
@@ -619,6 +518,10 @@ def sparse_attention(
         block_m,
         block_n,
     )
+    if q.is_cuda:
+        _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
+        return sparse_attention_triton(*args, tile_n, num_warps, num_stages, launch=torch.library.wrap_triton)
+    return sparse_attention_reference(*args)
 
 
 @sparse_attention.register_fake

@@ -104,7 +104,7 @@ def rewrite_site(
                     max_blocks=bound,
                 ),
             )
-            parts = [graph.call_function(operator.getitem, (index, i)) for i in range(4)]
+            parts = [graph.call_function(operator.getitem, (index, i)) for i in range(6)]
             shared[key] = (q_pos, k_pos, key_ok, sink, window, parts)
         q_pos, k_pos, key_ok, sink, window, parts = shared[key]
         out = graph.call_function(

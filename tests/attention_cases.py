@@ -34,3 +34,34 @@ CASES = [  # (B, Hq, Hkv, Nq, Nk, D, block, causal, window, sinks, windows, pad)
     (1, 6, 3, 40, 40, 16, 16, False, 0, [0] * 6, [0] * 6, 0),
     (2, 2, 1, 257, 257, 16, 32, True, 0, [16, 0], [64, 0], 30),
 ]
+
+
+def add_random_columns(index, n_k: int, block_n: int, per_query_block: int, seed: int = 0):
+    """The index with up to ``per_query_block`` random single key columns per (batch, head, query
+    block), chosen outside that query block's listed blocks (the index invariant), ascending."""
+    from sparsecomp.kernels import SparseIndex
+
+    fb, fc, pb, pc = index[:4]
+    n_kb = -(-n_k // block_n)
+    slot = torch.arange(fb.shape[-1])
+    listed = torch.zeros(*fb.shape[:3], n_kb + 1, dtype=torch.bool)
+    for blocks, count in ((fb, fc), (pb, pc)):
+        ids = torch.where(slot < count[..., None], blocks.long(), n_kb)
+        listed.scatter_(-1, ids, True)
+    key_listed = listed[..., :n_kb].repeat_interleave(block_n, -1)[..., :n_k]
+    score = torch.rand(*key_listed.shape, generator=torch.Generator().manual_seed(seed))
+    score[key_listed] = float("inf")
+    k = min(per_query_block, n_k)
+    best = score.topk(k, largest=False)
+    count = torch.isfinite(best.values).sum(-1, dtype=torch.int32)
+    cols = torch.where(torch.isfinite(best.values), best.indices, n_k).sort(-1).values.to(torch.int32)
+    return SparseIndex(fb, fc, pb, pc, cols.contiguous(), count)
+
+
+def column_membership(index, n_q: int, n_k: int, block_m: int) -> torch.Tensor:
+    """(B', H', Nq, Nk) bool: key j is a listed column for query i's block."""
+    cols, count = index.columns.long(), index.column_count
+    slot = torch.arange(cols.shape[-1])
+    ids = torch.where(slot < count[..., None], cols, n_k)
+    member = torch.zeros(*cols.shape[:3], n_k + 1, dtype=torch.bool).scatter_(-1, ids, True)[..., :n_k]
+    return member.repeat_interleave(block_m, dim=2)[:, :, :n_q]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from attention_cases import CASES, golden, make_case
+from attention_cases import CASES, add_random_columns, golden, make_case
 
 import sparsecomp
 from sparsecomp.kernels import build_block_index, index_positions, sparse_attention_reference
@@ -116,3 +116,24 @@ def test_compiled_model_on_gpu_runs_the_kernel_through_inductor():
             ref = model(ids).logits.float()
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2
     assert sparsecomp.counters["rewritten"] == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_cols", [5, 40])  # fewer and more columns than a key tile
+def test_kernel_gathers_columns(dtype, n_cols):
+    b, hq, hkv, n, d, block = 2, 4, 2, 150, 32, 32
+    q, k, v, key_ok = make_case(b, hq, hkv, n, n, d, dtype, pad=6)
+    q_pos, k_pos = index_positions(q, 2), index_positions(k, 2)
+    sink, win = torch.tensor([4, 0, 4, 0], dtype=torch.int32), torch.tensor([24, 40, 0, 16], dtype=torch.int32)
+    index = build_block_index(
+        q_pos, k_pos, key_ok, sink, win, causal=True, window=0, block_m=block, block_n=block, max_blocks=None
+    )
+    index = add_random_columns(index, n, block, per_query_block=n_cols, seed=n_cols)
+    to = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    args = [to(t) for t in (q, k, v, q_pos, k_pos, key_ok, *index, sink, win)] + [d**-0.5, True, 0, 0.0, block, block]
+    poisoned = torch.full((b, hq, n, d), float("nan"), dtype=dtype, device=DEVICE)
+    out = sparse_attention_triton(*args, out=poisoned)
+    ref = sparse_attention_reference(*args)
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
