@@ -106,6 +106,14 @@ def flex_block_mask(pattern: str, n: int, index, device):
     return create_block_mask(mod, 1, 1, n, n, device=device, BLOCK_SIZE=BLOCK, _compile=True)
 
 
+def run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg: dict):
+    """One call of the sparse op on a causal site with the launch config ``cfg`` ({} = defaults)."""
+    return torch.ops.sparsecomp.sparse_attention(
+        q, k, v, q_pos, k_pos, None, *index, sinks, windows, D**-0.5, True, 0, 0.0, BLOCK, BLOCK,
+        cfg.get("tile_n", 0), cfg.get("num_warps", 0), cfg.get("num_stages", 0),
+    )  # fmt: skip
+
+
 def measure_pattern(pattern: str, q, k, v, flex, sdpa_ms, tuning: dict) -> dict:
     n, dev = q.shape[2], q.device
     q_pos, k_pos, index, density, (sink, window), build = pattern_index(pattern, q, k)
@@ -113,26 +121,7 @@ def measure_pattern(pattern: str, q, k, v, flex, sdpa_ms, tuning: dict) -> dict:
     windows = torch.full((HQ,), window, dtype=torch.int32, device=dev)
 
     def ours(index=index, cfg=tuning):
-        return torch.ops.sparsecomp.sparse_attention(
-            q,
-            k,
-            v,
-            q_pos,
-            k_pos,
-            None,
-            *index,
-            sinks,
-            windows,
-            D**-0.5,
-            True,
-            0,
-            0.0,
-            BLOCK,
-            BLOCK,
-            cfg.get("tile_n", 0),
-            cfg.get("num_warps", 0),
-            cfg.get("num_stages", 0),
-        )
+        return run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg)
 
     row = {"density": density, "default_ms": median_ms(lambda: ours(cfg={}))}
     row["sparsecomp_ms"] = median_ms(ours) if tuning else row["default_ms"]
@@ -169,28 +158,7 @@ def tune(pattern: str, n: int) -> dict:
             for stages in (2, 3, 4):
                 cfg = {"tile_n": tile_n, "num_warps": warps, "num_stages": stages}
                 try:
-                    ms = median_ms(
-                        lambda cfg=cfg: torch.ops.sparsecomp.sparse_attention(
-                            q,
-                            k,
-                            v,
-                            q_pos,
-                            k_pos,
-                            None,
-                            *index,
-                            sinks,
-                            windows,
-                            D**-0.5,
-                            True,
-                            0,
-                            0.0,
-                            BLOCK,
-                            BLOCK,
-                            cfg["tile_n"],
-                            cfg["num_warps"],
-                            cfg["num_stages"],
-                        )
-                    )
+                    ms = median_ms(lambda cfg=cfg: run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg))
                 except Exception as e:  # e.g. out of shared memory
                     print(f"tune {pattern} {cfg}: {type(e).__name__}", flush=True)
                     continue
