@@ -134,21 +134,31 @@ class MaskInterpreter:
 
     def __init__(self):
         self.values: dict[fx.Node, object] = {}
+        self._order: dict[fx.Node, int] = {}
 
     def value(self, arg):
         if isinstance(arg, fx.Node):
             if arg not in self.values:
-                self.values[arg] = self._eval(arg)
+                self._evaluate_slice(arg)
             return self.values[arg]
         if isinstance(arg, bool | int | float):
             return Const(arg)
         return Unknown(f"argument {arg!r}")
 
+    def _evaluate_slice(self, node: fx.Node) -> None:
+        """Evaluate the node's not-yet-known ancestors in graph order (no deep recursion)."""
+        if node not in self._order:
+            self._order = {n: i for i, n in enumerate(node.graph.nodes)}
+        pending, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n not in self.values and n not in pending:
+                pending.add(n)
+                stack.extend(n.all_input_nodes)
+        for n in sorted(pending, key=self._order.__getitem__):
+            self.values[n] = self._eval(n)
+
     def _eval(self, node: fx.Node):
-        # Iterative warm-up of inputs keeps deep mask graphs from hitting Python's recursion limit.
-        for inp in node.all_input_nodes:
-            if inp not in self.values:
-                self.value(inp)
         if node.op not in ("call_function", "call_method"):
             return Leaf(node)
         target = canonical_target(node)
@@ -279,8 +289,7 @@ def _getitem(interp, node):
         else:
             expanded.append(i)
     expanded += [slice(None)] * (rank - sum(1 for j in expanded if j is not None))
-    old_dim, new_pos, offset, length, new_dim = 0, 0, val.offset, val.length, None
-    positions = []
+    old_dim, new_pos, offset, new_dim = 0, 0, val.offset, None
     for i in expanded:
         if i is None:
             new_pos += 1
@@ -292,19 +301,17 @@ def _getitem(interp, node):
             if not isinstance(start, int) or start < 0:
                 raise _NotUnderstood("slice start")
             offset += start
-            if i.stop is not None:
-                length = i.stop - start if isinstance(i.stop, int) and i.stop >= 0 else None
-                if length is None:
-                    raise _NotUnderstood("slice stop")
+            if i.stop is not None and not (isinstance(i.stop, int) and i.stop >= 0):
+                raise _NotUnderstood("slice stop")
             new_dim = new_pos
         elif i != slice(None):
             raise _NotUnderstood("slicing a broadcast dimension")
-        positions.append(new_pos)
         old_dim += 1
         new_pos += 1
-    new_rank = new_pos
-    if new_dim is None or val.source is not None:
+    new_rank, shape = new_pos, _shape(node)
+    if new_dim is None or val.source is not None or shape is None:
         raise _NotUnderstood("indexing a gathered value")
+    length = shape[new_dim]  # what the slice really kept (a stop past the end keeps less)
     return replace(val, dim=new_dim - new_rank, rank=new_rank, offset=offset, length=length)
 
 
@@ -401,12 +408,24 @@ def _compare_with_constant(a: Indexed, op, c):
     raise _NotUnderstood("comparison with a constant that is not always true")
 
 
+def _is_key_read(v) -> bool:
+    return isinstance(v, Indexed) and v.source is not None and v.dim == _KEY_DIM
+
+
+def _key_mask(v: Indexed) -> Conj:
+    """A bool tensor read at [b, key] is a padding mask ("&" on integers would be bitwise)."""
+    src = v.source.meta.get("val", v.source.meta.get("example_value"))
+    if src is None or src.dtype != torch.bool:
+        raise _NotUnderstood("a key mask that is not bool")
+    return Conj(frozenset([KeyMask(v.source)]))
+
+
 def _logical_and(interp, node):
     vals = [interp.value(a) for a in node.args[:2]]
     conjs = []
     for v in vals:
-        if isinstance(v, Indexed) and v.source is not None and v.dim == _KEY_DIM:
-            conjs.append(Conj(frozenset([KeyMask(v.source)])))
+        if _is_key_read(v):
+            conjs.append(_key_mask(v))
             continue
         c = _as_conj(v)
         if c is None:
@@ -494,8 +513,11 @@ def structure_from_value(value, n_q, n_k) -> MaskStructure | str:
         return f"mask not understood ({value.reason})"
     if isinstance(value, Leaf):
         return "mask is run-time data; its values cannot be proven to be a structure"
-    if isinstance(value, Indexed) and value.source is not None and value.dim == _KEY_DIM:
-        value = Conj(frozenset([KeyMask(value.source)]))
+    if _is_key_read(value):
+        try:
+            value = _key_mask(value)
+        except _NotUnderstood as e:
+            return f"mask not understood ({e})"
     conj = _as_conj(value)
     if conj is None:
         return "mask is not a conjunction of causal / window / padding conditions"

@@ -173,3 +173,31 @@ def test_dunder_methods_read_like_operators():
     assert canonical_target(eq_method) is operator.eq
     assert canonical_target(and_method) is operator.and_
     assert canonical_target(to_function) == "to"
+
+
+def test_sliced_aranges_use_the_length_they_really_keep():
+    """arange(64)[:33] is 33 positions long (a stop past the end keeps less)."""
+    q, k, v = qkv(n=33)
+
+    def fn(q, k, v):
+        i = torch.arange(64)[: q.shape[2]]
+        j = torch.arange(40)[:100][: k.shape[2]]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=j[None, :] <= i[:, None])
+
+    out, report = run(Lambda(fn), q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v), atol=1e-5, rtol=1e-5)
+    assert report.sites[0].became == "sparse_attention" and report.sites[0].mask == "causal"
+
+
+def test_mask_with_a_different_length_is_refused():
+    """Positions that do not span the keys (an arange one short, broadcast) are never guessed."""
+    q, k, v = qkv(n=33)
+
+    def fn(q, k, v):
+        i = torch.arange(33)
+        j = torch.arange(1)  # broadcasts over the keys: every key gets position 0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=j[None, :] <= i[:, None])
+
+    out, report = run(Lambda(fn), q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v))
+    assert report.sites[0].became == "kept" and "do not span" in report.sites[0].reason
