@@ -74,3 +74,15 @@ def tiny_llama():
         vocab_size=100,
     )
     return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("n,sink,window", [(1, 0, 4), (10, 2, 4), (37, 3, 8), (100, 10, 100), (64, 0, 1)])
+def test_streaming_density_counts_kept_pairs(n, sink, window):
+    import torch
+
+    from sparsecomp.report import streaming_density
+
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    keep = (j <= i) & ((i - j < window) | (j < sink))
+    assert streaming_density(n, sink, window) == pytest.approx(keep.sum().item() / (n * (n + 1) / 2))
