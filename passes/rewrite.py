@@ -33,17 +33,7 @@ class KernelOptions:
 def _positions(graph, source, like, dim, offset):
     if source is None:
         return graph.call_function(index_positions, (like, dim, offset))
-    pos = source if offset == 0 else graph.call_function(operator.add, (source, offset))
-    return pos
-
-
-def _key_ok(graph, source):
-    if source is None:
-        return None
-    val = meta_val(source)
-    if val is not None and val.dtype == torch.bool:
-        return source
-    return graph.call_method("ne", (source, 0))
+    return source if offset == 0 else graph.call_function(operator.add, (source, offset))
 
 
 def head_values(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -62,7 +52,9 @@ def rewrite_site(
     """Replace the site's output with the sparse op. ``shared`` caches index nodes across sites
     that have the same structure and rules (every layer of a model usually does)."""
     graph, s = gm.graph, site.structure
+    lengths = str((site.shape["q_len"], site.shape["kv_len"]))  # sizes may be SymInts: compare their text
     key = (
+        lengths,
         s.q_source,
         s.k_source,
         s.key_ok,
@@ -77,7 +69,7 @@ def rewrite_site(
         if key not in shared:
             q_pos = _positions(graph, s.q_source, site.q, 2, s.q_offset)
             k_pos = _positions(graph, s.k_source, site.k, 2, 0)
-            key_ok = _key_ok(graph, s.key_ok)
+            key_ok = s.key_ok  # a bool (B, Nk) tensor: the mask pass only accepts those
             sink = graph.call_function(head_values, (tuple(head_sink), site.q))
             window = graph.call_function(head_values, (tuple(head_window), site.q))
             # Heads with one shared rule share one index (head dimension 1, read with stride 0).

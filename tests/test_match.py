@@ -201,3 +201,23 @@ def test_mask_with_a_different_length_is_refused():
     out, report = run(Lambda(fn), q, k, v)
     torch.testing.assert_close(out, fn(q, k, v))
     assert report.sites[0].became == "kept" and "do not span" in report.sites[0].reason
+
+
+def test_sites_sharing_a_mask_but_not_lengths_get_their_own_index():
+    """Encoder self-attention and decoder cross-attention read the same key padding mask."""
+    enc, dec = torch.randn(2, 4, 20, 16), torch.randn(2, 4, 12, 16)
+    pad = torch.ones(2, 20, dtype=torch.bool)
+    pad[1, :6] = False
+
+    def fn(enc, dec, pad):
+        b = torch.arange(2)[:, None, None, None]
+        j = torch.arange(20)[None, None, None, :]
+        keep = pad[b, j]  # HF's padding_mask_function reads the 2-D mask this way
+        self_out = F.scaled_dot_product_attention(enc, enc, enc, attn_mask=keep)
+        cross_out = F.scaled_dot_product_attention(dec, self_out, self_out, attn_mask=keep)
+        return cross_out
+
+    out, report = run(Lambda(fn), enc, dec, pad)
+    torch.testing.assert_close(out, fn(enc, dec, pad), atol=1e-5, rtol=1e-5)
+    assert [s.became for s in report.sites] == ["sparse_attention"] * 2
+    assert all(s.mask == "bidirectional + key padding" for s in report.sites)
