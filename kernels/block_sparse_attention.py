@@ -219,33 +219,13 @@ def _check_index(full_blocks, full_count, part_blocks, part_count, columns, colu
         raise ValueError(f"sparse index shapes {shapes} do not fit B={b}, Hq={hq}, {n_qb} query blocks of {block_m}")
 
 
+# fmt: off
 def sparse_attention_triton(
-    q,
-    k,
-    v,
-    q_pos,
-    k_pos,
-    key_ok,
-    full_blocks,
-    full_count,
-    part_blocks,
-    part_count,
-    columns,
-    column_count,
-    head_sink,
-    head_window,
-    scale: float,
-    causal: bool,
-    window: int,
-    softcap: float,
-    block_m: int,
-    block_n: int,
-    tile_n: int = 0,
-    num_warps: int = 0,
-    num_stages: int = 0,
-    launch=None,
-    out: torch.Tensor | None = None,
+    q, k, v, q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
+    head_sink, head_window, scale: float, causal: bool, window: int, softcap: float, block_m: int, block_n: int,
+    tile_n: int = 0, num_warps: int = 0, num_stages: int = 0, launch=None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    # fmt: on
     """Launch the kernel. ``launch`` wraps it (``torch.library.wrap_triton`` inside the op);
     ``out`` lets tests pass a poisoned buffer to prove every element is written."""
     b, hq, nq, d = q.shape
@@ -406,28 +386,12 @@ def _listed_columns(columns, column_count, qbs, n_k):
     return member.scatter_(-1, ids, True)[..., :n_k]
 
 
+# fmt: off
 def sparse_attention_reference(
-    q,
-    k,
-    v,
-    q_pos,
-    k_pos,
-    key_ok,
-    full_blocks,
-    full_count,
-    part_blocks,
-    part_count,
-    columns,
-    column_count,
-    head_sink,
-    head_window,
-    scale: float,
-    causal: bool,
-    window: int,
-    softcap: float,
-    block_m: int,
-    block_n: int,
+    q, k, v, q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
+    head_sink, head_window, scale: float, causal: bool, window: int, softcap: float, block_m: int, block_n: int,
 ) -> torch.Tensor:
+    # fmt: on
     """Plain PyTorch semantics of ``sparse_attention`` (fp32 math), chunked over query rows.
 
     Columns must not fall inside a listed block of the same query block (the kernel would count

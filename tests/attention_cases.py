@@ -65,3 +65,29 @@ def column_membership(index, n_q: int, n_k: int, block_m: int) -> torch.Tensor:
     ids = torch.where(slot < count[..., None], cols, n_k)
     member = torch.zeros(*cols.shape[:3], n_k + 1, dtype=torch.bool).scatter_(-1, ids, True)[..., :n_k]
     return member.repeat_interleave(block_m, dim=2)[:, :, :n_q]
+
+
+def case_setup(case, dtype=torch.float32, max_blocks=None):
+    """Inputs, per-head rules, index and the kept-pair mask (B, Hq, Nq, Nk) of a CASES entry."""
+    from sparsecomp.kernels import build_block_index, index_positions
+    from sparsecomp.kernels.block_sparse_attention import kept_pairs
+
+    b, hq, hkv, nq, nk, d, block, causal, window, sinks, windows, pad = case
+    q, k, v, key_ok = make_case(b, hq, hkv, nq, nk, d, dtype, pad)
+    q_pos, k_pos = index_positions(q, 2), index_positions(k, 2)
+    sink, win = torch.tensor(sinks, dtype=torch.int32), torch.tensor(windows, dtype=torch.int32)
+    index = build_block_index(
+        q_pos,
+        k_pos,
+        key_ok,
+        sink,
+        win,
+        causal=causal,
+        window=window,
+        block_m=block,
+        block_n=block,
+        max_blocks=max_blocks,
+    )
+    start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
+    keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=causal, window=window).expand(b, hq, nq, nk)
+    return (q, k, v, q_pos, k_pos, key_ok, sink, win), index, keep

@@ -63,17 +63,9 @@ def test_model_fingerprint_from_hf_config(tiny_llama):
 
 @pytest.fixture
 def tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny_models import tiny_llama
 
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return AutoModelForCausalLM.from_config(cfg)
+    return tiny_llama()
 
 
 @pytest.mark.parametrize("n,sink,window", [(1, 0, 4), (10, 2, 4), (37, 3, 8), (100, 10, 100), (64, 0, 1)])

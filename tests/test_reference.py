@@ -4,41 +4,25 @@ import math
 
 import pytest
 import torch
-from attention_cases import CASES, add_random_columns, column_membership, golden, make_case
+from attention_cases import CASES, add_random_columns, case_setup, column_membership, golden, make_case
 
 from sparsecomp.kernels import (
+    block_index_bound,
     build_block_index,
     index_positions,
     sparse_attention,
     sparse_attention_reference,
 )
-from sparsecomp.kernels.block_sparse_attention import kept_pairs, local_pairs, structure_pairs
+from sparsecomp.kernels.block_sparse_attention import local_pairs, structure_pairs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
 def test_reference_matches_dense_golden(case, dtype):
     b, hq, hkv, nq, nk, d, block, causal, window, sinks, windows, pad = case
-    q, k, v, key_ok = make_case(b, hq, hkv, nq, nk, d, dtype, pad)
-    q_pos, k_pos = index_positions(q, 2), index_positions(k, 2)
-    sink, win = torch.tensor(sinks, dtype=torch.int32), torch.tensor(windows, dtype=torch.int32)
-    index = build_block_index(
-        q_pos,
-        k_pos,
-        key_ok,
-        sink,
-        win,
-        causal=causal,
-        window=window,
-        block_m=block,
-        block_n=block,
-        max_blocks=None,
-    )
+    (q, k, v, q_pos, k_pos, key_ok, sink, win), index, keep = case_setup(case, dtype)
     scale = 1 / math.sqrt(d)
     out = sparse_attention(q, k, v, q_pos, k_pos, key_ok, *index, sink, win, scale, causal, window, 0.0, block, block)
-    start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
-    keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=causal, window=window)
-    keep = keep.expand(b, hq, nq, nk)
     ref = golden(q, k, v, keep, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -52,28 +36,10 @@ def test_reference_matches_dense_golden(case, dtype):
 def test_index_is_exact(case):
     """Full blocks keep every pair; no kept pair lies outside the listed blocks."""
     b, hq, hkv, nq, nk, d, block, causal, window, sinks, windows, pad = case
-    _, _, _, key_ok = make_case(b, hq, hkv, nq, nk, d, torch.float32, pad)
-    q_pos, k_pos = torch.arange(nq)[None], torch.arange(nk)[None]
-    sink, win = torch.tensor(sinks, dtype=torch.int32), torch.tensor(windows, dtype=torch.int32)
-    from sparsecomp.kernels import block_index_bound
-
     bound = block_index_bound(
         sinks, windows, causal=causal, window=window, block_m=block, block_n=block, positions_are_indices=True
     )
-    fb, fc, pb, pc, _, _ = build_block_index(
-        q_pos,
-        k_pos,
-        key_ok,
-        sink,
-        win,
-        causal=causal,
-        window=window,
-        block_m=block,
-        block_n=block,
-        max_blocks=bound,
-    )
-    start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
-    keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=causal, window=window).expand(b, hq, nq, nk)
+    _, (fb, fc, pb, pc, _, _), keep = case_setup(case, max_blocks=bound)
     n_qb, n_kb = -(-nq // block), -(-nk // block)
     padded = torch.zeros(b, hq, n_qb * block, n_kb * block, dtype=torch.bool)
     padded[..., :nq, :nk] = keep

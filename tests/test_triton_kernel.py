@@ -95,19 +95,11 @@ def test_bf16_error_within_1_5x_of_sdpa(sink, window):
 
 @gpu_only
 def test_compiled_model_on_gpu_runs_the_kernel_through_inductor():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny_models import tiny_llama
 
     from sparsecomp.demo import streaming_sdpa
 
-    cfg = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    model = tiny_llama(hidden_size=256, dtype=torch.bfloat16).cuda().eval()
     ids = torch.randint(0, 100, (2, 700), device="cuda")
     compiled = sparsecomp.compile(model, "streaming:sink=8,window=128", dynamic=False)
     with torch.no_grad():
