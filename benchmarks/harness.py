@@ -11,9 +11,12 @@ import torch
 import triton
 
 
-def median_ms(fn, rep_ms: int = 100) -> float:
-    """Median of ``triton.testing.do_bench`` (CUDA events, warm-up first)."""
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+def median_ms(fn, rep_ms: int = 100, min_runs: int = 30) -> float:
+    """Median of ``triton.testing.do_bench`` (CUDA events, warm-up first) over at least ``min_runs``
+    runs: do_bench repeats for ``rep_ms``, which is only a handful of runs of a 20 ms kernel."""
+    once = float(triton.testing.do_bench(fn, warmup=1, rep=1, return_mode="median"))
+    rep = max(rep_ms, min_runs * once)
+    return float(triton.testing.do_bench(fn, warmup=max(25, 3 * once), rep=rep, return_mode="median"))
 
 
 def environment() -> dict:

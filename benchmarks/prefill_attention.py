@@ -12,6 +12,7 @@ One run measures, for B=1, 32 query / 8 KV heads, head_dim 128, bf16, at each le
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import traceback
 from pathlib import Path
@@ -110,7 +111,8 @@ def run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg: dict):
     """One call of the sparse op on a causal site with the launch config ``cfg`` ({} = defaults)."""
     return torch.ops.sparsecomp.sparse_attention(
         q, k, v, q_pos, k_pos, None, *index, sinks, windows, D**-0.5, True, 0, 0.0, BLOCK, BLOCK,
-        cfg.get("tile_n", 0), cfg.get("num_warps", 0), cfg.get("num_stages", 0),
+        cfg.get("tile_n", 0), cfg.get("num_warps", 0), cfg.get("num_stages", 0), cfg.get("tma", -1),
+        cfg.get("tile_m", 0),
     )  # fmt: skip
 
 
@@ -145,30 +147,34 @@ def measure_pattern(pattern: str, q, k, v, flex, sdpa_ms, tuning: dict) -> dict:
 
 
 def tune(pattern: str, n: int) -> dict:
-    """Sweep key tile, warps and stages for a pattern at length n; return the fastest."""
+    """Sweep query tile, warps, stages and TMA loads (key tile 128: 64 lost every sweep before) for a
+    pattern at length n; return the fastest config whose output matches the pointer-load default's."""
     q = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q_pos, k_pos, index, _, (sink, window), _ = pattern_index(pattern, q, k)
     sinks = torch.full((HQ,), sink, dtype=torch.int32, device="cuda")
     windows = torch.full((HQ,), window, dtype=torch.int32, device="cuda")
+    expected = run_op(q, k, v, q_pos, k_pos, index, sinks, windows, {"tma": 0}).float()
     best, results = None, []
-    for tile_n in (64, 128):
-        for warps in (4, 8):
-            for stages in (2, 3, 4):
-                cfg = {"tile_n": tile_n, "num_warps": warps, "num_stages": stages}
-                try:
-                    ms = median_ms(lambda cfg=cfg: run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg))
-                except Exception as e:  # e.g. out of shared memory
-                    print(f"tune {pattern} {cfg}: {type(e).__name__}", flush=True)
-                    continue
-                results.append((ms, cfg))
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
-    print(
-        f"tune {pattern} N={n}: " + ", ".join(f"{ms:.3f}ms {c}" for ms, c in sorted(results, key=lambda r: r[0])[:4]),
-        flush=True,
-    )
+    for tile_m, warps, stages, tma in itertools.product((64, 128), (4, 8), (2, 3), (0, 1)):
+        cfg = {"tile_m": tile_m, "tile_n": 128, "num_warps": warps, "num_stages": stages, "tma": tma}
+        try:
+            out = run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg).float()
+            err = ((out - expected).norm() / expected.norm()).item()
+            if not err < 1e-2:  # a miscompiled variant must never win
+                print(f"tune {pattern} {cfg}: wrong output (rel. diff {err:.2e})", flush=True)
+                continue
+            ms = median_ms(lambda cfg=cfg: run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg))
+        except Exception as e:  # e.g. out of shared memory
+            print(f"tune {pattern} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        results.append((ms, cfg))
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    print(f"tune {pattern} N={n}:", flush=True)
+    for ms, c in sorted(results, key=lambda r: r[0]):
+        print(f"  {ms:.3f} ms {c}", flush=True)
     return best[1] if best else {}
 
 

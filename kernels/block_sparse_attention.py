@@ -36,33 +36,44 @@ LOG2E = math.log2(math.e)
 
 # fmt: off
 @triton.jit
-def _attend_keys(
-    acc, m_i, l_i, q, q_pos, offs_n, valid, K, V, KPos, KeyOk,
-    k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    scale2, softcap, window, sink_h, win_h, key_start,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, LOCAL: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """One online-softmax step over the keys ``offs_n`` (a tile of a block, or gathered columns).
-    MASKED applies the structure mask; LOCAL also the head's sink/window rule (blocks, not columns)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    # K^T tile (BLOCK_D, keys) and V tile (keys, BLOCK_D)
-    kt = tl.load(K + k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                 mask=valid[None, :] & d_ok[:, None], other=0.0)
-    v = tl.load(V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=valid[:, None] & d_ok[None, :], other=0.0)
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee")
+def _kv_tile(Ptr, desc, base, offs_n, valid, stride_n, stride_d, b, kvh, n0,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+             USE_TMA: tl.constexpr, IN_RANGE: tl.constexpr):
+    """Keys or values ``offs_n`` as a (BLOCK_N, BLOCK_D) tile: by the tensor-memory accelerator
+    (contiguous tiles on Hopper; out-of-range rows and padded head_dim come back as zeros), or by
+    pointers (masked unless the tile is known to lie inside the tensor)."""
+    if USE_TMA:
+        return desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, BLOCK_D)
     else:
-        s = tl.dot(q, kt)
+        offs_d = tl.arange(0, BLOCK_D)
+        ptrs = Ptr + base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+        if IN_RANGE and HEAD_DIM == BLOCK_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _softmax_step(
+    acc, m_i, l_i, q, k, v, q_pos, offs_n, valid, KPos, KeyOk, kpos_base, keyok_base,
+    scale2, softcap, window, sink_h, win_h, key_start,
+    MASKED: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KEY_OK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One online-softmax step over the key tile ``k``/``v`` at ``offs_n``. MASKED applies the
+    structure mask, LOCAL also the head's sink/window rule (blocks, not columns). Unmasked tiles
+    keep every pair, so their row maxima are finite and need no guard."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
     if HAS_SOFTCAP:
         # softcap * tanh(s * scale / softcap), tanh(x) = 2 sigmoid(2x) - 1; then to base 2
         x = s * (scale2 / 1.4426950408889634) / softcap
         s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0) * 1.4426950408889634
+        scale_s = 1.0
     else:
-        s = s * scale2
+        scale_s = scale2
     if MASKED:
         k_pos = tl.load(KPos + kpos_base + offs_n, mask=valid, other=0)
         dist = q_pos[:, None] - k_pos[None, :]
@@ -76,22 +87,27 @@ def _attend_keys(
         if HAS_KEY_OK:
             ok = tl.load(KeyOk + keyok_base + offs_n, mask=valid, other=0)
             keep = keep & (ok[None, :] != 0)
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        s = tl.where(keep, s * scale_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
+        p = tl.math.exp2(s - m_use[:, None])
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_s)
+        m_use = m_new
+        p = tl.math.exp2(s * scale_s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _sparse_attention_fwd(
-    Q, K, V, Out, QPos, KPos, KeyOk, KeyStart, FullBlocks, FullCount, PartBlocks, PartCount,
+    Q, K, V, DescK, DescV, Out, QPos, KPos, KeyOk, KeyStart, FullBlocks, FullCount, PartBlocks, PartCount,
     Columns, ColumnCount, HeadSink, HeadWindow,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
@@ -101,12 +117,16 @@ def _sparse_attention_fwd(
     n_heads, n_q, n_k, groups, scale2, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_COLUMNS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_COLUMNS: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
+    SUB_M: tl.constexpr,
 ):
     # Scalars may arrive as fp64 (Inductor passes Python floats so): keep the math in fp32.
     scale2 = tl.cast(scale2, tl.float32)
     softcap = tl.cast(softcap, tl.float32)
-    pid_m = tl.program_id(0)
+    # Last query tiles first: under causal masks they have the most keys (less tail at the end).
+    # A program takes BLOCK_M query rows, 1 / SUB_M of an index block's rows.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    index_row = pid_m // SUB_M
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
@@ -128,44 +148,56 @@ def _sparse_attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    list_base = b * stride_ib + h * stride_ih + pid_m * stride_iq
-    count_at = b * stride_cb + h * stride_ch + pid_m
+    list_base = b * stride_ib + h * stride_ih + index_row * stride_iq
+    count_at = b * stride_cb + h * stride_ch + index_row
     tile = tl.arange(0, BLOCK_N)
 
-    # Blocks that keep every pair: no element mask.
+    # Blocks that keep every pair (and lie inside the tensor): no element mask.
     n_full = tl.load(FullCount + count_at)
     for t in range(0, n_full):
         kb = tl.load(FullBlocks + list_base + t)
         for sub in tl.static_range(SUB_N):
-            offs_n = (kb * SUB_N + sub) * BLOCK_N + tile
-            acc, m_i, l_i = _attend_keys(
-                acc, m_i, l_i, q, q_pos, offs_n, offs_n < n_k, K, V, KPos, KeyOk,
-                k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            n0 = (kb * SUB_N + sub) * BLOCK_N
+            offs_n = n0 + tile
+            k = _kv_tile(K, DescK, k_base, offs_n, offs_n < n_k, stride_kn, stride_kd, b, kvh, n0,
+                         HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, True)
+            v = _kv_tile(V, DescV, v_base, offs_n, offs_n < n_k, stride_vn, stride_vd, b, kvh, n0,
+                         HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, True)
+            acc, m_i, l_i = _softmax_step(
+                acc, m_i, l_i, q, k, v, q_pos, offs_n, offs_n < n_k, KPos, KeyOk, kpos_base, keyok_base,
                 scale2, softcap, window, sink_h, win_h, key_start,
-                HEAD_DIM, BLOCK_D, False, False, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
+                False, False, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
     # Blocks that keep some pairs: element mask (structure and the head's local rule).
     n_part = tl.load(PartCount + count_at)
     for t in range(0, n_part):
         kb = tl.load(PartBlocks + list_base + t)
         for sub in tl.static_range(SUB_N):
-            offs_n = (kb * SUB_N + sub) * BLOCK_N + tile
-            acc, m_i, l_i = _attend_keys(
-                acc, m_i, l_i, q, q_pos, offs_n, offs_n < n_k, K, V, KPos, KeyOk,
-                k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            n0 = (kb * SUB_N + sub) * BLOCK_N
+            offs_n = n0 + tile
+            k = _kv_tile(K, DescK, k_base, offs_n, offs_n < n_k, stride_kn, stride_kd, b, kvh, n0,
+                         HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, False)
+            v = _kv_tile(V, DescV, v_base, offs_n, offs_n < n_k, stride_vn, stride_vd, b, kvh, n0,
+                         HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, False)
+            acc, m_i, l_i = _softmax_step(
+                acc, m_i, l_i, q, k, v, q_pos, offs_n, offs_n < n_k, KPos, KeyOk, kpos_base, keyok_base,
                 scale2, softcap, window, sink_h, win_h, key_start,
-                HEAD_DIM, BLOCK_D, True, True, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
+                True, True, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
     # Single key columns (vertical stripes), gathered BLOCK_N at a time, with the element mask.
     if HAS_COLUMNS:
-        col_base = b * stride_colb + h * stride_colh + pid_m * stride_colq
-        n_cols = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + pid_m)
+        col_base = b * stride_colb + h * stride_colh + index_row * stride_colq
+        n_cols = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row)
         for c0 in range(0, n_cols, BLOCK_N):
             slot = c0 + tile
             cols = tl.load(Columns + col_base + slot, mask=slot < n_cols, other=0)
-            acc, m_i, l_i = _attend_keys(
-                acc, m_i, l_i, q, q_pos, cols, (slot < n_cols) & (cols < n_k), K, V, KPos, KeyOk,
-                k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            valid = (slot < n_cols) & (cols < n_k)
+            k = _kv_tile(K, DescK, k_base, cols, valid, stride_kn, stride_kd, b, kvh, 0,
+                         HEAD_DIM, BLOCK_D, BLOCK_N, False, False)
+            v = _kv_tile(V, DescV, v_base, cols, valid, stride_vn, stride_vd, b, kvh, 0,
+                         HEAD_DIM, BLOCK_D, BLOCK_N, False, False)
+            acc, m_i, l_i = _softmax_step(
+                acc, m_i, l_i, q, k, v, q_pos, cols, valid, KPos, KeyOk, kpos_base, keyok_base,
                 scale2, softcap, window, sink_h, win_h, key_start,
-                HEAD_DIM, BLOCK_D, True, False, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
+                True, False, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -179,22 +211,47 @@ def _batch_stride(t: torch.Tensor, dim: int = 0) -> int:
 
 
 def launch_config(
-    head_dim: int, block_m: int, block_n: int, tile_n: int = 0, num_warps: int = 0, num_stages: int = 0
-) -> dict:
-    """Tile and launch parameters: the kernel options' values, or defaults for 0."""
+    head_dim: int, block_m: int, block_n: int, tile_n: int = 0, num_warps: int = 0, num_stages: int = 0,
+    tile_m: int = 0,
+) -> dict:  # fmt: skip
+    """Tile and launch parameters: the kernel options' values, or defaults for 0. A program takes
+    ``tile_m`` query rows (a divisor of block_m) and walks keys ``tile_n`` at a time."""
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name}={size}; the Triton kernel needs a power of two >= 16")
+    tile_m = tile_m or block_m
     tile_n = tile_n or min(block_n, 64 if head_dim > 64 else 128)
+    if block_m % tile_m or tile_m < 16:
+        raise ValueError(f"block_m={block_m} must be a multiple of the query tile {tile_m} (>= 16)")
     if block_n % tile_n or tile_n < 16:
         raise ValueError(f"block_n={block_n} must be a multiple of the key tile {tile_n} (>= 16)")
-    big = block_m >= 128 and head_dim >= 64
+    big = tile_m >= 128 and head_dim >= 64
     return {
+        "BLOCK_M": tile_m,
+        "SUB_M": block_m // tile_m,
         "BLOCK_N": tile_n,
         "SUB_N": block_n // tile_n,
         "num_warps": num_warps or (8 if big else 4),
         "num_stages": num_stages or (2 if head_dim > 128 else 3),
     }
+
+
+def _tma_descriptor(t: torch.Tensor, block_n: int, block_d: int):
+    """A host-side tensor descriptor of K or V (B, H, N, D) with (1, 1, block_n, block_d) boxes, or
+    None where the tensor-memory accelerator cannot read it: not Hopper or newer, an interpreter
+    run, or strides/base not 16-byte aligned (it needs unit stride along head_dim)."""
+    if not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    size = t.element_size()
+    # A dimension of size 1 is never stepped along: give it any aligned stride.
+    strides = [s if n > 1 else t.shape[-1] for n, s in zip(t.shape, t.stride(), strict=True)]
+    if strides[-1] != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in strides[:-1]):
+        return None
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_n, block_d])
 
 
 def _check_index(full_blocks, full_count, part_blocks, part_count, columns, column_count, b, hq, n_qb, block_m):
@@ -223,11 +280,14 @@ def _check_index(full_blocks, full_count, part_blocks, part_count, columns, colu
 def sparse_attention_triton(
     q, k, v, q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
     head_sink, head_window, scale: float, causal: bool, window: int, softcap: float, block_m: int, block_n: int,
-    tile_n: int = 0, num_warps: int = 0, num_stages: int = 0, launch=None, out: torch.Tensor | None = None,
+    tile_n: int = 0, num_warps: int = 0, num_stages: int = 0, tma: int = -1, tile_m: int = 0,
+    launch=None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # fmt: on
-    """Launch the kernel. ``launch`` wraps it (``torch.library.wrap_triton`` inside the op);
-    ``out`` lets tests pass a poisoned buffer to prove every element is written."""
+    """Launch the kernel. ``tma``: 1 = K/V tiles by tensor descriptors (error if they cannot be
+    made), 0 = by pointers, -1 = descriptors where the GPU and layout allow. ``launch`` wraps the
+    kernel (``torch.library.wrap_triton`` inside the op); ``out`` lets tests pass a poisoned buffer
+    to prove every element is written."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     n_qb = triton.cdiv(nq, block_m)
@@ -245,12 +305,21 @@ def sparse_attention_triton(
     key_ok = key_ok.contiguous() if key_ok is not None else None
     key_start = first_valid_key(key_ok, q.device)
     cols, col_count = (columns, column_count) if columns is not None else (full_blocks, full_count)  # unread
-    cfg = launch_config(d, block_m, block_n, tile_n, num_warps, num_stages)
+    cfg = launch_config(d, block_m, block_n, tile_n, num_warps, num_stages, tile_m)
+    block_d = max(16, triton.next_power_of_2(d))
+    desc_k = desc_v = None
+    if tma != 0:
+        desc_k, desc_v = (_tma_descriptor(t, cfg["BLOCK_N"], block_d) for t in (k, v))
+        if tma == 1 and (desc_k is None or desc_v is None):
+            raise ValueError("tma=1 but K/V cannot be read by tensor descriptors on this device and layout")
+    use_tma = desc_k is not None and desc_v is not None
     kernel = (launch or (lambda f: f))(_sparse_attention_fwd)
-    kernel[(n_qb, b * hq)](
+    kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), b * hq)](
         q,
         k,
         v,
+        desc_k if use_tma else k,  # unread without TMA
+        desc_v if use_tma else v,
         out,
         q_pos,
         k_pos,
@@ -290,14 +359,14 @@ def sparse_attention_triton(
         softcap,
         window,
         HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_M=block_m,
+        BLOCK_D=block_d,
         CAUSAL=causal,
         HAS_WINDOW=window > 0,
         HAS_KEY_OK=key_ok is not None,
         HAS_SOFTCAP=softcap > 0,
         HAS_COLUMNS=columns is not None,
         IEEE=q.dtype == torch.float32,
+        USE_TMA=use_tma,
         **cfg,
     )
     return out
@@ -456,10 +525,12 @@ def sparse_attention(
     tile_n: int = 0,
     num_warps: int = 0,
     num_stages: int = 0,
+    tma: int = -1,
+    tile_m: int = 0,
 ) -> torch.Tensor:
     """Block-sparse attention (see the notation above): the Triton kernel on CUDA, the reference
-    elsewhere. ``tile_n``, ``num_warps``, ``num_stages`` tune the kernel (0 = default); they never
-    change the result."""
+    elsewhere. ``tile_n``, ``num_warps``, ``num_stages``, ``tma``, ``tile_m`` tune the kernel
+    (0 / -1 = default); they never change the result."""
     args = (
         q,
         k,
@@ -484,7 +555,9 @@ def sparse_attention(
     )
     if q.is_cuda:
         _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
-        return sparse_attention_triton(*args, tile_n, num_warps, num_stages, launch=torch.library.wrap_triton)
+        return sparse_attention_triton(
+            *args, tile_n, num_warps, num_stages, tma, tile_m, launch=torch.library.wrap_triton
+        )
     return sparse_attention_reference(*args)
 
 

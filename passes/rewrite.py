@@ -21,13 +21,17 @@ from .site import AttentionSite, meta_val
 @dataclass(frozen=True)
 class KernelOptions:
     """How the kernel runs, never what it keeps: block sizes of the sparse index, and the Triton
-    key tile, warps and pipeline stages (0 = the kernel's default for the head_dim)."""
+    key tile, warps and pipeline stages (0 = the kernel's default for the head_dim), K/V loads by
+    tensor descriptors (-1 = where the GPU allows, 0 = off, 1 = required), and the query rows per
+    program (a divisor of block_m; 0 = block_m)."""
 
     block_m: int = 128
     block_n: int = 128
     tile_n: int = 0
     num_warps: int = 0
     num_stages: int = 0
+    tma: int = -1
+    tile_m: int = 0
 
 
 def _positions(graph, source, like, dim, offset):
@@ -120,6 +124,8 @@ def rewrite_site(
                 options.tile_n,
                 options.num_warps,
                 options.num_stages,
+                options.tma,
+                options.tile_m,
             ),
         )
         old = meta_val(site.output)

@@ -129,3 +129,45 @@ def test_kernel_gathers_columns(dtype, n_cols):
     tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+LAUNCHES = [
+    {"tile_m": 16},  # four programs per index block of queries
+    {"tile_m": 32, "tile_n": 16},
+    {"tma": 0},  # pointer loads
+] + ([{"tma": 1}, {"tma": 1, "tile_m": 32}] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_launch_options_never_change_the_result(launch):
+    """Query tiles smaller than an index block, key tiles smaller than it, TMA or pointer loads:
+    the same keys are kept (padding, per-head local rules and columns included)."""
+    b, hq, hkv, n, d, block = 2, 4, 2, 150, 32, 64
+    q, k, v, key_ok = make_case(b, hq, hkv, n, n, d, torch.float32, pad=6)
+    q_pos, k_pos = index_positions(q, 2), index_positions(k, 2)
+    sink, win = torch.tensor([4, 0, 4, 0], dtype=torch.int32), torch.tensor([24, 80, 0, 16], dtype=torch.int32)
+    index = build_block_index(
+        q_pos, k_pos, key_ok, sink, win, causal=True, window=0, block_m=block, block_n=block, max_blocks=None
+    )
+    index = add_random_columns(index, n, block, per_query_block=7, seed=3)
+    to = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    args = [to(t) for t in (q, k, v, q_pos, k_pos, key_ok, *index, sink, win)] + [d**-0.5, True, 0, 0.0, block, block]
+    poisoned = torch.full((b, hq, n, d), float("nan"), device=DEVICE)
+    out = sparse_attention_triton(*args, **launch, out=poisoned)
+    torch.testing.assert_close(out, sparse_attention_reference(*args), atol=2e-5, rtol=2e-5)
+
+
+def test_tma_required_where_it_cannot_run_is_an_error():
+    """tma=1 off Hopper, or on K/V whose base is not 16-byte aligned, is refused, not ignored."""
+    b, h, n, d = 1, 2, 40, 16
+    q, k, v = (t.to(DEVICE) for t in make_case(b, h, h, n, n, d, torch.float32)[:3])
+    misaligned = torch.empty(k.numel() + 1, device=DEVICE)[1:].view(k.shape)  # 4 bytes off
+    misaligned.copy_(k)
+    q_pos = index_positions(q, 2)
+    zeros = torch.zeros(h, dtype=torch.int32, device=DEVICE)
+    index = build_block_index(
+        q_pos, q_pos, None, zeros, zeros, causal=True, window=0, block_m=16, block_n=16, max_blocks=None
+    )
+    args = (q, misaligned, v, q_pos, q_pos, None, *index, zeros, zeros, d**-0.5, True, 0, 0.0, 16, 16)
+    with pytest.raises(ValueError, match="tma=1"):
+        sparse_attention_triton(*args, tma=1)
