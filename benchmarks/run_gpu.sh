@@ -27,3 +27,4 @@ fi
 [ "$stage" = tests+demo ] && exit 0
 timeout 400 python3 benchmarks/prefill_attention.py --lengths 8192 32768 131072 524288 --out "$out" \
   > "$out/prefill_attention.log" 2>&1; tail -16 "$out/prefill_attention.log"
+grep -A9 "^tune .* N=" "$out/prefill_attention.log" > "$out/prefill_attention_tuning.log"

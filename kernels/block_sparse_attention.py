@@ -210,17 +210,34 @@ def _batch_stride(t: torch.Tensor, dim: int = 0) -> int:
     return t.stride(dim) if t.shape[dim] > 1 else 0
 
 
+_SHARED_MEMORY_BYTES = 227 * 1024  # per program on Hopper (other GPUs: read off the device)
+
+
 def launch_config(
     head_dim: int, block_m: int, block_n: int, tile_n: int = 0, num_warps: int = 0, num_stages: int = 0,
-    tile_m: int = 0,
+    tile_m: int = 0, element_size: int = 2, shared_memory: int = _SHARED_MEMORY_BYTES,
 ) -> dict:  # fmt: skip
     """Tile and launch parameters: the kernel options' values, or defaults for 0. A program takes
-    ``tile_m`` query rows (a divisor of block_m) and walks keys ``tile_n`` at a time."""
+    ``tile_m`` query rows (a divisor of block_m) and walks keys ``tile_n`` at a time.
+
+    Defaults, from the H100 sweeps (benchmarks/results/prefill_attention_tuning.log): 128 x 128
+    tiles, 8 warps, 3 stages; fewer stages, then a smaller key tile, where the Q tile and the K/V
+    stages would not fit in shared memory (fp32, head_dim 256)."""
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name}={size}; the Triton kernel needs a power of two >= 16")
     tile_m = tile_m or block_m
-    tile_n = tile_n or min(block_n, 64 if head_dim > 64 else 128)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+
+    def fits(n_tile, stages):
+        return (tile_m + 2 * stages * n_tile) * block_d * element_size <= shared_memory
+
+    if not tile_n:
+        tile_n = min(block_n, 128)
+        while tile_n > 16 and not fits(tile_n, num_stages or 2):
+            tile_n //= 2
+    if not num_stages:
+        num_stages = next((st for st in (3, 2) if fits(tile_n, st)), 1)
     if block_m % tile_m or tile_m < 16:
         raise ValueError(f"block_m={block_m} must be a multiple of the query tile {tile_m} (>= 16)")
     if block_n % tile_n or tile_n < 16:
@@ -232,8 +249,14 @@ def launch_config(
         "BLOCK_N": tile_n,
         "SUB_N": block_n // tile_n,
         "num_warps": num_warps or (8 if big else 4),
-        "num_stages": num_stages or (2 if head_dim > 128 else 3),
+        "num_stages": num_stages,
     }
+
+
+def _shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory a program may use on this GPU (its opt-in limit)."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or _SHARED_MEMORY_BYTES
 
 
 def _tma_descriptor(t: torch.Tensor, block_n: int, block_d: int):
@@ -305,7 +328,8 @@ def sparse_attention_triton(
     key_ok = key_ok.contiguous() if key_ok is not None else None
     key_start = first_valid_key(key_ok, q.device)
     cols, col_count = (columns, column_count) if columns is not None else (full_blocks, full_count)  # unread
-    cfg = launch_config(d, block_m, block_n, tile_n, num_warps, num_stages, tile_m)
+    smem = _shared_memory_bytes(q.device) if q.is_cuda else _SHARED_MEMORY_BYTES
+    cfg = launch_config(d, block_m, block_n, tile_n, num_warps, num_stages, tile_m, q.element_size(), smem)
     block_d = max(16, triton.next_power_of_2(d))
     desc_k = desc_v = None
     if tma != 0:
