@@ -29,7 +29,9 @@ class SparseIndex(NamedTuple):
     full_count: torch.Tensor  # (B', H', nQB) int32
     part_blocks: torch.Tensor  # (B', H', nQB, L) int32
     part_count: torch.Tensor  # (B', H', nQB) int32
-    columns: torch.Tensor | None = None  # (B', H', nQB, C) int32 single keys, outside the listed blocks
+    # (B', H', nQB or 1, C) int32 single keys outside the row's listed blocks; entries >= Nk are
+    # skipped. With 1 row, every query block reads a prefix of one list (its count).
+    columns: torch.Tensor | None = None
     column_count: torch.Tensor | None = None  # (B', H', nQB) int32
 
 

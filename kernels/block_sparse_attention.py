@@ -278,18 +278,19 @@ def _tma_descriptor(t: torch.Tensor, block_n: int, block_d: int):
 
 
 def _check_index(full_blocks, full_count, part_blocks, part_count, columns, column_count, b, hq, n_qb, block_m):
-    def fits(lists, counts):
+    def fits(lists, counts, shared_rows=False):
         return (
             lists.dim() == 4
-            and lists.shape[2] == n_qb
+            and (lists.shape[2] == n_qb or (shared_rows and lists.shape[2] == 1))
             and lists.shape[1] in (1, hq)
             and lists.shape[0] in (1, b)
-            and counts.shape == lists.shape[:3]
+            and counts.shape[:2] == lists.shape[:2]
+            and counts.shape[2] == n_qb
         )
 
     ok = fits(full_blocks, full_count) and fits(part_blocks, part_count) and full_blocks.shape == part_blocks.shape
     if columns is not None:
-        ok = ok and column_count is not None and fits(columns, column_count)
+        ok = ok and column_count is not None and fits(columns, column_count, shared_rows=True)
     if not ok:
         shapes = [
             tuple(t.shape)
@@ -372,7 +373,7 @@ def sparse_attention_triton(
         _batch_stride(full_count, 1),
         _batch_stride(cols),
         _batch_stride(cols, 1),
-        cols.stride(2),
+        _batch_stride(cols, 2),
         _batch_stride(col_count),
         _batch_stride(col_count, 1),
         hq,
@@ -472,11 +473,37 @@ def _listed(blocks, count, n_k_blocks):
 
 def _listed_columns(columns, column_count, qbs, n_k):
     """Columns listed for the query blocks ``qbs``: (B', Hq, len(qbs), Nk) membership."""
-    cols, count = columns[:, :, qbs], column_count[:, :, qbs]
+    cols, count = columns[:, :, qbs.clamp_max(columns.shape[2] - 1)], column_count[:, :, qbs]
     slot = torch.arange(cols.shape[-1], device=cols.device)
     ids = torch.where(slot < count[..., None], cols.to(torch.int64).clamp(0, n_k), n_k)
     member = torch.zeros(*cols.shape[:-1], n_k + 1, dtype=torch.bool, device=cols.device)
     return member.scatter_(-1, ids, True)[..., :n_k]
+
+
+def index_pairs(
+    q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
+    head_sink, head_window, *, causal: bool, window: int, block_m: int, block_n: int,
+):  # fmt: skip
+    """The kept pairs of a sparse index, for query rows on demand: returns ``rows(r0, r1)`` ->
+    (B', Hq, r1 - r0, Nk) bool (never all Nq rows at once). Raises if a listed column lies inside
+    a listed block of its query block (the kernel would count it twice)."""
+    nk = k_pos.shape[-1]
+    n_kb = -(-nk // block_n)
+    listed = _listed(full_blocks, full_count, n_kb) | _listed(part_blocks, part_count, n_kb)
+    start = first_valid_key(key_ok, k_pos.device)
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        qbs = torch.arange(r0, r1, device=k_pos.device) // block_m
+        in_index = listed[:, :, qbs].repeat_interleave(block_n, dim=-1)[..., :nk]
+        keep = in_index & local_pairs(q_pos[:, r0:r1], k_pos, start, head_sink, head_window)
+        if columns is not None:
+            in_columns = _listed_columns(columns, column_count, qbs, nk)
+            if (in_columns & in_index).any():
+                raise ValueError("a listed column lies inside a listed block of the same query block")
+            keep = keep | in_columns
+        return keep & structure_pairs(q_pos[:, r0:r1], k_pos, key_ok, causal=causal, window=window)
+
+    return rows
 
 
 # fmt: off
@@ -493,9 +520,10 @@ def sparse_attention_reference(
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     groups = hq // hkv
-    n_kb = -(-nk // block_n)
-    listed = _listed(full_blocks, full_count, n_kb) | _listed(part_blocks, part_count, n_kb)
-    start = first_valid_key(key_ok, q.device)
+    kept_rows = index_pairs(
+        q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
+        head_sink, head_window, causal=causal, window=window, block_m=block_m, block_n=block_n,
+    )  # fmt: skip
     kf = k.float()[:, :, None]  # (B, Hkv, 1, Nk, D)
     vf = v.float()[:, :, None]
     out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
@@ -506,15 +534,7 @@ def sparse_attention_reference(
         s = (qc @ kf.transpose(-1, -2)).view(b, hq, r1 - r0, nk) * scale
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
-        qbs = torch.arange(r0, r1, device=q.device) // block_m
-        in_index = listed[:, :, qbs].repeat_interleave(block_n, dim=-1)[..., :nk]
-        keep = in_index & local_pairs(q_pos[:, r0:r1], k_pos, start, head_sink, head_window)
-        if columns is not None:
-            in_columns = _listed_columns(columns, column_count, qbs, nk)
-            if (in_columns & in_index).any():
-                raise ValueError("a listed column lies inside a listed block of the same query block")
-            keep = keep | in_columns
-        keep = keep & structure_pairs(q_pos[:, r0:r1], k_pos, key_ok, causal=causal, window=window)
+        keep = kept_rows(r0, r1)
         s = s.masked_fill(~keep, float("-inf"))
         row_max = s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
         p = torch.exp(s - row_max)

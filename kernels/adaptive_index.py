@@ -1,0 +1,321 @@
+"""Content-aware index builders: the pattern is estimated from Q and K inside the compiled graph.
+
+Notation as in ``block_index.py`` (B, Hq, Hkv, Nq, Nk, BM = BN = b, nQB, nKB). Queries are the last
+Nq of the Nk keys' positions (prefill: Nq = Nk; a chunk after cached keys: Nq < Nk), so query row i
+sits at key index i + s with s = Nk - Nq. Every builder picks, per (batch, query head):
+
+* key blocks, as a (B, Hq, nQB, nKB) bool selection; ``index_from_selection`` intersects it with the
+  structure (causal, window, padding) and splits it into full and part lists as the kernel reads them;
+* optionally single key columns outside the selected blocks.
+
+The patterns (each defined exactly here; the tests' dense references follow these words):
+
+vertical_slash (MInference): the last ``last_q`` query rows attend (softmax, fp32) to every key
+    they may see. Column score = attention summed over those rows; slash score of offset
+    o = q_index - k_index = the same summed along that diagonal. Keep the first ``sink`` keys
+    plus the top ``n_vertical`` other columns, and offsets below ``local`` plus the top
+    ``n_slash`` other offsets (only entries with a positive score count as top). A kept offset o
+    selects every block pair (i, j) whose full BM x BN extent (a partial last block counted
+    whole) holds a pair at that offset; kept columns not inside a selected block of query block
+    i are gathered as single columns.
+sample (SampleAttention): ``ceil(sample_ratio * Nq)`` evenly spaced query rows (the last one
+    included) attend to every key they may see; column score = attention summed over those rows.
+    Keep the fewest top-scoring columns whose score reaches ``alpha`` of the total (cumulative
+    residual attention), plus a local band: the blocks within ``ceil(window_ratio * Nk)`` keys of
+    the diagonal, whole blocks. Kept columns left of the band are gathered as single columns.
+block_topk (MoBA / Quest-style): mean-pooled queries of each query block score the mean-pooled
+    keys of each key block (``pool="minmax"``: Quest's upper bound sum_d max(q_d min_d, q_d max_d)
+    over the block's keys instead). Keep the diagonal blocks and the first block, plus the top
+    ``k`` other visible blocks, or (``coverage`` > 0) the fewest whose softmax mass over the visible
+    blocks reaches ``coverage``.
+
+Per-head budgets are tensors of one value per query head (graph constants). Memory: the selection
+is nQB x nKB bools per head (never Nq x Nk); score estimation is chunked to bound its size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .block_index import SparseIndex, _block_bounds, first_valid_key
+
+_SCORE_ELEMENTS = 1 << 25  # fp32 scores held at once while estimating (128 MiB)
+
+
+# ---- shared: structure, selection -> index --------------------------------------------------------
+
+
+def _structure(q_pos, k_pos, key_ok, *, causal: bool, window: int, block_m: int, block_n: int):
+    """(some, every): (B', 1, nQB, nKB) whether a block pair holds some / only pairs the structure keeps."""
+    n_qb, n_kb = -(-q_pos.shape[-1] // block_m), -(-k_pos.shape[-1] // block_n)
+    n_k = k_pos.shape[-1]
+    q_lo, q_hi = _block_bounds(q_pos, None, block_m, n_qb)
+    k_lo, k_hi = _block_bounds(k_pos, key_ok, block_n, n_kb)
+    q_lo, q_hi = q_lo[:, None, :, None], q_hi[:, None, :, None]
+    k_lo, k_hi = k_lo[:, None, None, :], k_hi[:, None, None, :]
+    key_idx = torch.arange(n_kb * block_n, device=k_pos.device)
+    exists = key_idx < n_k
+    if key_ok is not None:
+        exists = exists & key_ok[..., key_idx.clamp_max(n_k - 1)]
+    some, every = k_lo <= k_hi, exists.view(-1, n_kb, block_n).all(-1)[:, None, None, :]
+    if causal:
+        some, every = some & (k_lo <= q_hi), every & (k_hi <= q_lo)
+    if window > 0:
+        some, every = some & (q_lo - k_hi < window), every & (q_hi - k_lo < window)
+    return some, every
+
+
+def compact(keep: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids of the True entries along the last dim, ascending, first ``length`` slots; and their count.
+    A cumulative sum places each kept id (cheaper than a sort over nKB)."""
+    n = keep.shape[-1]
+    length = n if length is None else length
+    count = keep.sum(-1, dtype=torch.int32)
+    slot = torch.cumsum(keep, -1) - 1
+    slot = torch.where(keep & (slot < length), slot, length)  # the extra slot collects the rest
+    ids = torch.arange(n, device=keep.device, dtype=torch.int32).expand(keep.shape)
+    out = torch.zeros(*keep.shape[:-1], length + 1, dtype=torch.int32, device=keep.device)
+    return out.scatter_(-1, slot, ids)[..., :length].contiguous(), count
+
+
+def index_from_selection(selected, q_pos, k_pos, key_ok, *, causal, window, block_m, block_n, columns=None):
+    """The sparse index of the selected blocks that the structure keeps: full / part lists, plus the
+    given (columns, column_count) unchanged."""
+    some, every = _structure(q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n)
+    keep = selected & some
+    full_blocks, full_count = compact(keep & every)
+    part_blocks, part_count = compact(keep & ~every)
+    cols, col_count = columns if columns is not None else (None, None)
+    return SparseIndex(full_blocks, full_count, part_blocks, part_count, cols, col_count)
+
+
+def _check_blocks(block_m: int, block_n: int, name: str):
+    if block_m != block_n:
+        raise ValueError(f"{name} needs square blocks (offsets map to block diagonals); got {block_m} x {block_n}")
+
+
+def _per_head(values, hq: int) -> list:
+    """A budget given once or per query head (Python numbers: graph constants) as one per head."""
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if len(values) not in (1, hq):
+        raise ValueError(f"per-head budget has {len(values)} entries; Hq={hq}")
+    return values * hq if len(values) == 1 else values
+
+
+def _keep_top(scores: torch.Tensor, budget: list[int]) -> torch.Tensor:
+    """Bool mask of each head's ``budget[h]`` best entries of ``scores`` (B, Hq, N) with a positive
+    score (zero-score entries are never seen: picking among them would be arbitrary)."""
+    k = max(1, min(max(budget), scores.shape[-1]))
+    top = scores.topk(k, dim=-1)
+    per_head = torch.tensor(budget, device=scores.device)
+    rank_ok = (torch.arange(k, device=scores.device)[None, None, :] < per_head[None, :, None]) & (top.values > 0)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, rank_ok)
+
+
+def _row_attention(q_rows, k, row_pos, k_pos, key_ok, *, scale, causal, window):
+    """Softmax attention (fp32) of some query rows (B, Hq, R, D) over all keys: (B, Hq, R, Nk),
+    rows that see no key give zeros. GQA without copying K: query heads grouped per KV head."""
+    b, hq, r, d = q_rows.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    g = hq // hkv
+    s = q_rows.float().view(b, hkv, g, r, d) @ k.float()[:, :, None].transpose(-1, -2)
+    s = s.view(b, hq, r, n_k) * scale
+    allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=k.device)
+    qp, kp = row_pos[:, None, :, None], k_pos[:, None, None, :]
+    if causal:
+        allowed = allowed & (kp <= qp)
+    if window > 0:
+        allowed = allowed & (qp - kp < window)
+    if key_ok is not None:
+        allowed = allowed & key_ok[:, None, None, :]
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0), allowed
+
+
+def _row_chunks(n_rows: int, b: int, hq: int, n_k: int) -> int:
+    return max(1, min(n_rows, _SCORE_ELEMENTS // max(1, b * hq * n_k)))
+
+
+# ---- vertical-slash --------------------------------------------------------------------------------
+
+
+def vertical_slash_index(
+    q, k, q_pos, k_pos, key_ok, n_vertical, n_slash, *, last_q: int, sink: int, local: int, scale: float,
+    causal: bool, window: int, block_m: int, block_n: int,
+) -> SparseIndex:  # fmt: skip
+    """MInference's vertical-slash pattern (see the module notes); budgets per query head."""
+    _check_blocks(block_m, block_n, "vertical_slash")
+    if not causal:
+        raise ValueError("vertical_slash needs a causal site (slash offsets are q_index - k_index >= 0)")
+    b, hq, n_q, _ = q.shape
+    n_k, dev = k.shape[2], q.device
+    nv, ns = _per_head(n_vertical, hq), _per_head(n_slash, hq)
+    shift = n_k - n_q
+    rows = torch.arange(max(0, n_q - last_q), n_q, device=dev)
+    vertical = torch.zeros(b, hq, n_k, device=dev)
+    slash = torch.zeros(b, hq, n_k, device=dev)
+    step = _row_chunks(rows.numel(), b, hq, n_k)
+    for r0 in range(0, rows.numel(), step):
+        r = rows[r0 : r0 + step]
+        attn, _ = _row_attention(q[:, :, r], k, q_pos[:, r], k_pos, key_ok, scale=scale, causal=causal, window=window)
+        vertical += attn.sum(2)
+        offset = (r[:, None] + shift - torch.arange(n_k, device=dev)[None, :]).clamp(0, n_k - 1)
+        slash.scatter_add_(-1, offset.reshape(1, 1, -1).expand(b, hq, -1), attn.reshape(b, hq, -1))
+    key_idx = torch.arange(n_k, device=dev)
+    start = first_valid_key(key_ok, dev)[:, None, None]
+    sinks = (key_idx - start < sink) & (key_idx - start >= 0)
+    cols_kept = _keep_top(vertical.masked_fill(sinks, 0.0), nv) | sinks
+    offsets_kept = (_keep_top(slash.masked_fill(key_idx < local, 0.0), ns) | (key_idx < local)).to(torch.int8)
+    # Offset o meets block (i, j) where j - i is floor((s - o) / b) or floor((s - o + b - 1) / b).
+    n_qb, n_kb = -(-n_q // block_m), -(-n_k // block_n)
+    o = key_idx
+    rel_lo = torch.div(shift - o, block_n, rounding_mode="floor")
+    rel_hi = torch.div(shift - o + block_n - 1, block_n, rounding_mode="floor")
+    base = n_kb + 1  # rel = j - i lies in [-(n_kb + 1), n_kb + 1]
+    rel_set = torch.zeros(b, hq, 2 * base + 1, dtype=torch.int8, device=dev)
+    for rel in (rel_lo, rel_hi):
+        idx = (rel + base).expand(b, hq, n_k)
+        rel_set.scatter_reduce_(-1, idx, offsets_kept, reduce="amax")
+    rel_of = torch.arange(n_kb, device=dev)[None, :] - torch.arange(n_qb, device=dev)[:, None] + base
+    selected = rel_set[:, :, rel_of].bool()  # (B, Hq, nQB, nKB)
+    columns = _vertical_columns(cols_kept, max(nv) + sink, selected, n_k, shift, block_m, block_n)
+    return index_from_selection(
+        selected, q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n,
+        columns=columns,
+    )  # fmt: skip
+
+
+def _vertical_columns(cols_kept, most, selected, n_k, shift, block_m, block_n):
+    """Per query block, the kept columns it may see (ascending, a prefix) with those inside one of
+    its selected blocks replaced by Nk (skipped by the kernel): (B, Hq, nQB, ``most``)."""
+    b, hq = cols_kept.shape[:2]
+    width = max(1, most)
+    ids, _ = compact(cols_kept, width)  # ascending kept columns; tail slots hold 0
+    n_cols = cols_kept.sum(-1, keepdim=True)  # (B, Hq, 1)
+    slot = torch.arange(width, device=ids.device)
+    ids = torch.where(slot < n_cols, ids, n_k)
+    n_qb = selected.shape[2]
+    row_end = ((torch.arange(n_qb, device=ids.device) + 1) * block_m + shift).clamp_max(n_k)
+    count = torch.searchsorted(ids.to(torch.int64), row_end[None, None, :].expand(b, hq, n_qb).contiguous())
+    per_row = ids[:, :, None, :].expand(b, hq, n_qb, width)
+    blk = (per_row // block_n).clamp_max(selected.shape[-1] - 1).to(torch.int64)
+    inside = selected.gather(-1, blk) & (per_row < n_k)
+    per_row = torch.where(inside, n_k, per_row).to(torch.int32).contiguous()
+    return per_row, count.to(torch.int32)
+
+
+# ---- SampleAttention -------------------------------------------------------------------------------
+
+
+def sample_index(
+    q, k, q_pos, k_pos, key_ok, alpha, *, window_ratio: float, sample_ratio: float, scale: float,
+    causal: bool, window: int, block_m: int, block_n: int,
+) -> SparseIndex:  # fmt: skip
+    """SampleAttention's pattern (see the module notes); ``alpha`` per query head."""
+    _check_blocks(block_m, block_n, "sample")
+    b, hq, n_q, _ = q.shape
+    n_k, dev = k.shape[2], q.device
+    alphas = torch.as_tensor(alpha, dtype=torch.float32, device=dev).reshape(-1).expand(hq)
+    n_rows = max(1, min(n_q, math.ceil(sample_ratio * n_q)))
+    rows = torch.linspace(n_q - 1, 0, n_rows, device=dev).round().long().flip(0)  # last row included
+    score = torch.zeros(b, hq, n_k, device=dev)
+    step = _row_chunks(n_rows, b, hq, n_k)
+    for r0 in range(0, n_rows, step):
+        r = rows[r0 : r0 + step]
+        attn, _ = _row_attention(q[:, :, r], k, q_pos[:, r], k_pos, key_ok, scale=scale, causal=causal, window=window)
+        score += attn.sum(2)
+    # Fewest top columns reaching alpha of the total: sort descending, keep while the mass before
+    # a column is still short of alpha.
+    ordered, order = score.sort(-1, descending=True)
+    before = torch.cumsum(ordered, -1) - ordered
+    total = ordered.sum(-1, keepdim=True)
+    take = (before < alphas[None, :, None] * total) & (ordered > 0)
+    cols_kept = torch.zeros_like(take).scatter_(-1, order, take)
+    # Local band of whole blocks: rel = j - i from floor((s - w) / b) up to the diagonal.
+    shift = n_k - n_q
+    w = math.ceil(window_ratio * n_k)
+    n_qb, n_kb = -(-n_q // block_m), -(-n_k // block_n)
+    rel_lo = (shift - w) // block_n
+    rel_hi = (shift + block_m - 1) // block_n
+    rel = torch.arange(n_kb, device=dev)[None, :] - torch.arange(n_qb, device=dev)[:, None]
+    selected = ((rel >= rel_lo) & (rel <= rel_hi))[None, None].expand(b, hq, n_qb, n_kb)
+    # Columns left of each row's band: one ascending list per head, a prefix per query block.
+    width = max(1, n_k)
+    ids, n_cols = compact(cols_kept, width)
+    ids = torch.where(torch.arange(width, device=dev) < n_cols[..., None], ids, n_k)
+    band_start = ((torch.arange(n_qb, device=dev) + rel_lo) * block_n).clamp(0, n_k)
+    count = torch.searchsorted(ids.to(torch.int64), band_start[None, None, :].expand(b, hq, n_qb).contiguous())
+    columns = (ids[:, :, None, :].contiguous(), count.to(torch.int32))
+    return index_from_selection(
+        selected, q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n,
+        columns=columns,
+    )  # fmt: skip
+
+
+# ---- block top-k -----------------------------------------------------------------------------------
+
+
+def _pool_blocks(x: torch.Tensor, ok: torch.Tensor | None, block: int, how: str):
+    """Per block of ``block`` rows along dim 2 of x (B, H, N, D): mean over existing rows, or
+    (min, max) for ``how="minmax"``; rows past N and padded rows are left out."""
+    b, h, n, d = x.shape
+    n_blocks = -(-n // block)
+    exists = torch.arange(n_blocks * block, device=x.device) < n
+    exists = exists[None, :] if ok is None else exists[None, :] & torch.nn.functional.pad(ok, (0, n_blocks * block - n))
+    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, n_blocks * block - n)).view(b, h, n_blocks, block, d)
+    e = exists.view(-1, 1, n_blocks, block, 1)
+    if how == "minmax":
+        lo = xf.masked_fill(~e, float("inf")).amin(3)
+        hi = xf.masked_fill(~e, float("-inf")).amax(3)
+        return lo.nan_to_num(0.0, posinf=0.0, neginf=0.0), hi.nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    return (xf * e).sum(3) / e.sum(3).clamp_min(1)
+
+
+def block_topk_index(
+    q, k, q_pos, k_pos, key_ok, top_k, *, coverage: float, pool: str, scale: float, causal: bool, window: int,
+    block_m: int, block_n: int,
+) -> SparseIndex:  # fmt: skip
+    """Block top-k (see the module notes); ``top_k`` per query head (ignored when coverage > 0)."""
+    if pool not in ("mean", "minmax"):
+        raise ValueError(f"block_topk pool={pool!r}; supported: 'mean', 'minmax'")
+    b, hq, n_q, d = q.shape
+    hkv, n_k, dev = k.shape[1], k.shape[2], q.device
+    g = hq // hkv
+    kk = _per_head(top_k, hq)
+    some, _ = _structure(q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n)
+    some = some.expand(b, hq, *some.shape[2:])
+    n_qb, n_kb = some.shape[2], some.shape[3]
+    q_mean = _pool_blocks(q, None, block_m, "mean").view(b, hkv, g, n_qb, d)
+    if pool == "minmax":
+        # sum_d max(q_d lo_d, q_d hi_d) = relu(q) . hi + min(q, 0) . lo: two products, no (.., D) blow-up
+        k_lo, k_hi = _pool_blocks(k, key_ok, block_n, "minmax")
+        pos, neg = q_mean.clamp_min(0), q_mean.clamp_max(0)
+        score = pos @ k_hi[:, :, None].transpose(-1, -2) + neg @ k_lo[:, :, None].transpose(-1, -2)
+        score = score.view(b, hq, n_qb, n_kb)
+    else:
+        k_mean = _pool_blocks(k, key_ok, block_n, "mean")
+        score = (q_mean @ k_mean[:, :, None].transpose(-1, -2)).view(b, hq, n_qb, n_kb)
+    score = (score * scale).masked_fill(~some, float("-inf"))
+    # Forced: the first visible block and the diagonal blocks (holding keys at the query block's
+    # own indices i * BM + s onwards).
+    col = torch.arange(n_kb, device=dev)
+    first = torch.where(some, col, n_kb).amin(-1, keepdim=True)
+    diag_from = ((torch.arange(n_qb, device=dev) * block_m + (n_k - n_q)) // block_n)[:, None]
+    forced = some & ((col == first) | (col >= diag_from))
+    score = score.masked_fill(forced, float("-inf"))
+    if coverage > 0:
+        prob = torch.softmax(score, -1).nan_to_num(0.0)
+        ordered, order = prob.sort(-1, descending=True)
+        take = ((torch.cumsum(ordered, -1) - ordered) < coverage) & (ordered > 0)
+        chosen = torch.zeros_like(take).scatter_(-1, order, take)
+    else:
+        kmax = max(1, min(max(kk), n_kb))
+        top = score.topk(kmax, dim=-1)
+        per_head = torch.tensor(kk, device=dev)[None, :, None, None]
+        rank_ok = (torch.arange(kmax, device=dev)[None, None, None, :] < per_head) & torch.isfinite(top.values)
+        chosen = torch.zeros_like(some).scatter_(-1, top.indices, rank_ok)
+    selected = forced | (chosen & some)
+    return index_from_selection(
+        selected, q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n
+    )

@@ -1,0 +1,212 @@
+"""Adaptive index builders (vertical-slash, SampleAttention, block top-k) against straightforward
+dense references of the same definitions, the op end to end, and the recall metric."""
+
+import math
+
+import pytest
+import torch
+from attention_cases import golden, make_case
+
+from sparsecomp.kernels import index_positions, sparse_attention_reference
+from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index
+from sparsecomp.kernels.block_sparse_attention import index_pairs, sparse_attention_triton, structure_pairs
+from sparsecomp.recall import pattern_recall
+
+B, HQ, HKV, N, D, BLOCK = 2, 4, 2, 150, 16, 16
+SCALE = D**-0.5
+
+
+def inputs(pad=0, seed=0, n=N):
+    torch.manual_seed(seed)
+    q, k, v, key_ok = make_case(B, HQ, HKV, n, n, D, torch.float32, pad=pad)
+    return q * 2, k, v, key_ok, index_positions(q, 2), index_positions(k, 2)
+
+
+def dense_attention(q, k, allowed):
+    """Exact softmax attention (fp64) for every row: (B, Hq, Nq, Nk)."""
+    kr = k.double().repeat_interleave(HQ // HKV, 1)
+    s = (q.double() @ kr.transpose(-1, -2) * SCALE).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0)
+
+
+def top_positive(scores, budget):
+    """Per head, the ``budget[h]`` largest positive entries of (B, Hq, N): a bool mask."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for h, kk in enumerate(budget):
+        top = scores[:, h].topk(min(kk, scores.shape[-1]), -1)
+        keep[:, h].scatter_(-1, top.indices, top.values > 0)
+    return keep
+
+
+def blocks_to_pairs(block_sel, n_q, n_k):
+    return block_sel.repeat_interleave(BLOCK, -2)[..., :n_q, :].repeat_interleave(BLOCK, -1)[..., :n_k]
+
+
+def vertical_slash_reference(q, k, key_ok, q_pos, k_pos, nv, ns, last_q, sink, local):
+    n = q.shape[2]
+    allowed = structure_pairs(q_pos, k_pos, key_ok, causal=True, window=0)
+    attn = dense_attention(q, k, allowed)[:, :, n - last_q :]
+    vertical = attn.sum(2)
+    offset = torch.arange(n - last_q, n)[:, None] - torch.arange(n)[None, :]
+    slash = torch.stack([(attn * (offset == o)).sum((2, 3)) for o in range(n)], -1)
+    start = key_ok.long().argmax(-1)[:, None, None] if key_ok is not None else 0
+    sinks = ((torch.arange(n) - start < sink) & (torch.arange(n) >= start)).expand_as(vertical)
+    local_offsets = (torch.arange(n) < local).expand_as(slash)
+    cols = top_positive(vertical.masked_fill(sinks, 0), nv) | sinks
+    offs = top_positive(slash.masked_fill(local_offsets, 0), ns) | local_offsets
+    # a kept offset selects every block pair whose full BLOCK x BLOCK extent holds a pair (i, j)
+    # with i - j at that offset (the last, partial blocks counted whole)
+    n_b = -(-n // BLOCK)
+    grid = torch.arange(n_b * BLOCK)
+    pair_offset = grid[:, None] - grid[None, :]
+    on_slash = offs[:, :, pair_offset.clamp(0, n - 1)] & (pair_offset >= 0) & (pair_offset < n)
+    block_sel = on_slash.view(B, HQ, n_b, BLOCK, n_b, BLOCK).any(5).any(3)
+    return (blocks_to_pairs(block_sel, n, n) | cols[:, :, None, :]) & allowed
+
+
+def sample_reference(q, k, key_ok, q_pos, k_pos, alpha, window_ratio, sample_ratio):
+    n = q.shape[2]
+    allowed = structure_pairs(q_pos, k_pos, key_ok, causal=True, window=0)
+    n_rows = math.ceil(sample_ratio * n)
+    rows = torch.linspace(n - 1, 0, n_rows).round().long().flip(0)
+    score = dense_attention(q, k, allowed)[:, :, rows].sum(2)
+    cols = torch.zeros_like(score, dtype=torch.bool)
+    for bb in range(B):
+        for h in range(HQ):
+            total, acc = score[bb, h].sum(), 0.0
+            for j in score[bb, h].argsort(descending=True).tolist():
+                if acc >= alpha[h] * total or score[bb, h, j] <= 0:
+                    break
+                cols[bb, h, j], acc = True, acc + score[bb, h, j]
+    w = math.ceil(window_ratio * n)
+    qb, kb = torch.arange(n)[:, None] // BLOCK, torch.arange(n)[None, :] // BLOCK
+    band = (kb - qb >= math.floor(-w / BLOCK)) & (kb <= qb)
+    return (band | cols[:, :, None, :]) & allowed
+
+
+def block_topk_reference(q, k, key_ok, q_pos, k_pos, top_k):
+    n = q.shape[2]
+    n_b = -(-n // BLOCK)
+    allowed = structure_pairs(q_pos, k_pos, key_ok, causal=True, window=0).expand(B, 1, n, n)
+    ok = key_ok if key_ok is not None else torch.ones(B, n, dtype=torch.bool)
+    kr = k.repeat_interleave(HQ // HKV, 1)
+    sel = torch.zeros(B, HQ, n_b, n_b, dtype=torch.bool)
+    for bb in range(B):
+        for h in range(HQ):
+            for i in range(n_b):
+                qm = q[bb, h, i * BLOCK : (i + 1) * BLOCK].mean(0)
+                visible = [
+                    j
+                    for j in range(n_b)
+                    if allowed[bb, 0, i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK].any()
+                ]
+                if not visible:
+                    continue
+                forced = {visible[0]} | {j for j in visible if j >= i}
+                scores = {}
+                for j in set(visible) - forced:
+                    keys = kr[bb, h, j * BLOCK : (j + 1) * BLOCK][ok[bb, j * BLOCK : (j + 1) * BLOCK]]
+                    scores[j] = (qm @ keys.mean(0)).item()
+                best = sorted(scores, key=scores.get, reverse=True)[: top_k[h]]
+                for j in forced | set(best):
+                    sel[bb, h, i, j] = True
+    return blocks_to_pairs(sel, n, n) & allowed
+
+
+def index_keep(index, q_pos, k_pos, key_ok, n):
+    zeros = torch.zeros(HQ, dtype=torch.int32)
+    rows = index_pairs(
+        q_pos, k_pos, key_ok, *index[:4], index.columns, index.column_count, zeros, zeros,
+        causal=True, window=0, block_m=BLOCK, block_n=BLOCK,
+    )  # fmt: skip
+    return rows(0, n).expand(B, HQ, n, n)
+
+
+def build(pattern, q, k, key_ok, q_pos, k_pos):
+    common = dict(scale=SCALE, causal=True, window=0, block_m=BLOCK, block_n=BLOCK)
+    if pattern == "vertical_slash":
+        args = ([9, 3, 20, 1], [4, 30, 2, 8])
+        index = vertical_slash_index(q, k, q_pos, k_pos, key_ok, *args, last_q=20, sink=2, local=3, **common)
+        ref = vertical_slash_reference(q, k, key_ok, q_pos, k_pos, *args, last_q=20, sink=2, local=3)
+    elif pattern == "sample":
+        alpha = [0.5, 0.9, 0.95, 0.3]
+        index = sample_index(q, k, q_pos, k_pos, key_ok, alpha, window_ratio=0.1, sample_ratio=0.2, **common)
+        ref = sample_reference(q, k, key_ok, q_pos, k_pos, alpha, 0.1, 0.2)
+    else:
+        top_k = [1, 2, 0, 4]
+        index = block_topk_index(q, k, q_pos, k_pos, key_ok, top_k, coverage=0.0, pool="mean", **common)
+        ref = block_topk_reference(q, k, key_ok, q_pos, k_pos, top_k)
+    return index, ref
+
+
+PATTERNS = ["vertical_slash", "sample", "block_topk"]
+
+
+@pytest.mark.parametrize("pad", [0, 7])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_index_builder_matches_dense_reference(pattern, pad):
+    q, k, v, key_ok, q_pos, k_pos = inputs(pad=pad, seed=len(pattern) + pad)
+    index, ref = build(pattern, q, k, key_ok, q_pos, k_pos)
+    kept = index_keep(index, q_pos, k_pos, key_ok, N)
+    assert kept.any() and not kept.all()
+    assert torch.equal(kept, ref), (kept != ref).sum().item()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_op_on_an_adaptive_index_matches_golden(pattern):
+    """Reference op and Triton kernel (interpreter on CPU) equal fp64 attention on the reference mask."""
+    q, k, v, key_ok, q_pos, k_pos = inputs(pad=5, seed=11)
+    index, ref_mask = build(pattern, q, k, key_ok, q_pos, k_pos)
+    zeros = torch.zeros(HQ, dtype=torch.int32)
+    args = (q, k, v, q_pos, k_pos, key_ok, *index, zeros, zeros, SCALE, True, 0, 0.0, BLOCK, BLOCK)
+    expected = golden(q, k, v, ref_mask, SCALE).float()
+    torch.testing.assert_close(sparse_attention_reference(*args), expected, atol=2e-5, rtol=2e-5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    on = [t.to(dev) if isinstance(t, torch.Tensor) else t for t in args]
+    out = sparse_attention_triton(*on, out=torch.full_like(on[0], float("nan")))
+    torch.testing.assert_close(out.cpu(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_block_topk_coverage_and_minmax_bounds_keep_more_as_asked():
+    q, k, v, key_ok, q_pos, k_pos = inputs(seed=3)
+    common = dict(scale=SCALE, causal=True, window=0, block_m=BLOCK, block_n=BLOCK)
+    zeros = torch.zeros(HQ, dtype=torch.int32)
+    densities = []
+    for coverage in (0.3, 0.9):
+        index = block_topk_index(q, k, q_pos, k_pos, key_ok, 1, coverage=coverage, pool="minmax", **common)
+        r = pattern_recall(q, k, v, index, q_pos, k_pos, key_ok, zeros, zeros, causal=True, window=0,
+                           block_m=BLOCK, block_n=BLOCK, scale=SCALE)  # fmt: skip
+        densities.append(r.density.mean().item())
+    assert densities[0] < densities[1] < 1.0
+
+
+def test_recall_metric():
+    """Dense keeps everything (cra 1, no error); a pattern's cra equals the dense mass on its mask;
+    chunking does not change the numbers."""
+    import sparsecomp.recall as recall
+
+    q, k, v, key_ok, q_pos, k_pos = inputs(pad=4, seed=5)
+    zeros = torch.zeros(HQ, dtype=torch.int32)
+    common = dict(causal=True, window=0, block_m=BLOCK, block_n=BLOCK, scale=SCALE)
+    alpha = [0.5] * HQ
+    index = sample_index(q, k, q_pos, k_pos, key_ok, alpha, window_ratio=0.05, sample_ratio=0.1, **common)
+    r = pattern_recall(q, k, v, index, q_pos, k_pos, key_ok, zeros, zeros, **common)
+    mask = index_keep(index, q_pos, k_pos, key_ok, N)
+    allowed = structure_pairs(q_pos, k_pos, key_ok, causal=True, window=0)
+    p = dense_attention(q, k, allowed)
+    seen = allowed.any(-1).expand(B, HQ, N)
+    cra = ((p * mask).sum(-1) * seen).sum((0, 2)) / seen.sum((0, 2))
+    torch.testing.assert_close(r.cra.double(), cra, atol=1e-5, rtol=1e-5)
+    assert (r.density < 1).all() and (r.out_err > 0).all()
+    old = recall._CHUNK_ELEMENTS
+    recall._CHUNK_ELEMENTS = B * HQ * N * 7  # chunks of 7 rows
+    try:
+        r7 = pattern_recall(q, k, v, index, q_pos, k_pos, key_ok, zeros, zeros, **common)
+    finally:
+        recall._CHUNK_ELEMENTS = old
+    for a, b_ in ((r.cra, r7.cra), (r.density, r7.density), (r.out_err, r7.out_err)):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-4)
+    index = block_topk_index(q, k, q_pos, k_pos, key_ok, 100, coverage=0.0, pool="mean", **common)
+    full = pattern_recall(q, k, v, index, q_pos, k_pos, key_ok, zeros, zeros, **common)
+    torch.testing.assert_close(full.cra, torch.ones(HQ), atol=1e-5, rtol=0)
+    assert full.out_err.max() < 1e-5 and torch.equal(full.density, torch.ones(HQ))
