@@ -41,7 +41,7 @@ import torch
 
 from .block_index import SparseIndex, _block_bounds, first_valid_key
 
-_SCORE_ELEMENTS = 1 << 25  # fp32 scores held at once while estimating (128 MiB)
+_SCORE_ELEMENTS = 1 << 27  # fp32 scores held at once while estimating (512 MiB)
 
 
 # ---- shared: structure, selection -> index --------------------------------------------------------
@@ -73,11 +73,11 @@ def compact(keep: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor
     n = keep.shape[-1]
     length = n if length is None else length
     count = keep.sum(-1, dtype=torch.int32)
-    slot = torch.cumsum(keep, -1) - 1
+    slot = torch.cumsum(keep, -1, dtype=torch.int32) - 1
     slot = torch.where(keep & (slot < length), slot, length)  # the extra slot collects the rest
     ids = torch.arange(n, device=keep.device, dtype=torch.int32).expand(keep.shape)
     out = torch.zeros(*keep.shape[:-1], length + 1, dtype=torch.int32, device=keep.device)
-    return out.scatter_(-1, slot, ids)[..., :length].contiguous(), count
+    return out.scatter_(-1, slot.long(), ids)[..., :length].contiguous(), count
 
 
 def index_from_selection(selected, q_pos, k_pos, key_ok, *, causal, window, block_m, block_n, columns=None):
@@ -120,7 +120,8 @@ def _row_attention(q_rows, k, row_pos, k_pos, key_ok, *, scale, causal, window):
     b, hq, r, d = q_rows.shape
     hkv, n_k = k.shape[1], k.shape[2]
     g = hq // hkv
-    s = q_rows.float().view(b, hkv, g, r, d) @ k.float()[:, :, None].transpose(-1, -2)
+    # products in the inputs' dtype (fp32 accumulation), softmax in fp32: an estimate, no K copy
+    s = (q_rows.reshape(b, hkv, g, r, d) @ k[:, :, None].transpose(-1, -2)).float()
     s = s.view(b, hq, r, n_k) * scale
     allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=k.device)
     qp, kp = row_pos[:, None, :, None], k_pos[:, None, None, :]

@@ -1,0 +1,147 @@
+"""Adaptive prefill patterns on the GPU: index building + kernel vs SDPA (cuDNN).
+
+B=1, 32 query / 8 KV heads, head_dim 128, bf16. Random Q/K have no attention structure (every
+pattern would select everything or noise), so the inputs are synthetic but structured the way
+trained LMs are: queries and keys share a direction rotated by RoPE (attention decays with
+distance: a local band of slashes), plus a few heavy keys every query attends to (vertical
+stripes). Patterns: vertical-slash with MInference's default budget (1000 verticals, 6096 slashes,
+last 64 queries), SampleAttention (alpha 0.95), block top-k at ~10% of the causal blocks.
+Medians over >= 5 runs (benchmarks/harness.py); SDPA measured in the same run.
+
+    python benchmarks/prefill_patterns.py --lengths 32768 131072 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import environment, markdown_table, median_ms, write_results  # noqa: E402
+
+from sparsecomp.kernels import index_positions  # noqa: E402
+from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
+
+HQ, HKV, D, BLOCK = 32, 8, 128, 128
+SCALE = D**-0.5
+
+
+def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    n, d = x.shape[-2], x.shape[-1]
+    inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2).to(x.dtype)
+
+
+def structured_qkv(n: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    shared = randn(1, HKV, 1, D)
+    q = rope((3.0 * shared.repeat_interleave(HQ // HKV, 1) + randn(1, HQ, n, D)).to(torch.bfloat16))
+    k = 3.0 * shared + randn(1, HKV, n, D)
+    heavy = torch.randint(0, n, (64,), device="cuda", generator=gen)
+    k[:, :, heavy] += 4.0 * shared[:, :, 0, None]
+    k = rope(k.to(torch.bfloat16))
+    v = randn(1, HKV, n, D).to(torch.bfloat16)
+    return q, k, v
+
+
+def builders(n: int):
+    common = dict(scale=SCALE, causal=True, window=0, block_m=BLOCK, block_n=BLOCK)
+    n_qb = -(-n // BLOCK)
+    topk = max(1, round(0.1 * (n_qb + 1) / 2) - 2)  # ~10% of the causal blocks with the forced ones
+    return {
+        "vertical_slash": lambda q, k, p: vertical_slash_index(
+            q, k, p, p, None, 1000, 6096, last_q=64, sink=64, local=64, **common
+        ),
+        "sample": lambda q, k, p: sample_index(
+            q, k, p, p, None, 0.95, window_ratio=0.02, sample_ratio=min(0.05, 1024 / n), **common
+        ),
+        "block_topk": lambda q, k, p: block_topk_index(q, k, p, p, None, topk, coverage=0.0, pool="mean", **common),
+    }
+
+
+def computed_density(index, n: int) -> float:
+    causal_blocks = (-(-n // BLOCK)) * (-(-n // BLOCK) + 1) / 2
+    blocks = (index.full_count.sum() + index.part_count.sum()).item() / HQ
+    cols = 0.0
+    if index.columns is not None:
+        cols = index.column_count.sum().item() / HQ / BLOCK  # a tile of BLOCK columns costs a block
+    return (blocks + cols) / causal_blocks
+
+
+def sdpa_causal_ms(q, k, v) -> float:
+    k_rep, v_rep = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+    return median_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True), min_runs=5)
+
+
+def run_length(n: int, patterns: list[str]) -> list[dict]:
+    q, k, v = structured_qkv(n, seed=n)
+    pos = index_positions(q, 2)
+    zeros = torch.zeros(HQ, dtype=torch.int32, device="cuda")
+    sdpa_ms = sdpa_causal_ms(q, k, v)
+    rows = []
+    for name in patterns:
+        row = {"N": n, "pattern": name, "sdpa_ms": sdpa_ms}
+        try:
+            build = builders(n)[name]
+
+            def op(index):
+                return torch.ops.sparsecomp.sparse_attention(
+                    q, k, v, pos, pos, None, *index, zeros, zeros, SCALE, True, 0, 0.0, BLOCK, BLOCK
+                )
+
+            index = build(q, k, pos)
+            row["density"] = computed_density(index, n)
+            row["index_ms"] = median_ms(lambda build=build: build(q, k, pos), min_runs=5)
+            row["kernel_ms"] = median_ms(lambda index=index: op(index), min_runs=5)
+            row["total_ms"] = median_ms(lambda build=build: op(build(q, k, pos)), min_runs=5)
+            row["vs_sdpa"] = sdpa_ms / row["total_ms"]
+            row["index_share"] = row["index_ms"] / row["total_ms"]
+            del index
+        except Exception as e:  # one failure must not lose the others
+            row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+        print({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 524288])
+    p.add_argument("--patterns", nargs="+", default=["vertical_slash", "sample", "block_topk"])
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    columns = [
+        ("N", "N", ""),
+        ("pattern", "pattern", ""),
+        ("density", "computed density", ".3f"),
+        ("sdpa_ms", "SDPA cuDNN ms", ".2f"),
+        ("index_ms", "index ms", ".2f"),
+        ("kernel_ms", "kernel ms", ".2f"),
+        ("total_ms", "index+kernel ms", ".2f"),
+        ("vs_sdpa", "x SDPA", ".2f"),
+        ("index_share", "index share", ".2f"),
+        ("error", "error", ""),
+    ]
+    rows, env = [], environment()
+    for n in args.lengths:
+        rows += run_length(n, args.patterns)
+        write_results(Path(args.out), "prefill_patterns", env, rows, markdown_table(rows, columns))
+    print(markdown_table(rows, columns))
+
+
+if __name__ == "__main__":
+    main()
