@@ -40,6 +40,7 @@ import math
 import torch
 
 from .block_index import SparseIndex, _block_bounds, first_valid_key
+from .block_sparse_attention import structure_pairs
 
 _SCORE_ELEMENTS = 1 << 27  # fp32 scores held at once while estimating (512 MiB)
 
@@ -123,14 +124,7 @@ def _row_attention(q_rows, k, row_pos, k_pos, key_ok, *, scale, causal, window):
     # products in the inputs' dtype (fp32 accumulation), softmax in fp32: an estimate, no K copy
     s = (q_rows.reshape(b, hkv, g, r, d) @ k[:, :, None].transpose(-1, -2)).float()
     s = s.view(b, hq, r, n_k) * scale
-    allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=k.device)
-    qp, kp = row_pos[:, None, :, None], k_pos[:, None, None, :]
-    if causal:
-        allowed = allowed & (kp <= qp)
-    if window > 0:
-        allowed = allowed & (qp - kp < window)
-    if key_ok is not None:
-        allowed = allowed & key_ok[:, None, None, :]
+    allowed = structure_pairs(row_pos, k_pos, key_ok, causal=causal, window=window)
     return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0), allowed
 
 
