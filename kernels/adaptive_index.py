@@ -314,3 +314,44 @@ def block_topk_index(
     return index_from_selection(
         selected, q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n
     )
+
+
+# ---- several rules in one site ---------------------------------------------------------------------
+
+
+def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+
+def combine_head_indexes(parts: list, heads: list[tuple[int, ...]], hq: int) -> SparseIndex:
+    """One index for all ``hq`` query heads from per-rule indexes: ``parts[i]`` covers the query
+    heads ``heads[i]`` (its head dim is len(heads[i]), 1 when shared, or hq: built for every head,
+    the group's heads are taken). Lists are padded to the longest (counts unchanged); heads without
+    columns get none."""
+    parts = [SparseIndex(*p) for p in parts]  # graph nodes may hand over plain tuples
+    b = max(p.full_count.shape[0] for p in parts)
+    n_qb = parts[0].full_count.shape[2]
+    width = max(p.full_blocks.shape[-1] for p in parts)
+    with_cols = [p for p in parts if p.columns is not None]
+    n_cols = max((p.columns.shape[-1] for p in with_cols), default=0)
+    col_rows = 1 if all(p.columns.shape[2] == 1 for p in with_cols) else n_qb
+    dev = parts[0].full_count.device
+    lists = [torch.zeros(b, hq, n_qb, width, dtype=torch.int32, device=dev) for _ in range(2)]
+    counts = [torch.zeros(b, hq, n_qb, dtype=torch.int32, device=dev) for _ in range(3)]
+    columns = torch.full((b, hq, col_rows, max(1, n_cols)), 0, dtype=torch.int32, device=dev)
+    for part, head_ids in zip(parts, heads, strict=True):
+        h = torch.tensor(head_ids, device=dev)
+        n_h = len(head_ids)
+        if part.full_count.shape[1] == hq and n_h != hq:  # built for every head: take the group's
+            part = SparseIndex(*(t[:, h] if t is not None else None for t in part))
+        lists[0][:, h] = _pad_last(part.full_blocks, width).expand(b, n_h, n_qb, width)
+        lists[1][:, h] = _pad_last(part.part_blocks, width).expand(b, n_h, n_qb, width)
+        counts[0][:, h] = part.full_count.expand(b, n_h, n_qb)
+        counts[1][:, h] = part.part_count.expand(b, n_h, n_qb)
+        if part.columns is not None:
+            cols = _pad_last(part.columns, max(1, n_cols))
+            columns[:, h] = cols.expand(b, n_h, col_rows, cols.shape[-1])
+            counts[2][:, h] = part.column_count.expand(b, n_h, n_qb)
+    if not with_cols:
+        return SparseIndex(lists[0], counts[0], lists[1], counts[1])
+    return SparseIndex(lists[0], counts[0], lists[1], counts[1], columns, counts[2])

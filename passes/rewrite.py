@@ -13,6 +13,12 @@ import torch
 import torch.fx as fx
 
 from sparsecomp.kernels import block_index_bound, build_block_index, index_positions
+from sparsecomp.kernels.adaptive_index import (
+    block_topk_index,
+    combine_head_indexes,
+    sample_index,
+    vertical_slash_index,
+)
 
 from .match import default_scale
 from .site import AttentionSite, meta_val
@@ -45,6 +51,43 @@ def head_values(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=like.device)
 
 
+# Adaptive rule kinds: their index builder and the parameters that may differ per head (passed
+# positionally, one value per query head); the others are shared by the heads of a group.
+ADAPTIVE_BUILDERS = {
+    "vertical_slash": (vertical_slash_index, ("n_vertical", "n_slash")),
+    "sample": (sample_index, ("alpha",)),
+    "block_topk": (block_topk_index, ("k",)),
+}
+
+
+@dataclass(frozen=True)
+class AdaptiveGroup:
+    """Query heads of a site that share an adaptive rule kind and its shared parameters."""
+
+    kind: str
+    heads: tuple[int, ...]
+    shared: tuple[tuple[str, object], ...]  # (name, value) of the shared parameters
+    per_head: tuple[tuple[str, tuple], ...]  # (name, one value per head of ``heads``)
+
+
+def _adaptive_index(graph, site: AttentionSite, group: AdaptiveGroup, q_pos, k_pos, key_ok, options) -> fx.Node:
+    """The builder over all query heads (its estimate needs whole KV groups); the group's heads are
+    taken from it when heads are combined. Heads outside the group borrow the first one's budget."""
+    builder, per_head_names = ADAPTIVE_BUILDERS[group.kind]
+    hq = site.shape["q_heads"]
+    values = dict(group.per_head)
+    per_head = []
+    for name in per_head_names:
+        by_head = dict(zip(group.heads, values[name], strict=True))
+        per_head.append([by_head.get(h, values[name][0]) for h in range(hq)])
+    s = site.structure
+    kwargs = dict(group.shared) | dict(
+        scale=float(default_scale(site)), causal=s.causal, window=s.window,
+        block_m=options.block_m, block_n=options.block_n,
+    )  # fmt: skip
+    return graph.call_function(builder, (site.q, site.k, q_pos, k_pos, key_ok, *per_head), kwargs)
+
+
 def rewrite_site(
     gm: fx.GraphModule,
     site: AttentionSite,
@@ -52,9 +95,12 @@ def rewrite_site(
     head_window: list[int],
     options: KernelOptions,
     shared: dict,
+    adaptive: tuple[AdaptiveGroup, ...] = (),
 ) -> fx.Node:
     """Replace the site's output with the sparse op. ``shared`` caches index nodes across sites
-    that have the same structure and rules (every layer of a model usually does)."""
+    that have the same structure and static rules (every layer of a model usually does); heads with
+    adaptive rules get their index from this site's own Q and K (``adaptive``), combined with the
+    static heads' index."""
     graph, s = gm.graph, site.structure
     lengths = str((site.shape["q_len"], site.shape["kv_len"]))  # sizes may be SymInts: compare their text
     key = (
@@ -103,6 +149,17 @@ def rewrite_site(
             parts = [graph.call_function(operator.getitem, (index, i)) for i in range(6)]
             shared[key] = (q_pos, k_pos, key_ok, sink, window, parts)
         q_pos, k_pos, key_ok, sink, window, parts = shared[key]
+        if adaptive:
+            hq = site.shape["q_heads"]
+            taken = {h for g in adaptive for h in g.heads}
+            static_heads = tuple(h for h in range(hq) if h not in taken)
+            pieces = [_adaptive_index(graph, site, g, q_pos, k_pos, key_ok, options) for g in adaptive]
+            heads = [g.heads for g in adaptive]
+            if static_heads:
+                pieces.append(tuple(parts))
+                heads.append(static_heads)
+            index = graph.call_function(combine_head_indexes, (pieces, heads, hq))
+            parts = [graph.call_function(operator.getitem, (index, i)) for i in range(6)]
         out = graph.call_function(
             torch.ops.sparsecomp.sparse_attention.default,
             (

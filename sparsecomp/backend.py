@@ -11,7 +11,7 @@ import torch.fx as fx
 from sparsecomp.kernels import SUPPORTED_DTYPES, check_head_dim
 from sparsecomp.passes.mask import MaskInterpreter, MaskStructure, canonicalize_mask
 from sparsecomp.passes.match import find_sites
-from sparsecomp.passes.rewrite import KernelOptions, rewrite_site
+from sparsecomp.passes.rewrite import ADAPTIVE_BUILDERS, AdaptiveGroup, KernelOptions, rewrite_site
 from sparsecomp.passes.site import AttentionSite, meta_val
 
 from .plan import Plan, Rule
@@ -75,18 +75,43 @@ def _structure(site: AttentionSite, interp: MaskInterpreter) -> MaskStructure | 
     return canonicalize_mask(interp, site.mask, n_q, n_k)
 
 
-def _head_rules(site: AttentionSite, plan: Plan) -> tuple[list[Rule], list[str]]:
+def _head_rules(site: AttentionSite, plan: Plan, options: KernelOptions) -> tuple[list[Rule], list[str]]:
     sh = site.shape
     rules = plan.rules_for(site.name, sh["q_heads"], sh["kv_heads"])
     notes = []
     if not site.structure.causal and any(r.kind != "dense" for r in rules):
         rules = [Rule() for _ in rules]
-        notes.append("streaming needs a causal site: dense")
+        notes.append("sparse rules need a causal site: dense")
+    square = options.block_m == options.block_n
+    if not square and any(r.kind in ("vertical_slash", "sample") for r in rules):
+        rules = [Rule() if r.kind in ("vertical_slash", "sample") else r for r in rules]
+        notes.append("vertical_slash / sample need block_m == block_n: those heads dense")
     return rules, notes
+
+
+def adaptive_groups(rules: list[Rule]) -> tuple[AdaptiveGroup, ...]:
+    """Heads with adaptive rules, grouped by kind and shared parameters (one index builder each)."""
+    groups: dict[tuple, list[tuple[int, Rule]]] = {}
+    for h, rule in enumerate(rules):
+        if rule.adaptive:
+            per_head = ADAPTIVE_BUILDERS[rule.kind][1]
+            shared = tuple((k, v) for k, v in rule.params if k not in per_head)
+            groups.setdefault((rule.kind, shared), []).append((h, rule))
+    return tuple(
+        AdaptiveGroup(
+            kind=kind,
+            heads=tuple(h for h, _ in members),
+            shared=shared,
+            per_head=tuple((name, tuple(getattr(r, name) for _, r in members)) for name in ADAPTIVE_BUILDERS[kind][1]),
+        )
+        for (kind, shared), members in groups.items()
+    )
 
 
 def _density(site: AttentionSite, rules: list[Rule]) -> float | None:
     n = site.shape["kv_len"]
+    if any(r.adaptive for r in rules):
+        return None  # known only per input: the recall metric measures it
     if not site.structure.causal or not isinstance(n, int) or site.shape["q_len"] != n:
         return None
     per_head = [1.0 if r.kind == "dense" else streaming_density(n, r.sink, r.window) for r in rules]
@@ -133,9 +158,10 @@ def rewrite_graph(gm: fx.GraphModule, options: BackendOptions) -> list[SiteRepor
         if site.fallback is not None:
             counters["kept"] += 1
             continue
-        rules, notes = _head_rules(site, options.plan)
+        rules, notes = _head_rules(site, options.plan, options.kernel_options)
         sink, window = zip(*(r.head_params() for r in rules), strict=True)
-        out = rewrite_site(gm, site, list(sink), list(window), options.kernel_options, shared)
+        adaptive = adaptive_groups(rules)
+        out = rewrite_site(gm, site, list(sink), list(window), options.kernel_options, shared, adaptive)
         out.meta["sparsecomp_site"] = site.name
         counters["rewritten"] += 1
         counters["gqa_folded"] += site.gqa_folded

@@ -1,49 +1,121 @@
 """Plan: which rule each attention site and head gets. Plain data, JSON on disk, versioned.
 
-A rule is ``dense`` or ``streaming(sink, window)`` (StreamingLLM / A-shape: the first ``sink`` keys
-plus the last ``window`` keys of each query). A site's entry is one rule for all heads, or a list
-with one rule per query head or per KV group. Sites the plan does not name get ``default``.
+A rule is a kind and its parameters (defaults below):
+    dense
+    streaming(sink, window)            StreamingLLM / A-shape: the first ``sink`` keys plus the last
+                                       ``window`` keys of each query (window > 0)
+    vertical_slash(n_vertical, n_slash, last_q, sink, local)     MInference, estimated per input
+    sample(alpha, window_ratio, sample_ratio)                     SampleAttention, per input
+    block_topk(k, coverage, pool)      MoBA / Quest-style prefill block selection, per input
+(the adaptive kinds are defined in ``sparsecomp.kernels.adaptive_index``). A site's entry is one
+rule for all heads, or a list with one rule per query head or per KV group. Sites the plan does
+not name get ``default``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA_VERSION = 1
-RULE_KINDS = ("dense", "streaming")
+RULE_PARAMS: dict[str, dict[str, object]] = {
+    "dense": {},
+    "streaming": {"sink": 0, "window": 0},
+    "vertical_slash": {"n_vertical": 1000, "n_slash": 6096, "last_q": 64, "sink": 64, "local": 64},
+    "sample": {"alpha": 0.95, "window_ratio": 0.02, "sample_ratio": 0.02},
+    "block_topk": {"k": 16, "coverage": 0.0, "pool": "mean"},
+}
+RULE_KINDS = tuple(RULE_PARAMS)
+ADAPTIVE_KINDS = ("vertical_slash", "sample", "block_topk")
 
 
-@dataclass(frozen=True)
+def _check_rule(kind: str, p: dict) -> str | None:
+    """Why these parameters are invalid, or None."""
+    if kind == "streaming" and (p["window"] <= 0 or p["sink"] < 0):
+        return "streaming needs window > 0 and sink >= 0"
+    if kind == "vertical_slash" and (min(p["n_vertical"], p["n_slash"], p["sink"], p["local"]) < 0 or p["last_q"] < 1):
+        return "vertical_slash needs budgets >= 0 and last_q >= 1"
+    if kind == "sample" and not (0 < p["alpha"] <= 1 and 0 <= p["window_ratio"] <= 1 and 0 < p["sample_ratio"] <= 1):
+        return "sample needs 0 < alpha <= 1, 0 <= window_ratio <= 1, 0 < sample_ratio <= 1"
+    if kind == "block_topk" and (p["k"] < 0 or not 0 <= p["coverage"] <= 1 or p["pool"] not in ("mean", "minmax")):
+        return "block_topk needs k >= 0, 0 <= coverage <= 1, pool 'mean' or 'minmax'"
+    if kind == "block_topk" and p["k"] == 0 and p["coverage"] == 0:
+        return "block_topk needs k > 0 or coverage > 0"
+    return None
+
+
 class Rule:
-    kind: str = "dense"
-    sink: int = 0
-    window: int = 0
+    """A rule kind and all of its parameters (given positionally in the order of RULE_PARAMS, or by
+    name; the rest take their defaults). Immutable and hashable; ``rule.sink`` reads a parameter."""
 
-    def __post_init__(self):
-        if self.kind not in RULE_KINDS:
-            raise ValueError(f"unknown rule kind {self.kind!r}; known: {RULE_KINDS}")
-        if self.kind == "streaming" and (self.window <= 0 or self.sink < 0):
-            raise ValueError(f"streaming needs window > 0 and sink >= 0; got sink={self.sink}, window={self.window}")
+    __slots__ = ("kind", "params")
+
+    def __init__(self, kind: str = "dense", *args, **params):
+        if kind not in RULE_PARAMS:
+            raise ValueError(f"unknown rule kind {kind!r}; known: {RULE_KINDS}")
+        schema = RULE_PARAMS[kind]
+        if len(args) > len(schema):
+            raise ValueError(f"{kind} takes at most {len(schema)} parameters {tuple(schema)}; got {args}")
+        given = dict(zip(schema, args, strict=False))
+        if unknown := set(params) - set(schema):
+            raise ValueError(f"unknown parameter(s) {sorted(unknown)} for {kind}; known: {tuple(schema)}")
+        given.update(params)
+        values = {name: type(default)(given.get(name, default)) for name, default in schema.items()}
+        if (reason := _check_rule(kind, values)) is not None:
+            raise ValueError(f"{reason}; got {values}")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "params", tuple(values.items()))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Rule is immutable")
+
+    def __getattr__(self, name):
+        for key, value in object.__getattribute__(self, "params"):
+            if key == name:
+                return value
+        raise AttributeError(f"{self.kind} has no parameter {name!r}")
+
+    def __eq__(self, other):
+        return isinstance(other, Rule) and (self.kind, self.params) == (other.kind, other.params)
+
+    def __hash__(self):
+        return hash((self.kind, self.params))
+
+    def __repr__(self):
+        return f"Rule({self})"
 
     @classmethod
     def parse(cls, text: str) -> Rule:
-        """``dense`` or ``streaming:sink=64,window=1024``."""
+        """``dense``, ``streaming:sink=64,window=1024``, ``vertical_slash:n_vertical=500``, ..."""
         kind, _, params = text.strip().partition(":")
+        kind = kind.strip()
         values = {}
         for item in filter(None, params.split(",")):
             key, _, value = item.partition("=")
-            if key.strip() not in ("sink", "window"):
-                raise ValueError(f"unknown parameter {key!r} in rule {text!r}; known: sink, window")
-            values[key.strip()] = int(value)
-        return cls(kind.strip(), **values)
+            key = key.strip()
+            if key not in RULE_PARAMS.get(kind, {}):
+                known = tuple(RULE_PARAMS.get(kind, {}))
+                raise ValueError(f"unknown parameter {key!r} in rule {text!r}; known: {known}")
+            values[key] = value.strip()
+        return cls(kind, **values)
 
     def __str__(self) -> str:
-        return "dense" if self.kind == "dense" else f"streaming(sink={self.sink}, window={self.window})"
+        if self.kind == "dense":
+            return "dense"
+        return f"{self.kind}(" + ", ".join(f"{k}={v}" for k, v in self.params) + ")"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **dict(self.params)}
+
+    @property
+    def adaptive(self) -> bool:
+        """Estimated from each input (Q, K) inside the graph, not fixed by positions alone."""
+        return self.kind in ADAPTIVE_KINDS
 
     def head_params(self) -> tuple[int, int]:
-        """(sink, window) as the kernels read them; window <= 0 means unlimited."""
+        """(sink, window) of the kernel's per-head local rule; window <= 0 means unlimited.
+        Adaptive rules select whole blocks and columns, so their local rule is (0, 0)."""
         return (self.sink, self.window) if self.kind == "streaming" else (0, 0)
 
 
@@ -95,7 +167,7 @@ class Plan:
 
     def to_json(self) -> dict:
         def rule(r):
-            return asdict(r)
+            return r.to_json()
 
         return {
             "version": self.version,
