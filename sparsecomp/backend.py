@@ -82,6 +82,9 @@ def _head_rules(site: AttentionSite, plan: Plan, options: KernelOptions) -> tupl
     if not site.structure.causal and any(r.kind != "dense" for r in rules):
         rules = [Rule() for _ in rules]
         notes.append("sparse rules need a causal site: dense")
+    if not site.structure.positions_are_indices and any(r.adaptive for r in rules):
+        rules = [Rule() if r.adaptive else r for r in rules]
+        notes.append("adaptive rules need positions that are token indices: those heads dense")
     square = options.block_m == options.block_n
     if not square and any(r.kind in ("vertical_slash", "sample") for r in rules):
         rules = [Rule() if r.kind in ("vertical_slash", "sample") else r for r in rules]
