@@ -62,7 +62,13 @@ class InspectReport:
 
     @property
     def sites(self) -> list[SiteReport]:
-        return self.graphs[-1].sites if self.graphs else []
+        """Every site of every graph (a model split by graph breaks compiles into several), in the
+        order first seen; a site compiled again (a recompile for new shapes) shows its latest."""
+        latest: dict[str, SiteReport] = {}
+        for graph in self.graphs:
+            for site in graph.sites:
+                latest[site.name] = site
+        return list(latest.values())
 
     def site(self, name: str) -> SiteReport:
         for s in self.sites:

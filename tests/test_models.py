@@ -243,3 +243,28 @@ def test_plan_for_another_model_is_refused():
     plan = sparsecomp.Plan(fingerprint={"architecture": "LlamaForCausalLM", "num_layers": 30})
     with pytest.raises(ValueError, match="another model"):
         sparsecomp.compile(model, plan)
+
+
+class TwoAttentionsWithAGraphBreak(torch.nn.Module):
+    """Seen on torch 2.11 with T5: graph breaks split a model into several graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Attn(), Attn()
+
+    def forward(self, x):
+        y = self.first(x).transpose(1, 2).reshape(x.shape)
+        torch._dynamo.graph_break()
+        return self.second(y)
+
+
+def test_report_shows_the_sites_of_every_graph():
+    x = torch.randn(2, 24, 48)
+    compiled, _ = compile_with(TwoAttentionsWithAGraphBreak(), "streaming:sink=1,window=4")
+    with torch.no_grad():
+        compiled(x)
+        compiled(torch.randn(2, 24, 48))  # no recompile: the sites are not listed twice
+    report = sparsecomp.inspect(compiled)
+    assert len(report.graphs) == 2
+    assert [s.name for s in report.sites] == ["first", "second"]
+    assert all(s.became == "sparse_attention" for s in report.sites)
