@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .block_index import SparseIndex, _block_bounds, compact, first_valid_key
+from .block_index import SparseIndex, _block_bounds, first_valid_key
 from .block_sparse_attention import structure_pairs
 
 _SCORE_ELEMENTS = 1 << 27  # fp32 scores held at once while estimating (512 MiB)
@@ -66,6 +66,19 @@ def _structure(q_pos, k_pos, key_ok, *, causal: bool, window: int, block_m: int,
     if window > 0:
         some, every = some & (q_lo - k_hi < window), every & (q_hi - k_lo < window)
     return some, every
+
+
+def compact(keep: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids of the True entries along the last dim, ascending, first ``length`` slots; and their count.
+    A cumulative sum places each kept id (cheaper than a sort over nKB)."""
+    n = keep.shape[-1]
+    length = n if length is None else length
+    count = keep.sum(-1, dtype=torch.int32)
+    slot = torch.cumsum(keep, -1, dtype=torch.int32) - 1
+    slot = torch.where(keep & (slot < length), slot, length)  # the extra slot collects the rest
+    ids = torch.arange(n, device=keep.device, dtype=torch.int32).expand(keep.shape)
+    out = torch.zeros(*keep.shape[:-1], length + 1, dtype=torch.int32, device=keep.device)
+    return out.scatter_(-1, slot.long(), ids)[..., :length].contiguous(), count
 
 
 def index_from_selection(selected, q_pos, k_pos, key_ok, *, causal, window, block_m, block_n, columns=None):

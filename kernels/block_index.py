@@ -97,17 +97,11 @@ def _block_bounds(pos: torch.Tensor, valid: torch.Tensor | None, block: int, n_b
     return lo, hi
 
 
-def compact(keep: torch.Tensor, length=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids of the True entries along the last dim, ascending, in the first ``length`` slots (the
-    rest hold 0); and their count. A cumulative sum places each kept id (cheaper than a sort)."""
-    n = keep.shape[-1]
-    length = n if length is None else length
+def _compact(keep: torch.Tensor, length) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept block ids first, in ascending order, cut to ``length``; and their count."""
     count = keep.sum(-1, dtype=torch.int32)
-    slot = torch.cumsum(keep, -1, dtype=torch.int32) - 1
-    slot = torch.where(keep & (slot < length), slot, length)  # the extra slot collects the rest
-    ids = torch.arange(n, device=keep.device, dtype=torch.int32).expand(keep.shape)
-    out = torch.zeros(*keep.shape[:-1], length + 1, dtype=torch.int32, device=keep.device)
-    return out.scatter_(-1, slot.long(), ids)[..., :length].contiguous(), count
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    return order[..., :length].to(torch.int32).contiguous(), count
 
 
 def build_block_index(
@@ -158,6 +152,6 @@ def build_block_index(
     length = n_kb if max_blocks is None else torch.sym_min(n_kb, max_blocks)
     keep = some & local_some
     full = keep & every & local_every
-    full_blocks, full_count = compact(full, length)
-    part_blocks, part_count = compact(keep & ~full, length)
+    full_blocks, full_count = _compact(full, length)
+    part_blocks, part_count = _compact(keep & ~full, length)
     return SparseIndex(full_blocks, full_count, part_blocks, part_count)
