@@ -253,18 +253,25 @@ def sample_index(
 
 def _pool_blocks(x: torch.Tensor, ok: torch.Tensor | None, block: int, how: str):
     """Per block of ``block`` rows along dim 2 of x (B, H, N, D): mean over existing rows, or
-    (min, max) for ``how="minmax"``; rows past N and padded rows are left out."""
+    (min, max) for ``how="minmax"``; rows past N and padded rows are left out. The mean reads x
+    once in its own dtype (fp32 sums): no fp32 copy of Q or K."""
     b, h, n, d = x.shape
     n_blocks = -(-n // block)
+    tail = n_blocks * block - n
     exists = torch.arange(n_blocks * block, device=x.device) < n
-    exists = exists[None, :] if ok is None else exists[None, :] & torch.nn.functional.pad(ok, (0, n_blocks * block - n))
-    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, n_blocks * block - n)).view(b, h, n_blocks, block, d)
-    e = exists.view(-1, 1, n_blocks, block, 1)
+    exists = exists[None, :] if ok is None else exists[None, :] & torch.nn.functional.pad(ok, (0, tail))
+    xb = (torch.nn.functional.pad(x, (0, 0, 0, tail)) if tail else x).view(b, h, n_blocks, block, d)
+    e = exists.view(-1, 1, n_blocks, block)
     if how == "minmax":
-        lo = xf.masked_fill(~e, float("inf")).amin(3)
-        hi = xf.masked_fill(~e, float("-inf")).amax(3)
+        e5 = e[..., None]
+        lo = xb.float().masked_fill(~e5, float("inf")).amin(3)
+        hi = xb.float().masked_fill(~e5, float("-inf")).amax(3)
         return lo.nan_to_num(0.0, posinf=0.0, neginf=0.0), hi.nan_to_num(0.0, posinf=0.0, neginf=0.0)
-    return (xf * e).sum(3) / e.sum(3).clamp_min(1)
+    if ok is None and not tail:
+        sums = xb.sum(3, dtype=torch.float32)
+    else:  # weighted by existence: one (1 x block) @ (block x D) product per block
+        sums = (e.to(x.dtype)[..., None, :] @ xb).squeeze(-2).float()
+    return sums / e.sum(-1, keepdim=True).clamp_min(1)
 
 
 def block_topk_index(
