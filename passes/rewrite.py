@@ -103,6 +103,11 @@ def rewrite_site(
     static heads' index."""
     graph, s = gm.graph, site.structure
     lengths = str((site.shape["q_len"], site.shape["kv_len"]))  # sizes may be SymInts: compare their text
+    taken = {h for g in adaptive for h in g.heads}
+    static_heads = tuple(h for h in range(len(head_sink)) if h not in taken)
+    # The static index only serves the static heads: its sharing and list bound follow their rules.
+    static_sink = [head_sink[h] for h in static_heads or (0,)]
+    static_window = [head_window[h] for h in static_heads or (0,)]
     key = (
         lengths,
         s.q_source,
@@ -113,6 +118,7 @@ def rewrite_site(
         s.window,
         tuple(head_sink),
         tuple(head_window),
+        static_heads,
         options,
     )
     with graph.inserting_before(site.output):
@@ -123,12 +129,12 @@ def rewrite_site(
             sink = graph.call_function(head_values, (tuple(head_sink), site.q))
             window = graph.call_function(head_values, (tuple(head_window), site.q))
             # Heads with one shared rule share one index (head dimension 1, read with stride 0).
-            uniform = len(set(zip(head_sink, head_window, strict=True))) == 1
-            index_sink = graph.call_function(head_values, (tuple(head_sink[:1]), site.q)) if uniform else sink
-            index_window = graph.call_function(head_values, (tuple(head_window[:1]), site.q)) if uniform else window
+            uniform = len(set(zip(static_sink, static_window, strict=True))) == 1
+            index_sink = graph.call_function(head_values, (tuple(static_sink[:1]), site.q)) if uniform else sink
+            index_window = graph.call_function(head_values, (tuple(static_window[:1]), site.q)) if uniform else window
             bound = block_index_bound(
-                head_sink,
-                head_window,
+                static_sink,
+                static_window,
                 causal=s.causal,
                 window=s.window,
                 block_m=options.block_m,
@@ -151,8 +157,6 @@ def rewrite_site(
         q_pos, k_pos, key_ok, sink, window, parts = shared[key]
         if adaptive:
             hq = site.shape["q_heads"]
-            taken = {h for g in adaptive for h in g.heads}
-            static_heads = tuple(h for h in range(hq) if h not in taken)
             pieces = [_adaptive_index(graph, site, g, q_pos, k_pos, key_ok, options) for g in adaptive]
             heads = [g.heads for g in adaptive]
             if static_heads:
