@@ -106,6 +106,32 @@ def _softmax_step(
 
 
 @triton.jit
+def _attend_block(
+    acc, m_i, l_i, q, q_pos, kb, tile, n_k, K, V, DescK, DescV, KPos, KeyOk, b, kvh,
+    k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    scale2, softcap, window, sink_h, win_h, key_start,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
+    USE_TMA: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KEY_OK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The listed key block ``kb``, SUB_N key tiles of BLOCK_N. Full blocks (MASKED False) lie inside
+    the tensor and keep every pair; part blocks get the structure mask and the head's local rule."""
+    for sub in tl.static_range(SUB_N):
+        n0 = (kb * SUB_N + sub) * BLOCK_N
+        offs_n = n0 + tile
+        in_k = offs_n < n_k
+        k = _kv_tile(K, DescK, k_base, offs_n, in_k, stride_kn, stride_kd, b, kvh, n0,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, not MASKED)
+        v = _kv_tile(V, DescV, v_base, offs_n, in_k, stride_vn, stride_vd, b, kvh, n0,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, not MASKED)
+        acc, m_i, l_i = _softmax_step(
+            acc, m_i, l_i, q, k, v, q_pos, offs_n, in_k, KPos, KeyOk, kpos_base, keyok_base,
+            scale2, softcap, window, sink_h, win_h, key_start,
+            MASKED, MASKED, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _sparse_attention_fwd(
     Q, K, V, DescK, DescV, Out, QPos, KPos, KeyOk, KeyStart, FullBlocks, FullCount, PartBlocks, PartCount,
     Columns, ColumnCount, HeadSink, HeadWindow,
@@ -156,32 +182,20 @@ def _sparse_attention_fwd(
     n_full = tl.load(FullCount + count_at)
     for t in range(0, n_full):
         kb = tl.load(FullBlocks + list_base + t)
-        for sub in tl.static_range(SUB_N):
-            n0 = (kb * SUB_N + sub) * BLOCK_N
-            offs_n = n0 + tile
-            k = _kv_tile(K, DescK, k_base, offs_n, offs_n < n_k, stride_kn, stride_kd, b, kvh, n0,
-                         HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, True)
-            v = _kv_tile(V, DescV, v_base, offs_n, offs_n < n_k, stride_vn, stride_vd, b, kvh, n0,
-                         HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, True)
-            acc, m_i, l_i = _softmax_step(
-                acc, m_i, l_i, q, k, v, q_pos, offs_n, offs_n < n_k, KPos, KeyOk, kpos_base, keyok_base,
-                scale2, softcap, window, sink_h, win_h, key_start,
-                False, False, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, q_pos, kb, tile, n_k, K, V, DescK, DescV, KPos, KeyOk, b, kvh,
+            k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            scale2, softcap, window, sink_h, win_h, key_start,
+            HEAD_DIM, BLOCK_D, BLOCK_N, SUB_N, USE_TMA, False, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
     # Blocks that keep some pairs: element mask (structure and the head's local rule).
     n_part = tl.load(PartCount + count_at)
     for t in range(0, n_part):
         kb = tl.load(PartBlocks + list_base + t)
-        for sub in tl.static_range(SUB_N):
-            n0 = (kb * SUB_N + sub) * BLOCK_N
-            offs_n = n0 + tile
-            k = _kv_tile(K, DescK, k_base, offs_n, offs_n < n_k, stride_kn, stride_kd, b, kvh, n0,
-                         HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, False)
-            v = _kv_tile(V, DescV, v_base, offs_n, offs_n < n_k, stride_vn, stride_vd, b, kvh, n0,
-                         HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, False)
-            acc, m_i, l_i = _softmax_step(
-                acc, m_i, l_i, q, k, v, q_pos, offs_n, offs_n < n_k, KPos, KeyOk, kpos_base, keyok_base,
-                scale2, softcap, window, sink_h, win_h, key_start,
-                True, True, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, q_pos, kb, tile, n_k, K, V, DescK, DescV, KPos, KeyOk, b, kvh,
+            k_base, v_base, kpos_base, keyok_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            scale2, softcap, window, sink_h, win_h, key_start,
+            HEAD_DIM, BLOCK_D, BLOCK_N, SUB_N, USE_TMA, True, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
     # Single key columns (vertical stripes), gathered BLOCK_N at a time, with the element mask.
     if HAS_COLUMNS:
         col_base = b * stride_colb + h * stride_colh + index_row * stride_colq
