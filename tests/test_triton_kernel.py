@@ -110,19 +110,26 @@ def test_compiled_model_on_gpu_runs_the_kernel_through_inductor():
     assert sparsecomp.counters["rewritten"] == 2
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_cols", [5, 40])  # fewer and more columns than a key tile
-def test_kernel_gathers_columns(dtype, n_cols):
-    b, hq, hkv, n, d, block = 2, 4, 2, 150, 32, 32
+def columns_case(dtype, block, windows, per_query_block, seed):
+    """Op arguments on DEVICE: B=2, 4/2 heads, N=150 (6 padded keys), d=32, sinks [4, 0, 4, 0],
+    the heads' ``windows``, and random single columns outside the listed blocks."""
+    b, hq, hkv, n, d = 2, 4, 2, 150, 32
     q, k, v, key_ok = make_case(b, hq, hkv, n, n, d, dtype, pad=6)
     q_pos, k_pos = index_positions(q, 2), index_positions(k, 2)
-    sink, win = torch.tensor([4, 0, 4, 0], dtype=torch.int32), torch.tensor([24, 40, 0, 16], dtype=torch.int32)
+    sink, win = torch.tensor([4, 0, 4, 0], dtype=torch.int32), torch.tensor(windows, dtype=torch.int32)
     index = build_block_index(
         q_pos, k_pos, key_ok, sink, win, causal=True, window=0, block_m=block, block_n=block, max_blocks=None
     )
-    index = add_random_columns(index, n, block, per_query_block=n_cols, seed=n_cols)
+    index = add_random_columns(index, n, block, per_query_block=per_query_block, seed=seed)
     to = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    args = [to(t) for t in (q, k, v, q_pos, k_pos, key_ok, *index, sink, win)] + [d**-0.5, True, 0, 0.0, block, block]
+    return [to(t) for t in (q, k, v, q_pos, k_pos, key_ok, *index, sink, win)] + [d**-0.5, True, 0, 0.0, block, block]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_cols", [5, 40])  # fewer and more columns than a key tile
+def test_kernel_gathers_columns(dtype, n_cols):
+    b, hq, n, d = 2, 4, 150, 32
+    args = columns_case(dtype, block=32, windows=[24, 40, 0, 16], per_query_block=n_cols, seed=n_cols)
     poisoned = torch.full((b, hq, n, d), float("nan"), dtype=dtype, device=DEVICE)
     out = sparse_attention_triton(*args, out=poisoned)
     ref = sparse_attention_reference(*args)
@@ -142,16 +149,8 @@ LAUNCHES = [
 def test_launch_options_never_change_the_result(launch):
     """Query tiles smaller than an index block, key tiles smaller than it, TMA or pointer loads:
     the same keys are kept (padding, per-head local rules and columns included)."""
-    b, hq, hkv, n, d, block = 2, 4, 2, 150, 32, 64
-    q, k, v, key_ok = make_case(b, hq, hkv, n, n, d, torch.float32, pad=6)
-    q_pos, k_pos = index_positions(q, 2), index_positions(k, 2)
-    sink, win = torch.tensor([4, 0, 4, 0], dtype=torch.int32), torch.tensor([24, 80, 0, 16], dtype=torch.int32)
-    index = build_block_index(
-        q_pos, k_pos, key_ok, sink, win, causal=True, window=0, block_m=block, block_n=block, max_blocks=None
-    )
-    index = add_random_columns(index, n, block, per_query_block=7, seed=3)
-    to = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    args = [to(t) for t in (q, k, v, q_pos, k_pos, key_ok, *index, sink, win)] + [d**-0.5, True, 0, 0.0, block, block]
+    b, hq, n, d = 2, 4, 150, 32
+    args = columns_case(torch.float32, block=64, windows=[24, 80, 0, 16], per_query_block=7, seed=3)
     poisoned = torch.full((b, hq, n, d), float("nan"), device=DEVICE)
     out = sparse_attention_triton(*args, **launch, out=poisoned)
     torch.testing.assert_close(out, sparse_attention_reference(*args), atol=2e-5, rtol=2e-5)
