@@ -118,12 +118,33 @@ def run_length(n: int, patterns: list[str]) -> list[dict]:
     return rows
 
 
+def profile_index(n: int, patterns: list[str], out: Path) -> None:
+    """Where the index building time goes: the CUDA kernels of one build per pattern, by total time."""
+    q, k, _ = structured_qkv(n, seed=n)
+    pos = index_positions(q, 2)
+    lines = []
+    for name in patterns:
+        build = builders(n)[name]
+        build(q, k, pos)  # warm up (compiles the Triton kernels)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            build(q, k, pos)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+        lines += [f"## {name} index at N={n}", table, ""]
+    (out / "prefill_patterns_index_profile.txt").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 524288])
     p.add_argument("--patterns", nargs="+", default=["vertical_slash", "sample", "block_topk"])
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--profile", type=int, default=0, help="also profile the index builders at this length")
     args = p.parse_args(argv)
+    if args.profile:
+        profile_index(args.profile, args.patterns, Path(args.out))
     columns = [
         ("N", "N", ""),
         ("pattern", "pattern", ""),

@@ -40,10 +40,7 @@ import math
 import torch
 
 from .block_index import SparseIndex, _block_bounds, first_valid_key
-from .block_sparse_attention import structure_pairs
-
-_SCORE_ELEMENTS = 1 << 27  # fp32 scores held at once while estimating (512 MiB)
-
+from .column_mass import column_mass, column_slash_mass
 
 # ---- shared: structure, selection -> index --------------------------------------------------------
 
@@ -115,23 +112,6 @@ def _keep_top(scores: torch.Tensor, budget: list[int]) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, rank_ok)
 
 
-def _row_attention(q_rows, k, row_pos, k_pos, key_ok, *, scale, causal, window):
-    """Softmax attention (fp32) of some query rows (B, Hq, R, D) over all keys: (B, Hq, R, Nk),
-    rows that see no key give zeros. GQA without copying K: query heads grouped per KV head."""
-    b, hq, r, d = q_rows.shape
-    hkv, n_k = k.shape[1], k.shape[2]
-    g = hq // hkv
-    # products in the inputs' dtype (fp32 accumulation), softmax in fp32: an estimate, no K copy
-    s = (q_rows.reshape(b, hkv, g, r, d) @ k[:, :, None].transpose(-1, -2)).float()
-    s = s.view(b, hq, r, n_k) * scale
-    allowed = structure_pairs(row_pos, k_pos, key_ok, causal=causal, window=window)
-    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0), allowed
-
-
-def _row_chunks(n_rows: int, b: int, hq: int, n_k: int) -> int:
-    return max(1, min(n_rows, _SCORE_ELEMENTS // max(1, b * hq * n_k)))
-
-
 # ---- vertical-slash --------------------------------------------------------------------------------
 
 
@@ -148,15 +128,8 @@ def vertical_slash_index(
     nv, ns = _per_head(n_vertical, hq), _per_head(n_slash, hq)
     shift = n_k - n_q
     rows = torch.arange(max(0, n_q - last_q), n_q, device=dev)
-    vertical = torch.zeros(b, hq, n_k, device=dev)
-    slash = torch.zeros(b, hq, n_k, device=dev)
-    step = _row_chunks(rows.numel(), b, hq, n_k)
-    for r0 in range(0, rows.numel(), step):
-        r = rows[r0 : r0 + step]
-        attn, _ = _row_attention(q[:, :, r], k, q_pos[:, r], k_pos, key_ok, scale=scale, causal=causal, window=window)
-        vertical += attn.sum(2)
-        offset = (r[:, None] + shift - torch.arange(n_k, device=dev)[None, :]).clamp(0, n_k - 1)
-        slash.scatter_add_(-1, offset.reshape(1, 1, -1).expand(b, hq, -1), attn.reshape(b, hq, -1))
+    q_rows, row_pos = q[:, :, rows], q_pos[:, rows]
+    vertical, slash = column_slash_mass(q_rows, k, row_pos, k_pos, key_ok, rows + shift, scale, causal, window)
     key_idx = torch.arange(n_k, device=dev)
     start = first_valid_key(key_ok, dev)[:, None, None]
     sinks = (key_idx - start < sink) & (key_idx - start >= 0)
@@ -214,12 +187,7 @@ def sample_index(
     alphas = torch.as_tensor(alpha, dtype=torch.float32, device=dev).reshape(-1).expand(hq)
     n_rows = max(1, min(n_q, math.ceil(sample_ratio * n_q)))
     rows = torch.linspace(n_q - 1, 0, n_rows, device=dev).round().long().flip(0)  # last row included
-    score = torch.zeros(b, hq, n_k, device=dev)
-    step = _row_chunks(n_rows, b, hq, n_k)
-    for r0 in range(0, n_rows, step):
-        r = rows[r0 : r0 + step]
-        attn, _ = _row_attention(q[:, :, r], k, q_pos[:, r], k_pos, key_ok, scale=scale, causal=causal, window=window)
-        score += attn.sum(2)
+    score = column_mass(q[:, :, rows], k, q_pos[:, rows], k_pos, key_ok, scale, causal, window)
     # Fewest top columns reaching alpha of the total: sort descending, keep while the mass before
     # a column is still short of alpha.
     ordered, order = score.sort(-1, descending=True)

@@ -1,0 +1,301 @@
+"""Column mass: how much attention a few query rows give each key, without an R x Nk score matrix.
+
+Notation as in ``block_sparse_attention.py``: q_rows (B, Hq, R, D) are some query rows (their
+positions ``row_pos`` (B', R)), k (B, Hkv, Nk, D) all keys, query head h reads KV head h // (Hq / Hkv).
+    p[r, j] = softmax over the keys j that row r may see (structure mask: causal, window, padding)
+    mass[b, h, j] = sum_r p[r, j]        (B, Hq, Nk), fp32; rows that see no key add nothing.
+SampleAttention's column scores and vertical-slash's vertical scores are this sum; vertical-slash's
+slash scores sum the same p along diagonals (``column_slash_mass``).
+
+Two Triton passes (the softmax of a row needs all its keys before any column can be credited):
+    1. one program per (row tile, head) walks the keys: lse2[r] = log2 sum_j 2^(s2[r, j])
+       with s2 = scale * log2(e) * q . k (online max, as in the attention kernel);
+    2. one program per (key tile, head) walks the rows: mass[j] = sum_r 2^(s2[r, j] - lse2[r]).
+Tiles where no pair can pass a causal or window mask are skipped (positions decide, not indices).
+Each pass reads Q_rows and K once per tile pair: 2 * 2 * R * Nk * D FLOPs per head in all.
+
+Beside them the PyTorch reference (chunked over rows, memory O(chunk * Nk)): the op off CUDA and
+the tests' oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_sparse_attention import LOG2E, _batch_stride, structure_pairs
+
+_SCORE_ELEMENTS = 1 << 27  # fp32 scores the reference holds at once (512 MiB)
+
+
+# fmt: off
+@triton.jit
+def _scores(q, k, q_pos, k_pos, ok, valid_m, valid_n, scale2, window,
+            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """Base-2 scores of a (rows, keys) tile with -inf where the structure drops the pair."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    keep = valid_m[:, None] & valid_n[None, :] & ok[None, :]
+    dist = q_pos[:, None] - k_pos[None, :]
+    if CAUSAL:
+        keep = keep & (dist >= 0)
+    if HAS_WINDOW:
+        keep = keep & (dist < window)
+    return tl.where(keep, s * scale2, float("-inf"))
+
+
+@triton.jit
+def _may_meet(q_lo, q_hi, k_lo, k_hi, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Whether some row position in [q_lo, q_hi] may see some key position in [k_lo, k_hi]."""
+    meet = True
+    if CAUSAL:
+        meet = k_lo <= q_hi
+    if HAS_WINDOW:
+        meet = meet & (q_lo - k_hi < window)
+    return meet
+
+
+@triton.jit
+def _load_rows(Q, QPos, b, h, m0, n_rows, stride_qb, stride_qh, stride_qm, stride_qd, stride_qpb,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = offs_m < n_rows
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    pos = tl.load(QPos + b * stride_qpb + offs_m, mask=valid, other=0)
+    return q, pos, offs_m, valid
+
+
+@triton.jit
+def _load_keys(K, KPos, KeyOk, b, kvh, n0, n_k, stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb,
+               stride_kob, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_KEY_OK: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = offs_n < n_k
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    pos = tl.load(KPos + b * stride_kpb + offs_n, mask=valid, other=0)
+    if HAS_KEY_OK:
+        ok = tl.load(KeyOk + b * stride_kob + offs_n, mask=valid, other=0) != 0
+    else:
+        ok = valid
+    return k, pos, ok, offs_n, valid
+
+
+@triton.jit
+def _row_lse_kernel(
+    Q, K, QPos, KPos, KeyOk, Lse, RowIndex, Slash,  # the last two unread (one argument list for both)
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_qpb, stride_kpb, stride_kob,
+    n_heads, n_rows, n_k, groups, scale2, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr, IEEE: tl.constexpr,
+    SLASH: tl.constexpr,
+):
+    scale2 = tl.cast(scale2, tl.float32)
+    pid_bh = tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    q, q_pos, offs_m, valid_m = _load_rows(Q, QPos, b, h, tl.program_id(0) * BLOCK_M, n_rows, stride_qb,
+                                           stride_qh, stride_qm, stride_qd, stride_qpb, HEAD_DIM, BLOCK_D, BLOCK_M)
+    q_lo = tl.min(tl.where(valid_m, q_pos, 2147483647))
+    q_hi = tl.max(tl.where(valid_m, q_pos, -2147483647))
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, n_k, BLOCK_N):
+        k, k_pos, ok, offs_n, valid_n = _load_keys(K, KPos, KeyOk, b, h // groups, n0, n_k, stride_kb, stride_kh,
+                                                   stride_kn, stride_kd, stride_kpb, stride_kob, HEAD_DIM,
+                                                   BLOCK_D, BLOCK_N, HAS_KEY_OK)
+        k_lo = tl.min(tl.where(valid_n, k_pos, 2147483647))
+        k_hi = tl.max(tl.where(valid_n, k_pos, -2147483647))
+        if _may_meet(q_lo, q_hi, k_lo, k_hi, window, CAUSAL, HAS_WINDOW):
+            s = _scores(q, k, q_pos, k_pos, ok, valid_m, valid_n, scale2, window, CAUSAL, HAS_WINDOW, IEEE)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(s - m_use[:, None]), 1)
+            m_i = m_new
+    # A row that sees no key gets +inf: 2^(s - inf) = 0 credits nothing in the second pass.
+    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("inf"))
+    tl.store(Lse + pid_bh * n_rows + offs_m, lse, mask=valid_m)
+
+
+@triton.jit
+def _column_mass_kernel(
+    Q, K, QPos, KPos, KeyOk, Lse, Mass, RowIndex, Slash,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_qpb, stride_kpb, stride_kob,
+    n_heads, n_rows, n_k, groups, scale2, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr, IEEE: tl.constexpr,
+    SLASH: tl.constexpr,
+):
+    scale2 = tl.cast(scale2, tl.float32)
+    pid_bh = tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    k, k_pos, ok, offs_n, valid_n = _load_keys(K, KPos, KeyOk, b, h // groups, tl.program_id(0) * BLOCK_N, n_k,
+                                               stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kob,
+                                               HEAD_DIM, BLOCK_D, BLOCK_N, HAS_KEY_OK)
+    k_lo = tl.min(tl.where(valid_n, k_pos, 2147483647))
+    k_hi = tl.max(tl.where(valid_n, k_pos, -2147483647))
+    mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m0 in range(0, n_rows, BLOCK_M):
+        q, q_pos, offs_m, valid_m = _load_rows(Q, QPos, b, h, m0, n_rows, stride_qb, stride_qh, stride_qm,
+                                               stride_qd, stride_qpb, HEAD_DIM, BLOCK_D, BLOCK_M)
+        q_lo = tl.min(tl.where(valid_m, q_pos, 2147483647))
+        q_hi = tl.max(tl.where(valid_m, q_pos, -2147483647))
+        if _may_meet(q_lo, q_hi, k_lo, k_hi, window, CAUSAL, HAS_WINDOW):
+            s = _scores(q, k, q_pos, k_pos, ok, valid_m, valid_n, scale2, window, CAUSAL, HAS_WINDOW, IEEE)
+            lse = tl.load(Lse + pid_bh * n_rows + offs_m, mask=valid_m, other=float("inf"))
+            p = tl.math.exp2(s - lse[:, None])
+            mass += tl.sum(p, 0)
+            if SLASH:  # credit each pair to its diagonal o = row's key index - key index
+                offset = tl.load(RowIndex + offs_m, mask=valid_m, other=0)[:, None] - offs_n[None, :]
+                tl.atomic_add(Slash + pid_bh * n_k + offset, p, mask=(p > 0.0) & (offset >= 0), sem="relaxed")
+    tl.store(Mass + pid_bh * n_k + offs_n, mass, mask=valid_n)
+# fmt: on
+
+
+def column_mass_triton(
+    q_rows, k, row_pos, k_pos, key_ok, scale: float, causal: bool, window: int, row_index=None, launch=None
+):  # fmt: skip
+    """Launch both passes; returns the (B, Hq, Nk) fp32 column mass, and with ``row_index`` (the
+    rows' key indices, (R,)) also the slash mass (see ``column_slash_mass``)."""
+    b, hq, n_rows, d = q_rows.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    row_pos, k_pos = row_pos.contiguous(), k_pos.contiguous()
+    key_ok = key_ok.contiguous() if key_ok is not None else None
+    lse = torch.empty(b, hq, n_rows, dtype=torch.float32, device=q_rows.device)
+    mass = torch.empty(b, hq, n_k, dtype=torch.float32, device=q_rows.device)
+    slash = torch.zeros_like(mass) if row_index is not None else mass  # unread without row_index
+    row_index = row_index.to(torch.int32).contiguous() if row_index is not None else lse
+    block_d = max(16, triton.next_power_of_2(d))
+    tile = 64 if block_d <= 128 else 32
+    wrap = launch or (lambda f: f)
+    ok_arg = key_ok.view(torch.uint8) if key_ok is not None else k_pos  # unread without padding
+    args = (
+        q_rows,
+        k,
+        row_pos,
+        k_pos,
+        ok_arg,
+        lse,
+        mass,
+        row_index,
+        slash,
+        *q_rows.stride(),
+        *k.stride(),
+        _batch_stride(row_pos),
+        _batch_stride(k_pos),
+        _batch_stride(key_ok) if key_ok is not None else 0,
+        hq,
+        n_rows,
+        n_k,
+        hq // hkv,
+        scale * LOG2E,
+        window,
+    )
+    flags = dict(
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_M=tile,
+        BLOCK_N=tile * 2,
+        CAUSAL=causal,
+        HAS_WINDOW=window > 0,
+        HAS_KEY_OK=key_ok is not None,
+        IEEE=q_rows.dtype == torch.float32,
+        SLASH=slash is not mass,
+        num_warps=4,
+    )
+    wrap(_row_lse_kernel)[(triton.cdiv(n_rows, tile), b * hq)](*args[:6], *args[7:], **flags)
+    wrap(_column_mass_kernel)[(triton.cdiv(n_k, tile * 2), b * hq)](*args, **flags)
+    return (mass, slash) if slash is not mass else mass
+
+
+def row_attention(q_rows, k, row_pos, k_pos, key_ok, *, scale, causal, window):
+    """Softmax attention (fp32) of some query rows (B, Hq, R, D) over all keys: (B, Hq, R, Nk),
+    rows that see no key give zeros. GQA without copying K: query heads grouped per KV head."""
+    b, hq, r, d = q_rows.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    g = hq // hkv
+    # products in the inputs' dtype (fp32 accumulation), softmax in fp32: an estimate, no K copy
+    s = (q_rows.reshape(b, hkv, g, r, d) @ k[:, :, None].transpose(-1, -2)).float()
+    s = s.view(b, hq, r, n_k) * scale
+    allowed = structure_pairs(row_pos, k_pos, key_ok, causal=causal, window=window)
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+
+
+def column_mass_reference(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window, row_index=None):
+    """Plain PyTorch column (and with ``row_index`` slash) mass, chunked over rows."""
+    b, hq, n_rows, _ = q_rows.shape
+    n_k = k.shape[2]
+    mass = torch.zeros(b, hq, n_k, dtype=torch.float32, device=q_rows.device)
+    slash = torch.zeros_like(mass)
+    step = max(1, min(n_rows, _SCORE_ELEMENTS // max(1, b * hq * n_k)))
+    for r0 in range(0, n_rows, step):
+        rows = slice(r0, r0 + step)
+        attn = row_attention(q_rows[:, :, rows], k, row_pos[:, rows], k_pos, key_ok, scale=scale, causal=causal,
+                             window=window)  # fmt: skip
+        mass += attn.sum(2)
+        if row_index is not None:
+            offset = row_index[rows, None].long() - torch.arange(n_k, device=k.device)[None, :]
+            attn = attn.masked_fill(offset < 0, 0.0)  # pairs above the diagonal belong to no slash
+            idx = offset.clamp_min(0).reshape(1, 1, -1).expand(b, hq, -1)
+            slash.scatter_add_(-1, idx, attn.reshape(b, hq, -1))
+    return (mass, slash) if row_index is not None else mass
+
+
+@torch.library.triton_op("sparsecomp::column_mass", mutates_args=())
+def column_mass(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    row_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    key_ok: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    window: int,
+) -> torch.Tensor:
+    """Attention mass per key summed over the given rows (see the notation above): the Triton
+    passes on CUDA, the reference elsewhere."""
+    if q_rows.is_cuda:
+        return column_mass_triton(
+            q_rows, k, row_pos, k_pos, key_ok, scale, causal, window, launch=torch.library.wrap_triton
+        )
+    return column_mass_reference(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window)
+
+
+@column_mass.register_fake
+def _column_mass_fake(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window):
+    return q_rows.new_empty(q_rows.shape[0], q_rows.shape[1], k.shape[2], dtype=torch.float32)
+
+
+@torch.library.triton_op("sparsecomp::column_slash_mass", mutates_args=())
+def column_slash_mass(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    row_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    key_ok: torch.Tensor | None,
+    row_index: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mass and slash mass: slash[b, h, o] = sum of p[r, j] over the pairs on diagonal
+    o = row_index[r] - j >= 0 (``row_index``: each row's key index). Vertical-slash's two scores.
+    On CUDA the slash sum uses float atomics: its last bits vary from run to run."""
+    if q_rows.is_cuda:
+        return column_mass_triton(
+            q_rows, k, row_pos, k_pos, key_ok, scale, causal, window, row_index, launch=torch.library.wrap_triton
+        )
+    return column_mass_reference(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window, row_index)
+
+
+@column_slash_mass.register_fake
+def _column_slash_mass_fake(q_rows, k, row_pos, k_pos, key_ok, row_index, scale, causal, window):
+    shape = (q_rows.shape[0], q_rows.shape[1], k.shape[2])
+    return q_rows.new_empty(shape, dtype=torch.float32), q_rows.new_empty(shape, dtype=torch.float32)
