@@ -8,8 +8,9 @@ SampleAttention's column scores and vertical-slash's vertical scores are this su
 slash scores sum the same p along diagonals (``column_slash_mass``).
 
 Two Triton passes (the softmax of a row needs all its keys before any column can be credited):
-    1. one program per (row tile, head) walks the keys: lse2[r] = log2 sum_j 2^(s2[r, j])
-       with s2 = scale * log2(e) * q . k (online max, as in the attention kernel);
+    1. one program per (row tile, head, key split) walks its keys: the partial log2 sum_j 2^(s2[r, j])
+       with s2 = scale * log2(e) * q . k (online max, as in the attention kernel); the splits'
+       partials combine into lse2[r] (splits keep the GPU busy when there are few rows);
     2. one program per (key tile, head) walks the rows: mass[j] = sum_r 2^(s2[r, j] - lse2[r]).
 Tiles where no pair can pass a causal or window mask are skipped (positions decide, not indices).
 Each pass reads Q_rows and K once per tile pair: 2 * 2 * R * Nk * D FLOPs per head in all.
@@ -19,6 +20,8 @@ the tests' oracle.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -89,16 +92,18 @@ def _load_keys(K, KPos, KeyOk, b, kvh, n0, n_k, stride_kb, stride_kh, stride_kn,
 
 @triton.jit
 def _row_lse_kernel(
-    Q, K, QPos, KPos, KeyOk, Lse, RowIndex, Slash,  # the last two unread (one argument list for both)
+    Q, K, QPos, KPos, KeyOk, Lse, RowIndex, Slash,  # the last two unread
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_qpb, stride_kpb, stride_kob,
-    n_heads, n_rows, n_k, groups, scale2, window,
+    n_heads, n_rows, n_k, groups, scale2, window, split_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr, IEEE: tl.constexpr,
     SLASH: tl.constexpr,
 ):
+    """Partial log2-sum-exp2 of a row tile over one split of the keys (-inf where it keeps none)."""
     scale2 = tl.cast(scale2, tl.float32)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     q, q_pos, offs_m, valid_m = _load_rows(Q, QPos, b, h, tl.program_id(0) * BLOCK_M, n_rows, stride_qb,
                                            stride_qh, stride_qm, stride_qd, stride_qpb, HEAD_DIM, BLOCK_D, BLOCK_M)
@@ -106,7 +111,7 @@ def _row_lse_kernel(
     q_hi = tl.max(tl.where(valid_m, q_pos, -2147483647))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(0, n_k, BLOCK_N):
+    for n0 in range(split * split_len, tl.minimum(n_k, (split + 1) * split_len), BLOCK_N):
         k, k_pos, ok, offs_n, valid_n = _load_keys(K, KPos, KeyOk, b, h // groups, n0, n_k, stride_kb, stride_kh,
                                                    stride_kn, stride_kd, stride_kpb, stride_kob, HEAD_DIM,
                                                    BLOCK_D, BLOCK_N, HAS_KEY_OK)
@@ -118,9 +123,8 @@ def _row_lse_kernel(
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(s - m_use[:, None]), 1)
             m_i = m_new
-    # A row that sees no key gets +inf: 2^(s - inf) = 0 credits nothing in the second pass.
-    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("inf"))
-    tl.store(Lse + pid_bh * n_rows + offs_m, lse, mask=valid_m)
+    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    tl.store(Lse + (pid_bh * tl.num_programs(2) + split) * n_rows + offs_m, lse, mask=valid_m)
 
 
 @triton.jit
@@ -128,7 +132,7 @@ def _column_mass_kernel(
     Q, K, QPos, KPos, KeyOk, Lse, Mass, RowIndex, Slash,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_qpb, stride_kpb, stride_kob,
-    n_heads, n_rows, n_k, groups, scale2, window,
+    n_heads, n_rows, n_k, groups, scale2, window, split_len,  # split_len unread
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr, IEEE: tl.constexpr,
     SLASH: tl.constexpr,
@@ -159,33 +163,35 @@ def _column_mass_kernel(
 # fmt: on
 
 
+def _default_splits(n_rows: int, n_k: int, programs: int, block_m: int, block_n: int, device) -> int:
+    """Key splits of the first pass: enough programs for about four waves on the GPU."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    want = -(-4 * sms // max(1, programs * triton.cdiv(n_rows, block_m)))
+    return max(1, min(want, triton.cdiv(n_k, block_n)))
+
+
 def column_mass_triton(
-    q_rows, k, row_pos, k_pos, key_ok, scale: float, causal: bool, window: int, row_index=None, launch=None
+    q_rows, k, row_pos, k_pos, key_ok, scale: float, causal: bool, window: int, row_index=None, *,
+    block_m: int = 64, block_n: int = 128, num_warps: int = 4, splits: int = 0, launch=None,
 ):  # fmt: skip
     """Launch both passes; returns the (B, Hq, Nk) fp32 column mass, and with ``row_index`` (the
-    rows' key indices, (R,)) also the slash mass (see ``column_slash_mass``)."""
+    rows' key indices, (R,)) also the slash mass (see ``column_slash_mass``). The first pass splits
+    the keys into ``splits`` ranges (0: enough to fill the GPU) whose partial sums are combined here."""
     b, hq, n_rows, d = q_rows.shape
     hkv, n_k = k.shape[1], k.shape[2]
     row_pos, k_pos = row_pos.contiguous(), k_pos.contiguous()
     key_ok = key_ok.contiguous() if key_ok is not None else None
-    lse = torch.empty(b, hq, n_rows, dtype=torch.float32, device=q_rows.device)
+    splits = splits or _default_splits(n_rows, n_k, b * hq, block_m, block_n, q_rows.device)
+    split_len = triton.cdiv(triton.cdiv(n_k, splits), block_n) * block_n
+    splits = triton.cdiv(n_k, split_len)
+    partial = torch.empty(b, hq, splits, n_rows, dtype=torch.float32, device=q_rows.device)
     mass = torch.empty(b, hq, n_k, dtype=torch.float32, device=q_rows.device)
     slash = torch.zeros_like(mass) if row_index is not None else mass  # unread without row_index
-    row_index = row_index.to(torch.int32).contiguous() if row_index is not None else lse
+    row_index = row_index.to(torch.int32).contiguous() if row_index is not None else mass
     block_d = max(16, triton.next_power_of_2(d))
-    tile = 64 if block_d <= 128 else 32
     wrap = launch or (lambda f: f)
     ok_arg = key_ok.view(torch.uint8) if key_ok is not None else k_pos  # unread without padding
-    args = (
-        q_rows,
-        k,
-        row_pos,
-        k_pos,
-        ok_arg,
-        lse,
-        mass,
-        row_index,
-        slash,
+    common = (
         *q_rows.stride(),
         *k.stride(),
         _batch_stride(row_pos),
@@ -197,21 +203,30 @@ def column_mass_triton(
         hq // hkv,
         scale * LOG2E,
         window,
+        split_len,
     )
     flags = dict(
         HEAD_DIM=d,
         BLOCK_D=block_d,
-        BLOCK_M=tile,
-        BLOCK_N=tile * 2,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         CAUSAL=causal,
         HAS_WINDOW=window > 0,
         HAS_KEY_OK=key_ok is not None,
         IEEE=q_rows.dtype == torch.float32,
         SLASH=slash is not mass,
-        num_warps=4,
+        num_warps=num_warps,
     )
-    wrap(_row_lse_kernel)[(triton.cdiv(n_rows, tile), b * hq)](*args[:6], *args[7:], **flags)
-    wrap(_column_mass_kernel)[(triton.cdiv(n_k, tile * 2), b * hq)](*args, **flags)
+    inputs = (q_rows, k, row_pos, k_pos, ok_arg)
+    wrap(_row_lse_kernel)[(triton.cdiv(n_rows, block_m), b * hq, splits)](
+        *inputs, partial, row_index, slash, *common, **flags
+    )
+    # log2 sum over the splits; a row that sees no key gets +inf (2^(s - inf) = 0 credits nothing)
+    lse = torch.logsumexp(partial * math.log(2), dim=2) / math.log(2)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    wrap(_column_mass_kernel)[(triton.cdiv(n_k, block_n), b * hq)](
+        *inputs, lse, mass, row_index, slash, *common, **flags
+    )
     return (mass, slash) if slash is not mass else mass
 
 
