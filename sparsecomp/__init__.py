@@ -16,6 +16,7 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")) and os.path.isfile(
 from . import kernels, passes  # noqa: F401  (registers torch.ops.sparsecomp.*)
 from .api import compile, inspect
 from .backend import counters, sparsecomp_backend
+from .calibrate import calibrate
 from .passes.rewrite import KernelOptions
 from .plan import Plan, Rule, model_fingerprint
 
@@ -24,6 +25,7 @@ __all__ = [
     "KernelOptions",
     "Plan",
     "Rule",
+    "calibrate",
     "compile",
     "counters",
     "inspect",

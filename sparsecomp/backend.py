@@ -214,7 +214,7 @@ class SparsecompBackend:
         return _inner_compile(gm, example_inputs, self.options.inner)
 
     def report(self) -> InspectReport:
-        return InspectReport(self.graphs)
+        return InspectReport(self.graphs, self.options.plan)
 
 
 _default_backend: SparsecompBackend | None = None

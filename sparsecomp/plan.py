@@ -108,6 +108,10 @@ class Rule:
     def to_json(self) -> dict:
         return {"kind": self.kind, **dict(self.params)}
 
+    def spec(self) -> str:
+        """The text ``Rule.parse`` reads back: ``kind:name=value,...`` (plans store rules so)."""
+        return self.kind + (":" + ",".join(f"{k}={v}" for k, v in self.params) if self.params else "")
+
     @property
     def adaptive(self) -> bool:
         """Estimated from each input (Q, K) inside the graph, not fixed by positions alone."""
@@ -167,7 +171,7 @@ class Plan:
 
     def to_json(self) -> dict:
         def rule(r):
-            return r.to_json()
+            return r.spec()
 
         return {
             "version": self.version,

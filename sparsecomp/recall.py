@@ -35,6 +35,52 @@ class Recall:
         }
 
 
+def _dense_chunks(q, k, q_pos, k_pos, key_ok, *, scale: float, causal: bool, window: int):
+    """Exact attention in chunks of query rows: yields (r0, r1, scores, p, allowed, seen), with
+    scores (B, Hq, rows, Nk) fp32 scaled, p their softmax under the structure, ``seen`` the rows
+    that see some key (B, Hq, rows)."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    kf = k.float()[:, :, None]
+    step = max(1, _CHUNK_ELEMENTS // max(1, b * hq * nk))
+    for r0 in range(0, nq, step):
+        r1 = min(nq, r0 + step)
+        qc = q[:, :, r0:r1].float().view(b, hkv, hq // hkv, r1 - r0, d)
+        s = (qc @ kf.transpose(-1, -2)).view(b, hq, r1 - r0, nk) * scale
+        allowed = structure_pairs(q_pos[:, r0:r1], k_pos, key_ok, causal=causal, window=window)
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        yield r0, r1, s, p, allowed, allowed.any(-1).expand(b, hq, r1 - r0)
+
+
+def _kept_rows(index: SparseIndex, q_pos, k_pos, key_ok, head_sink, head_window, **structure):
+    return index_pairs(
+        q_pos, k_pos, key_ok, *index[:4], index.columns, index.column_count, head_sink, head_window, **structure
+    )
+
+
+def kept_mass(
+    q, k, q_pos, k_pos, key_ok, candidates, *, scale: float, causal: bool, window: int, block_m: int, block_n: int
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """CRA and density (each (C, Hq) fp64) of several candidate patterns at once, exact attention
+    computed once per chunk. ``candidates``: (index, head_sink, head_window) per candidate."""
+    hq = q.shape[1]
+    structure = dict(causal=causal, window=window, block_m=block_m, block_n=block_n)
+    kept = [_kept_rows(ix, q_pos, k_pos, key_ok, sink, win, **structure) for ix, sink, win in candidates]
+    mass = torch.zeros(len(candidates), hq, dtype=torch.float64, device=q.device)
+    kept_n = torch.zeros_like(mass)
+    rows_seen = torch.zeros(hq, dtype=torch.float64, device=q.device)
+    allowed_n = torch.zeros(hq, dtype=torch.float64, device=q.device)
+    chunks = _dense_chunks(q, k, q_pos, k_pos, key_ok, scale=scale, causal=causal, window=window)
+    for r0, r1, _, p, allowed, seen in chunks:
+        rows_seen += seen.sum((0, 2)).double()
+        allowed_n += allowed.expand(*p.shape).sum((0, 2, 3)).double()
+        for c, rows in enumerate(kept):
+            keep = rows(r0, r1)
+            mass[c] += (p * keep).sum(-1).where(seen, 0.0).sum((0, 2)).double()
+            kept_n[c] += (keep & allowed).expand(*p.shape).sum((0, 2, 3)).double()
+    return mass / rows_seen.clamp_min(1), kept_n / allowed_n.clamp_min(1)
+
+
 def pattern_recall(
     q, k, v, index: SparseIndex, q_pos, k_pos, key_ok, head_sink, head_window, *, scale: float,
     causal: bool, window: int, block_m: int, block_n: int,
@@ -43,31 +89,26 @@ def pattern_recall(
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
-    kept_rows = index_pairs(
-        q_pos, k_pos, key_ok, *index[:4], index.columns, index.column_count, head_sink, head_window,
-        causal=causal, window=window, block_m=block_m, block_n=block_n,
+    kept_rows = _kept_rows(
+        index, q_pos, k_pos, key_ok, head_sink, head_window, causal=causal, window=window, block_m=block_m,
+        block_n=block_n,
     )  # fmt: skip
-    kf, vf = k.float()[:, :, None], v.float()[:, :, None]
+    vf = v.float()[:, :, None]
     mass = torch.zeros(hq, dtype=torch.float64, device=q.device)
     rows_seen = torch.zeros(hq, dtype=torch.float64, device=q.device)
     kept_n = torch.zeros(hq, dtype=torch.float64, device=q.device)
     allowed_n = torch.zeros(hq, dtype=torch.float64, device=q.device)
     err2 = torch.zeros(hq, dtype=torch.float64, device=q.device)
     ref2 = torch.zeros(hq, dtype=torch.float64, device=q.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, b * hq * nk))
-    for r0 in range(0, nq, step):
-        r1 = min(nq, r0 + step)
-        s = (q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d) @ kf.transpose(-1, -2)).view(b, hq, r1 - r0, nk)
-        allowed = structure_pairs(q_pos[:, r0:r1], k_pos, key_ok, causal=causal, window=window)
+    for r0, r1, s, p, allowed, seen in _dense_chunks(q, k, q_pos, k_pos, key_ok, scale=scale, causal=causal,
+                                                     window=window):  # fmt: skip
         keep = kept_rows(r0, r1)
-        p = torch.softmax((s * scale).masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-        seen = allowed.any(-1).expand(b, hq, r1 - r0)
         mass += (p * keep).sum(-1).where(seen, 0.0).sum((0, 2)).double()
         rows_seen += seen.sum((0, 2)).double()
         kept_n += (keep & allowed).expand(b, hq, -1, -1).sum((0, 2, 3)).double()
         allowed_n += allowed.expand(b, hq, -1, -1).sum((0, 2, 3)).double()
         o_dense = (p.view(b, hkv, g, r1 - r0, nk) @ vf).view(b, hq, r1 - r0, d)
-        ps = torch.softmax((s * scale).masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+        ps = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
         o_sparse = (ps.view(b, hkv, g, r1 - r0, nk) @ vf).view(b, hq, r1 - r0, d)
         err2 += (o_sparse - o_dense).pow(2).sum((0, 2, 3)).double()
         ref2 += o_dense.pow(2).sum((0, 2, 3)).double()

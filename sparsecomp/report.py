@@ -57,8 +57,34 @@ class GraphReport:
 class InspectReport:
     """What ``sparsecomp.inspect`` returns. The latest compiled graph is the default view."""
 
-    def __init__(self, graphs: list[GraphReport]):
+    def __init__(self, graphs: list[GraphReport], plan=None):
         self.graphs = graphs
+        self.plan = plan
+
+    def plan_summary(self) -> str:
+        """Where the plan came from: a preset, a calibration (its target and data), or the default."""
+        if self.plan is None:
+            return "plan: -"
+        info = self.plan.info
+        if info.get("made_by") == "sparsecomp.calibrate":
+            return (
+                f"plan: calibrated for CRA >= {info.get('target_cra')} on {info.get('inputs')} inputs "
+                f"({info.get('data')}; lengths {info.get('lengths')}; blocks of {info.get('block')})"
+            )
+        if "preset" in info:
+            return f"plan: preset {info['preset']!r}"
+        return f"plan: default rule {self.plan.default}" + (
+            f", {len(self.plan.sites)} sites named" if self.plan.sites else ""
+        )
+
+    def calibrated(self, site: str) -> str:
+        """Mean over the site's heads of the CRA and density calibration measured for its rules."""
+        heads = (self.plan.info.get("measured", {}).get(site, {}).get("heads") if self.plan else None) or []
+        if not heads:
+            return "-"
+        cra = sum(h["cra"] for h in heads) / len(heads)
+        density = sum(h["density"] for h in heads) / len(heads)
+        return f"{cra:.3f} / {density:.1%}"
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -99,19 +125,22 @@ class InspectReport:
     def __str__(self) -> str:
         if not self.sites:
             return "sparsecomp: no compiled graph yet (run the compiled model once)"
-        header = ("site", "form", "B,Hq/Hkv,Nq,Nk,D", "dtype", "became", "rules", "density", "mask / reason")
+        header = ("site", "form", "B,Hq/Hkv,Nq,Nk,D", "dtype", "became", "rules", "density", "calib. CRA / density",
+                  "mask / reason")  # fmt: skip
         rows = []
         for s in self.sites:
             sh = s.shape
             shape = f"{sh['batch']},{sh['q_heads']}/{sh['kv_heads']},{sh['q_len']},{sh['kv_len']},{sh['head_dim']}"
             density = "-" if s.density is None else f"{s.density:.1%}"
             why = s.mask if s.became == "sparse_attention" else s.reason
-            rows.append((s.name, s.form, shape, s.dtype, s.became, s.rules_summary(), density, why))
+            calib = self.calibrated(s.name)
+            rows.append((s.name, s.form, shape, s.dtype, s.became, s.rules_summary(), density, calib, why))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         n_sparse = sum(s.became == "sparse_attention" for s in self.sites)
         lines.append(f"{len(self.sites)} attention sites: {n_sparse} rewritten, {len(self.sites) - n_sparse} kept")
+        lines.append(self.plan_summary())
         return "\n".join(lines)
 
     __repr__ = __str__

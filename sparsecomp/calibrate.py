@@ -1,0 +1,265 @@
+"""Calibration: measure every attention site on the model's own attention and give each query head
+the cheapest rule that keeps enough of it.
+
+The model is captured by Dynamo as for ``compile``, but nothing is rewritten: each site's exact
+output is routed through an observer (the graph runs eagerly), which sees the site's Q and K for
+every calibration input and measures, per candidate rule and query head, the attention mass kept
+(CRA) and the density (kept / allowed pairs) with ``sparsecomp.recall.kept_mass``: chunked over
+query rows, never N x N, with the index builders the compiled model runs. After all inputs, each
+head gets the candidate of least mean density whose mean CRA reaches ``target``; static rules win
+ties (no per-input index cost); a head that no candidate serves stays dense (DuoAttention's
+"retrieval heads": the others are its streaming heads when the candidates are streaming windows).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsecomp.kernels import build_block_index
+from sparsecomp.passes.mask import MaskInterpreter
+from sparsecomp.passes.match import find_sites
+from sparsecomp.passes.rewrite import ADAPTIVE_BUILDERS, observe_site
+
+from .backend import _fallback_reason, _structure
+from .calibration_data import CALIBRATION_FILES, default_calibration_ids
+from .plan import Plan, Rule, model_fingerprint
+from .recall import kept_mass
+
+CANDIDATE_KINDS = ("streaming", "vertical_slash", "sample", "block_topk")
+
+
+def candidate_rules(kinds=CANDIDATE_KINDS, max_len: int = 8192, sink: int = 64) -> list[Rule]:
+    """The rules calibration tries per head: streaming windows doubling from 64 below the longest
+    input; vertical-slash budgets up to MInference's default; SampleAttention alphas; block top-k."""
+    unknown = set(kinds) - set(CANDIDATE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown candidate kinds {sorted(unknown)}; known: {CANDIDATE_KINDS}")
+    rules = []
+    if "streaming" in kinds:
+        window = 64
+        while window < max_len:
+            rules.append(Rule("streaming", sink=sink, window=window))
+            window *= 2
+    if "vertical_slash" in kinds:
+        for nv, ns in ((64, 256), (128, 512), (256, 1024), (512, 2048), (1000, 6096)):
+            rules.append(Rule("vertical_slash", n_vertical=nv, n_slash=ns))
+    if "sample" in kinds:
+        rules += [Rule("sample", alpha=a) for a in (0.8, 0.9, 0.95, 0.98)]
+    if "block_topk" in kinds:
+        rules += [Rule("block_topk", k=k) for k in (4, 8, 16, 32)]
+    return rules
+
+
+def candidate_index(rule: Rule, q, k, q_pos, k_pos, key_ok, *, scale, causal, window, block: int):
+    """(index, head_sink, head_window) of one rule for all heads of a site: what the compiled model
+    would run on these inputs."""
+    hq = q.shape[1]
+    if not rule.adaptive:
+        sink, win = (torch.full((hq,), v, dtype=torch.int32, device=q.device) for v in rule.head_params())
+        index = build_block_index(
+            q_pos, k_pos, key_ok, sink[:1], win[:1], causal=causal, window=window, block_m=block, block_n=block,
+            max_blocks=None,
+        )  # fmt: skip
+        return index, sink, win
+    builder, per_head = ADAPTIVE_BUILDERS[rule.kind]
+    shared = {name: value for name, value in rule.params if name not in per_head}
+    budgets = [getattr(rule, name) for name in per_head]
+    index = builder(
+        q, k, q_pos, k_pos, key_ok, *budgets, **shared, scale=scale, causal=causal, window=window, block_m=block,
+        block_n=block,
+    )  # fmt: skip
+    zeros = torch.zeros(hq, dtype=torch.int32, device=q.device)
+    return index, zeros, zeros
+
+
+@dataclass
+class SiteStats:
+    """Sums over the calibration inputs of each candidate's CRA and density per head."""
+
+    allowed: list[int]  # candidate ids this site may take
+    cra: torch.Tensor | None = None  # (C, Hq) sums
+    density: torch.Tensor | None = None
+    inputs: int = 0
+    note: str = ""
+
+    def add(self, cra: torch.Tensor, density: torch.Tensor) -> None:
+        cra, density = cra.double().cpu(), density.double().cpu()
+        self.cra = cra if self.cra is None else self.cra + cra
+        self.density = density if self.density is None else self.density + density
+        self.inputs += 1
+
+
+@dataclass
+class Calibrator:
+    """The observer every site calls, and the per-site statistics it gathers."""
+
+    rules: list[Rule]
+    block: int
+    sites: dict[str, SiteStats] = field(default_factory=dict)
+
+    def backend(self, gm, example_inputs):
+        """Dynamo backend: route each site that a sparse rule could serve through ``observe``."""
+        interp = MaskInterpreter()
+        for site in find_sites(gm):
+            reason = _fallback_reason(site)
+            structure = _structure(site, interp) if reason is None else reason
+            if isinstance(structure, str):
+                self.sites.setdefault(site.name, SiteStats([], note=f"kept dense: {structure}"))
+                continue
+            site.structure = structure
+            if not structure.causal:
+                self.sites.setdefault(site.name, SiteStats([], note="kept dense: sparse rules need a causal site"))
+                continue
+            allowed = [
+                c for c, r in enumerate(self.rules) if structure.positions_are_indices or not r.adaptive
+            ]  # adaptive builders assume positions are token indices (as compile does)
+            self.sites.setdefault(site.name, SiteStats(allowed))
+            observe_site(gm, site, self.observe)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm.forward
+
+    def observe(self, out, q, k, q_pos, k_pos, key_ok, *, site, scale, causal, window):
+        stats = self.sites[site]
+        with torch.no_grad():
+            candidates = [
+                candidate_index(
+                    self.rules[c],
+                    q,
+                    k,
+                    q_pos,
+                    k_pos,
+                    key_ok,
+                    scale=scale,
+                    causal=causal,
+                    window=window,
+                    block=self.block,
+                )  # fmt: skip
+                for c in stats.allowed
+            ]
+            cra, density = kept_mass(
+                q, k, q_pos, k_pos, key_ok, candidates, scale=scale, causal=causal, window=window,
+                block_m=self.block, block_n=self.block,
+            )  # fmt: skip
+        stats.add(cra, density)
+        return out
+
+    def choose(self, target: float) -> tuple[dict, dict]:
+        """Per site: one rule per query head, and what was measured for it."""
+        chosen, measured = {}, {}
+        for name, stats in self.sites.items():
+            if stats.inputs == 0:
+                measured[name] = {"note": stats.note or "never ran"}
+                continue
+            cra, density = stats.cra / stats.inputs, stats.density / stats.inputs
+            rules, rows = [], []
+            for h in range(cra.shape[1]):
+                best = (1.0, 1, -1)  # (density, static wins ties, candidate row); -1 = dense
+                for row, c in enumerate(stats.allowed):
+                    if cra[row, h] >= target:
+                        best = min(best, (density[row, h].item(), int(self.rules[c].adaptive), row))
+                row = best[2]
+                rule = self.rules[stats.allowed[row]] if row >= 0 else Rule()
+                rules.append(rule)
+                rows.append(
+                    {
+                        "rule": str(rule),
+                        "cra": round(cra[row, h].item(), 4) if row >= 0 else 1.0,
+                        "density": round(best[0], 4),
+                    }
+                )
+            chosen[name], measured[name] = rules, {"heads": rows}
+        return chosen, measured
+
+
+def _as_id_lists(inputs, tokenizer, lengths) -> tuple[list, str]:
+    if inputs is None:
+        if tokenizer is None:
+            raise ValueError("the default calibration set needs a tokenizer (or pass inputs: token ids)")
+        files = ", ".join(CALIBRATION_FILES)
+        return default_calibration_ids(tokenizer, lengths), f"default: stdlib {files} + pass key prompts"
+    if isinstance(inputs, torch.Tensor):
+        inputs = list(inputs.reshape(-1, inputs.shape[-1]))
+    out = []
+    for item in inputs:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError("text inputs need a tokenizer")
+            item = tokenizer(item)["input_ids"]
+        out.append(item)
+    return out, f"user: {len(out)} inputs"
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # a plain counter on stderr
+        return _plain_progress(items, desc)
+    return tqdm(items, desc=desc)
+
+
+def _plain_progress(items, desc):
+    for i, item in enumerate(items):
+        print(f"\r{desc}: {i + 1}/{len(items)}", end="", file=sys.stderr, flush=True)
+        yield item
+    print(file=sys.stderr)
+
+
+def calibrate(
+    model: torch.nn.Module,
+    inputs=None,
+    *,
+    target: float = 0.95,
+    rules=CANDIDATE_KINDS,
+    lengths=(2048, 4096),
+    tokenizer=None,
+    block: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> Plan:
+    """A Plan giving each site and query head the cheapest candidate rule whose mean attention mass
+    kept (CRA) on the inputs reaches ``target``.
+
+    ``inputs``: token id tensors / lists, or strings with ``tokenizer``; default: standard library
+    sources and pass key prompts at each of ``lengths`` (needs ``tokenizer``). ``rules``: the
+    candidate kinds (see ``candidate_rules``) or a list of Rules. ``block``: the sparse index
+    block size the plan is measured at (use the compile's ``kernel_options`` block size)."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target={target}; the attention mass to keep is in (0, 1]")
+    torch.manual_seed(seed)
+    ids, data = _as_id_lists(inputs, tokenizer, lengths)
+    if not ids:
+        raise ValueError("no calibration inputs (documents shorter than every length?)")
+    longest = max(len(x) for x in ids)
+    candidates = list(rules) if rules and isinstance(next(iter(rules)), Rule) else candidate_rules(rules, longest)
+    calibrator = Calibrator(candidates, block)
+    device = next(model.parameters()).device
+    observed = torch.compile(model, backend=calibrator.backend, dynamic=False)
+    with torch.no_grad():
+        for item in _progress(ids, progress, "calibrating"):
+            x = torch.as_tensor(item, device=device)
+            observed(x[None] if x.dim() == 1 else x)
+    chosen, measured = calibrator.choose(target)
+    if not chosen:
+        raise ValueError("calibration found no attention site that a sparse rule can serve")
+    return Plan(
+        default=Rule(),
+        sites=chosen,
+        fingerprint=model_fingerprint(model),
+        info={
+            "made_by": "sparsecomp.calibrate",
+            "target_cra": target,
+            "candidates": [str(r) for r in candidates],
+            "data": data,
+            "inputs": len(ids),
+            "lengths": sorted({len(x) for x in ids}),
+            "block": block,
+            "seed": seed,
+            "measured": measured,
+        },
+    )

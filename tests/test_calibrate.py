@@ -1,0 +1,107 @@
+"""Calibration: per-head plans measured on the model's own attention."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+import sparsecomp
+from sparsecomp import Plan, Rule
+from sparsecomp.calibrate import Calibrator, SiteStats, candidate_rules
+from sparsecomp.calibration_data import passkey_prompt
+
+RULES = [Rule("streaming", sink=4, window=16), Rule("streaming", sink=4, window=64), Rule("block_topk", k=2),
+         Rule("sample", alpha=0.9, window_ratio=0.1, sample_ratio=0.2)]  # fmt: skip
+
+
+def inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 100, (n,), generator=gen) for n in (96, 128)]
+
+
+def test_calibration_gives_a_valid_plan_that_compiles_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    plan = sparsecomp.calibrate(model, inputs(), target=0.8, rules=RULES, block=16, progress=False)
+    assert set(plan.sites) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    for name, rules in plan.sites.items():
+        assert len(rules) == 4 and all(r in RULES or r == Rule() for r in rules)
+        for rule, head in zip(rules, plan.info["measured"][name]["heads"], strict=True):
+            assert head["rule"] == str(rule)
+            assert head["cra"] >= 0.8 and 0 < head["density"] <= 1
+    assert plan.fingerprint == sparsecomp.model_fingerprint(model)
+    assert plan.info["target_cra"] == 0.8 and plan.info["lengths"] == [96, 128]
+
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    again = Plan.load(path)
+    assert again.to_json() == plan.to_json() and again.sites == plan.sites
+    assert json.loads(path.read_text())["sites"]["model.layers.0.self_attn"][0] == plan.sites[
+        "model.layers.0.self_attn"][0].spec()  # fmt: skip
+
+    compiled = sparsecomp.compile(model, str(path), kernel_options={"block_m": 16, "block_n": 16})
+    ids = inputs(1)[1][None]
+    with torch.no_grad():
+        out = compiled(ids).logits
+    assert torch.isfinite(out).all()
+    report = sparsecomp.inspect(compiled)
+    assert "calibrated for CRA >= 0.8" in str(report)
+    assert report.calibrated("model.layers.0.self_attn") != "-"
+
+
+def test_calibration_is_deterministic_for_a_seed():
+    model = tiny_llama().eval()
+    a = sparsecomp.calibrate(model, inputs(), target=0.85, rules=RULES, block=16, seed=3, progress=False)
+    b = sparsecomp.calibrate(model, inputs(), target=0.85, rules=RULES, block=16, seed=3, progress=False)
+    assert a.to_json() == b.to_json()
+
+
+def test_a_plan_for_another_model_is_refused():
+    model = tiny_llama().eval()
+    plan = sparsecomp.calibrate(model, inputs(), target=0.9, rules=RULES[:2], block=16, progress=False)
+    other = tiny_llama(hidden_size=128).eval()  # head_dim 32 instead of 16
+    with pytest.raises(ValueError, match="another model"):
+        sparsecomp.compile(other, plan)
+
+
+def test_choice_is_the_cheapest_candidate_that_reaches_the_target():
+    """On synthetic statistics: least density among those reaching the target, static wins ties,
+    dense where none reaches it."""
+    rules = [Rule("streaming", sink=1, window=8), Rule("block_topk", k=2), Rule("streaming", sink=1, window=32)]
+    cal = Calibrator(rules, block=16)
+    stats = SiteStats([0, 1, 2])
+    cra = torch.tensor([[0.97, 0.96, 0.50], [0.96, 0.96, 0.50], [0.99, 0.99, 0.50]])  # (C, heads)
+    density = torch.tensor([[0.2, 0.2, 0.2], [0.1, 0.2, 0.3], [0.5, 0.5, 0.5]])
+    stats.add(cra, density)
+    cal.sites["s"] = stats
+    chosen, measured = cal.choose(0.95)
+    assert chosen["s"] == [rules[1], rules[0], Rule()]
+    assert measured["s"]["heads"][2] == {"rule": "dense", "cra": 1.0, "density": 1.0}
+
+
+def test_candidates_and_bad_arguments():
+    rules = candidate_rules(("streaming",), max_len=1000)
+    assert [r.window for r in rules] == [64, 128, 256, 512]
+    with pytest.raises(ValueError, match="unknown candidate"):
+        candidate_rules(("magic",))
+    model = tiny_llama().eval()
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        sparsecomp.calibrate(model, progress=False)
+    with pytest.raises(ValueError, match="target"):
+        sparsecomp.calibrate(model, inputs(), target=1.5, progress=False)
+
+
+class CharTokenizer:
+    """Enough of a Hugging Face tokenizer for the prompt builder: one id per character."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) % 100 for c in text]}
+
+
+def test_passkey_prompt_fits_its_length_and_holds_the_key():
+    p = passkey_prompt(CharTokenizer(), 600, seed=1, depth=0.5)
+    assert abs(len(p.ids) - 600) <= 1 and p.answer_start == len(p.ids) - len(" " + p.passkey)
+    assert len(p.passkey) == 5 and p.ids[p.answer_start :] == CharTokenizer()(" " + p.passkey)["input_ids"]
+    needle = CharTokenizer()(f" The pass key is {p.passkey}.")["input_ids"]
+    assert any(p.ids[i : i + len(needle)] == needle for i in range(200, 300))  # near half depth
