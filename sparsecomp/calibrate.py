@@ -84,6 +84,7 @@ class SiteStats:
     density: torch.Tensor | None = None
     inputs: int = 0
     note: str = ""
+    heads: tuple[int, int] = (0, 0)  # (query heads, KV heads)
 
     def add(self, cra: torch.Tensor, density: torch.Tensor) -> None:
         cra, density = cra.double().cpu(), density.double().cpu()
@@ -145,6 +146,7 @@ class Calibrator:
                 block_m=self.block, block_n=self.block,
             )  # fmt: skip
         stats.add(cra, density)
+        stats.heads = (q.shape[1], k.shape[1])
         return out
 
     def choose(self, target: float) -> tuple[dict, dict]:
@@ -173,6 +175,32 @@ class Calibrator:
                 )
             chosen[name], measured[name] = rules, {"heads": rows}
         return chosen, measured
+
+    @property
+    def inputs(self) -> int:
+        return max((s.inputs for s in self.sites.values()), default=0)
+
+    def plan(self, target: float, model, *, data: str, lengths, seed: int = 0) -> Plan:
+        """The plan for ``target`` from what was observed (one observation serves several targets)."""
+        chosen, measured = self.choose(target)
+        if not chosen:
+            raise ValueError("calibration found no attention site that a sparse rule can serve")
+        info = _plan_info(self, target, measured, data, list(lengths), seed)
+        return Plan(default=Rule(), sites=chosen, fingerprint=model_fingerprint(model), info=info)
+
+
+def _plan_info(calibrator, target, measured, data, lengths, seed) -> dict:
+    return {
+        "made_by": "sparsecomp.calibrate",
+        "target_cra": target,
+        "candidates": [str(r) for r in calibrator.rules],
+        "data": data,
+        "inputs": calibrator.inputs,
+        "lengths": lengths,
+        "block": calibrator.block,
+        "seed": seed,
+        "measured": measured,
+    }
 
 
 def _as_id_lists(inputs, tokenizer, lengths) -> tuple[list, str]:
@@ -237,29 +265,40 @@ def calibrate(
         raise ValueError("no calibration inputs (documents shorter than every length?)")
     longest = max(len(x) for x in ids)
     candidates = list(rules) if rules and isinstance(next(iter(rules)), Rule) else candidate_rules(rules, longest)
-    calibrator = Calibrator(candidates, block)
+    calibrator = observe(model, ids, candidates, block, progress=progress)
+    return calibrator.plan(target, model, data=data, lengths=sorted({len(x) for x in ids}), seed=seed)
+
+
+def observe(model: torch.nn.Module, ids, rules: list[Rule], block: int, *, progress: bool = False) -> Calibrator:
+    """Run the model on each input (token ids) with every site observed; the Calibrator holds the
+    per-site, per-candidate, per-head CRA and density."""
+    calibrator = Calibrator(list(rules), block)
     device = next(model.parameters()).device
     observed = torch.compile(model, backend=calibrator.backend, dynamic=False)
     with torch.no_grad():
         for item in _progress(ids, progress, "calibrating"):
             x = torch.as_tensor(item, device=device)
             observed(x[None] if x.dim() == 1 else x)
-    chosen, measured = calibrator.choose(target)
-    if not chosen:
-        raise ValueError("calibration found no attention site that a sparse rule can serve")
-    return Plan(
-        default=Rule(),
-        sites=chosen,
-        fingerprint=model_fingerprint(model),
-        info={
-            "made_by": "sparsecomp.calibrate",
-            "target_cra": target,
-            "candidates": [str(r) for r in candidates],
-            "data": data,
-            "inputs": len(ids),
-            "lengths": sorted({len(x) for x in ids}),
-            "block": block,
-            "seed": seed,
-            "measured": measured,
-        },
-    )
+    return calibrator
+
+
+def measure_plan(model: torch.nn.Module, plan: Plan, ids, block: int) -> dict:
+    """Mean attention density and CRA of ``plan`` over the heads of every site a sparse rule may
+    serve, measured on ``ids`` (dense heads count as density 1, CRA 1)."""
+    entries = [r for v in plan.sites.values() for r in (v if isinstance(v, list) else [v])] + [plan.default]
+    rules = sorted({r for r in entries if r.kind != "dense"}, key=str)
+    calibrator = observe(model, ids, rules, block)
+    density, cra = [], []
+    for name, stats in calibrator.sites.items():
+        if stats.inputs == 0:
+            continue
+        hq, hkv = stats.heads
+        for h, rule in enumerate(plan.rules_for(name, hq, hkv)):
+            if rule.kind == "dense" or rules.index(rule) not in stats.allowed:
+                density.append(1.0), cra.append(1.0)
+                continue
+            row = stats.allowed.index(rules.index(rule))
+            density.append(stats.density[row, h].item() / stats.inputs)
+            cra.append(stats.cra[row, h].item() / stats.inputs)
+    n = max(1, len(density))
+    return {"density": sum(density) / n, "cra": sum(cra) / n, "heads": len(density)}

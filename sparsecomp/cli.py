@@ -19,7 +19,18 @@ def main(argv=None) -> int:
     demo.add_argument("--device", default=None)
     demo.add_argument("--no-check", action="store_true", help="skip the dense masked reference")
     demo.add_argument("--json", default=None, help="write the results to this file")
+    cal = sub.add_parser("calibrate", help="measure a pretrained model's attention and write a per-head plan")
+    cal.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face model folder")
+    cal.add_argument("--out", default="plan.json")
+    cal.add_argument("--target", type=float, default=0.95, help="attention mass (CRA) each head must keep")
+    cal.add_argument("--rules", nargs="+", default=None, help="candidate kinds (default: all)")
+    cal.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    cal.add_argument("--block", type=int, default=128)
+    cal.add_argument("--device", default=None)
+    cal.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "calibrate":
+        return _calibrate(args)
 
     from .demo import run_demo
 
@@ -39,6 +50,25 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    return 0
+
+
+def _calibrate(args) -> int:
+    import torch
+
+    from .calibrate import CANDIDATE_KINDS, calibrate
+    from .pretrained import load_pretrained
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_pretrained(args.model, device=device)
+    plan = calibrate(
+        model, tokenizer=tokenizer, target=args.target, rules=tuple(args.rules or CANDIDATE_KINDS),
+        lengths=tuple(args.lengths), block=args.block, seed=args.seed,
+    )  # fmt: skip
+    plan.save(args.out)
+    kinds = [r.kind for rules in plan.sites.values() for r in rules]
+    summary = ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
+    print(f"wrote {args.out}: {len(plan.sites)} sites, heads: {summary}")
     return 0
 
 
