@@ -4,8 +4,9 @@ SmolLM2-135M-Instruct (``sparsecomp.pretrained``: the GGUF file the ``llm-smollm
 long documents that calibration never sees (``calibration_data.EVALUATION_FILES``) and on pass key
 prompts, at each length. Rows: dense (the model with SDPA), uniform rules at several densities
 (streaming, vertical-slash, SampleAttention, block top-k) and plans from ``sparsecomp.calibrate``
-at several CRA targets (one calibration on the default data, at the same lengths). Per row and
-length: attention density and CRA measured on the evaluation documents (mean over all heads),
+at several CRA targets, alone or with a bound on each head's attention output error (one
+calibration on the default data). Per row and length: attention density, CRA and attention output
+error (relative L2 vs exact) measured on the first evaluation document (mean over all heads),
 perplexity and its change vs dense, mean KL(dense || sparse) of the next-token distributions, the
 loss on a long-range copy (a span of the document repeated at its end, ``copy_task``), and pass key
 retrieval, teacher-forced: accuracy (every answer token predicted) and the answer's mean NLL (this
@@ -101,22 +102,35 @@ def score(model, docs, prompts, dense_logits, device, span: int = 256) -> dict:
 
 
 def calibrated_plans(model, tok, lengths, targets, block) -> dict:
-    """One calibration on the default data at ``lengths``; a plan per CRA target."""
+    """One calibration on the default data at ``lengths``; a plan per target ("T" or "T/max_error")."""
     t0 = time.time()
     cal_ids = default_calibration_ids(tok, lengths)
     calibrator = observe(model, cal_ids, candidate_rules(max_len=max(lengths)), block, progress=True)
     data = f"default: stdlib {', '.join(CALIBRATION_FILES)} + pass key prompts"
-    plans = {f"calibrated CRA>={t}": calibrator.plan(t, model, data=data, lengths=lengths) for t in targets}
+    plans = {}
+    for spec in targets:
+        target, _, error = spec.partition("/")
+        name = f"calibrated CRA>={target}" + (f", error<={error}" if error else "")
+        plans[name] = calibrator.plan(
+            float(target), model, data=data, lengths=lengths, max_error=float(error) if error else None
+        )
     print(f"calibration: {len(cal_ids)} inputs, {time.time() - t0:.0f} s", flush=True)
     return plans
+
+
+def plan_file(name: str) -> str:
+    return "accuracy_plan_" + name.removeprefix("calibrated ").replace(">=", "").replace(", error<=", "_err") + ".json"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
-    p.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.98])
-    p.add_argument("--rules", nargs="+", default=UNIFORM, help="uniform rules to evaluate (Rule.parse text)")
+    p.add_argument(
+        "--targets", nargs="+", default=["0.9", "0.95", "0.98", "0.9/0.1", "0.95/0.1"],
+        help="calibrated plans: a CRA target, or target/max output error",
+    )  # fmt: skip
+    p.add_argument("--rules", nargs="*", default=UNIFORM, help="uniform rules to evaluate (Rule.parse text)")
     p.add_argument("--passkeys", type=int, default=10, help="pass key prompts per length")
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--calibration-lengths", type=int, nargs="+", default=None, help="default: --lengths")
@@ -131,14 +145,15 @@ def main(argv=None):
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.plans:
-        plans = {
-            f"calibrated CRA>={path.stem.split('_')[-1]}": Plan.load(path)
-            for path in sorted(Path(args.plans).glob("accuracy_plan_*.json"))
-        }
+        plans = {}
+        for path in sorted(Path(args.plans).glob("accuracy_plan_*.json")):
+            plan = Plan.load(path)
+            error = plan.info.get("max_out_err")
+            plans[f"calibrated CRA>={plan.info['target_cra']}" + (f", error<={error}" if error else "")] = plan
     else:
         plans = calibrated_plans(model, tok, args.calibration_lengths or args.lengths, args.targets, args.block)
         for name, plan in plans.items():
-            plan.save(Path(args.out) / f"accuracy_plan_{name.split('>=')[1]}.json")
+            plan.save(Path(args.out) / plan_file(name))
     plans.update({text: Plan(default=Rule.parse(text), info={"preset": text}) for text in args.rules})
 
     env = environment() | {"model": args.model, "eval_docs": ", ".join(EVALUATION_FILES), "block": args.block}
@@ -150,14 +165,16 @@ def main(argv=None):
         ]
         dense_logits = [logits_of(model, ids, args.device) for ids in docs]
         dense = score(model, docs, prompts, dense_logits, args.device)
-        rows.append({"N": n, "config": "dense (SDPA)", "density": 1.0, "cra": 1.0, **dense, "dppl": 0.0})
+        rows.append(
+            {"N": n, "config": "dense (SDPA)", "density": 1.0, "cra": 1.0, "out_err": 0.0, **dense, "dppl": 0.0}
+        )
         print(rows[-1], flush=True)
         for name, plan in plans.items():
             torch._dynamo.reset()
             measured = measure_plan(model, plan, docs[:1], args.block)
             torch._dynamo.reset()
             compiled = sparsecomp.compile(model, plan, kernel_options=options, inner="eager", dynamic=False)
-            row = {"N": n, "config": name, "density": measured["density"], "cra": measured["cra"]}
+            row = {"N": n, "config": name, **{k: measured[k] for k in ("density", "cra", "out_err")}}
             row.update(score(compiled, docs, prompts, dense_logits, args.device))
             row["dppl"] = row["ppl"] / dense["ppl"] - 1
             rows.append(row)
@@ -171,6 +188,7 @@ COLUMNS = [
     ("config", "config", ""),
     ("density", "density", ".3f"),
     ("cra", "CRA", ".3f"),
+    ("out_err", "attn. output error", ".3f"),
     ("ppl", "perplexity", ".3f"),
     ("dppl", "vs dense", "+.2%"),
     ("kl", "KL", ".4f"),

@@ -197,7 +197,7 @@ def rewrite_site(
 
 
 def observe_site(gm: fx.GraphModule, site: AttentionSite, observer) -> fx.Node:
-    """Route the site's (kept, exact) output through ``observer(out, q, k, q_pos, k_pos, key_ok,
+    """Route the site's (kept, exact) output through ``observer(out, q, k, v, q_pos, k_pos, key_ok,
     site=, scale=, causal=, window=)``, which sees the real tensors at run time and returns ``out``
     (calibration; the graph must run eagerly: Python calls inside it stay as they are)."""
     graph, s = gm.graph, site.structure
@@ -205,6 +205,6 @@ def observe_site(gm: fx.GraphModule, site: AttentionSite, observer) -> fx.Node:
         q_pos = _positions(graph, s.q_source, site.q, 2, s.q_offset)
         k_pos = _positions(graph, s.k_source, site.k, 2, 0)
         kwargs = dict(site=site.name, scale=float(default_scale(site)), causal=s.causal, window=s.window)
-        node = graph.call_function(observer, (site.output, site.q, site.k, q_pos, k_pos, s.key_ok), kwargs)
+        node = graph.call_function(observer, (site.output, site.q, site.k, site.v, q_pos, k_pos, s.key_ok), kwargs)
     site.output.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
     return node

@@ -82,15 +82,22 @@ class SiteStats:
     allowed: list[int]  # candidate ids this site may take
     cra: torch.Tensor | None = None  # (C, Hq) sums
     density: torch.Tensor | None = None
+    out_err: torch.Tensor | None = None
     inputs: int = 0
     note: str = ""
     heads: tuple[int, int] = (0, 0)  # (query heads, KV heads)
 
-    def add(self, cra: torch.Tensor, density: torch.Tensor) -> None:
-        cra, density = cra.double().cpu(), density.double().cpu()
-        self.cra = cra if self.cra is None else self.cra + cra
-        self.density = density if self.density is None else self.density + density
+    def add(self, cra: torch.Tensor, density: torch.Tensor, out_err: torch.Tensor) -> None:
+        cra, density, out_err = (t.double().cpu() for t in (cra, density, out_err))
+        first = self.cra is None
+        self.cra = cra if first else self.cra + cra
+        self.density = density if first else self.density + density
+        self.out_err = out_err if first else self.out_err + out_err
         self.inputs += 1
+
+    def mean(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(CRA, density, output error) per candidate and head, averaged over the inputs."""
+        return self.cra / self.inputs, self.density / self.inputs, self.out_err / self.inputs
 
 
 @dataclass
@@ -123,7 +130,7 @@ class Calibrator:
         gm.recompile()
         return gm.forward
 
-    def observe(self, out, q, k, q_pos, k_pos, key_ok, *, site, scale, causal, window):
+    def observe(self, out, q, k, v, q_pos, k_pos, key_ok, *, site, scale, causal, window):
         stats = self.sites[site]
         with torch.no_grad():
             candidates = [
@@ -141,37 +148,38 @@ class Calibrator:
                 )  # fmt: skip
                 for c in stats.allowed
             ]
-            cra, density = kept_mass(
+            measured = kept_mass(
                 q, k, q_pos, k_pos, key_ok, candidates, scale=scale, causal=causal, window=window,
-                block_m=self.block, block_n=self.block,
+                block_m=self.block, block_n=self.block, v=v,
             )  # fmt: skip
-        stats.add(cra, density)
+        stats.add(*measured)
         stats.heads = (q.shape[1], k.shape[1])
         return out
 
-    def choose(self, target: float) -> tuple[dict, dict]:
-        """Per site: one rule per query head, and what was measured for it."""
+    def choose(self, target: float, max_error: float | None = None) -> tuple[dict, dict]:
+        """Per site: one rule per query head, and what was measured for it. A candidate qualifies
+        when its CRA reaches ``target`` and (if given) its output error stays within ``max_error``."""
         chosen, measured = {}, {}
         for name, stats in self.sites.items():
             if stats.inputs == 0:
                 measured[name] = {"note": stats.note or "never ran"}
                 continue
-            cra, density = stats.cra / stats.inputs, stats.density / stats.inputs
+            cra, density, out_err = stats.mean()
+            qualifies = cra >= target
+            if max_error is not None:
+                qualifies &= out_err <= max_error
             rules, rows = [], []
             for h in range(cra.shape[1]):
                 best = (1.0, 1, -1)  # (density, static wins ties, candidate row); -1 = dense
                 for row, c in enumerate(stats.allowed):
-                    if cra[row, h] >= target:
+                    if qualifies[row, h]:
                         best = min(best, (density[row, h].item(), int(self.rules[c].adaptive), row))
                 row = best[2]
                 rule = self.rules[stats.allowed[row]] if row >= 0 else Rule()
                 rules.append(rule)
+                kept, dens, err = (cra[row, h].item(), best[0], out_err[row, h].item()) if row >= 0 else (1.0, 1.0, 0.0)
                 rows.append(
-                    {
-                        "rule": str(rule),
-                        "cra": round(cra[row, h].item(), 4) if row >= 0 else 1.0,
-                        "density": round(best[0], 4),
-                    }
+                    {"rule": str(rule), "cra": round(kept, 4), "density": round(dens, 4), "out_err": round(err, 4)}
                 )
             chosen[name], measured[name] = rules, {"heads": rows}
         return chosen, measured
@@ -180,19 +188,20 @@ class Calibrator:
     def inputs(self) -> int:
         return max((s.inputs for s in self.sites.values()), default=0)
 
-    def plan(self, target: float, model, *, data: str, lengths, seed: int = 0) -> Plan:
+    def plan(self, target: float, model, *, data: str, lengths, seed: int = 0, max_error=None) -> Plan:
         """The plan for ``target`` from what was observed (one observation serves several targets)."""
-        chosen, measured = self.choose(target)
+        chosen, measured = self.choose(target, max_error)
         if not chosen:
             raise ValueError("calibration found no attention site that a sparse rule can serve")
-        info = _plan_info(self, target, measured, data, list(lengths), seed)
+        info = _plan_info(self, target, max_error, measured, data, list(lengths), seed)
         return Plan(default=Rule(), sites=chosen, fingerprint=model_fingerprint(model), info=info)
 
 
-def _plan_info(calibrator, target, measured, data, lengths, seed) -> dict:
+def _plan_info(calibrator, target, max_error, measured, data, lengths, seed) -> dict:
     return {
         "made_by": "sparsecomp.calibrate",
         "target_cra": target,
+        "max_out_err": max_error,
         "candidates": [str(r) for r in calibrator.rules],
         "data": data,
         "inputs": calibrator.inputs,
@@ -243,6 +252,7 @@ def calibrate(
     inputs=None,
     *,
     target: float = 0.95,
+    max_error: float | None = None,
     rules=CANDIDATE_KINDS,
     lengths=(2048, 4096),
     tokenizer=None,
@@ -251,7 +261,8 @@ def calibrate(
     progress: bool = True,
 ) -> Plan:
     """A Plan giving each site and query head the cheapest candidate rule whose mean attention mass
-    kept (CRA) on the inputs reaches ``target``.
+    kept (CRA) on the inputs reaches ``target`` and, if ``max_error`` is given, whose attention
+    output error (relative L2 vs exact, per head) stays within it.
 
     ``inputs``: token id tensors / lists, or strings with ``tokenizer``; default: standard library
     sources and pass key prompts at each of ``lengths`` (needs ``tokenizer``). ``rules``: the
@@ -266,7 +277,8 @@ def calibrate(
     longest = max(len(x) for x in ids)
     candidates = list(rules) if rules and isinstance(next(iter(rules)), Rule) else candidate_rules(rules, longest)
     calibrator = observe(model, ids, candidates, block, progress=progress)
-    return calibrator.plan(target, model, data=data, lengths=sorted({len(x) for x in ids}), seed=seed)
+    lengths = sorted({len(x) for x in ids})
+    return calibrator.plan(target, model, data=data, lengths=lengths, seed=seed, max_error=max_error)
 
 
 def observe(model: torch.nn.Module, ids, rules: list[Rule], block: int, *, progress: bool = False) -> Calibrator:
@@ -283,22 +295,23 @@ def observe(model: torch.nn.Module, ids, rules: list[Rule], block: int, *, progr
 
 
 def measure_plan(model: torch.nn.Module, plan: Plan, ids, block: int) -> dict:
-    """Mean attention density and CRA of ``plan`` over the heads of every site a sparse rule may
-    serve, measured on ``ids`` (dense heads count as density 1, CRA 1)."""
+    """Mean attention density, CRA and output error of ``plan`` over the heads of every site a sparse
+    rule may serve, measured on ``ids`` (dense heads count as density 1, CRA 1, error 0)."""
     entries = [r for v in plan.sites.values() for r in (v if isinstance(v, list) else [v])] + [plan.default]
     rules = sorted({r for r in entries if r.kind != "dense"}, key=str)
     calibrator = observe(model, ids, rules, block)
-    density, cra = [], []
+    per_head = []  # (density, CRA, output error) of each head's rule
     for name, stats in calibrator.sites.items():
         if stats.inputs == 0:
             continue
+        cra, density, out_err = stats.mean()
         hq, hkv = stats.heads
         for h, rule in enumerate(plan.rules_for(name, hq, hkv)):
             if rule.kind == "dense" or rules.index(rule) not in stats.allowed:
-                density.append(1.0), cra.append(1.0)
-                continue
-            row = stats.allowed.index(rules.index(rule))
-            density.append(stats.density[row, h].item() / stats.inputs)
-            cra.append(stats.cra[row, h].item() / stats.inputs)
-    n = max(1, len(density))
-    return {"density": sum(density) / n, "cra": sum(cra) / n, "heads": len(density)}
+                per_head.append((1.0, 1.0, 0.0))
+            else:
+                row = stats.allowed.index(rules.index(rule))
+                per_head.append((density[row, h].item(), cra[row, h].item(), out_err[row, h].item()))
+    n = max(1, len(per_head))
+    mean = [sum(values) / n for values in zip(*per_head, strict=True)] if per_head else [1.0, 1.0, 0.0]
+    return {"density": mean[0], "cra": mean[1], "out_err": mean[2], "heads": len(per_head)}

@@ -59,26 +59,43 @@ def _kept_rows(index: SparseIndex, q_pos, k_pos, key_ok, head_sink, head_window,
 
 
 def kept_mass(
-    q, k, q_pos, k_pos, key_ok, candidates, *, scale: float, causal: bool, window: int, block_m: int, block_n: int
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """CRA and density (each (C, Hq) fp64) of several candidate patterns at once, exact attention
-    computed once per chunk. ``candidates``: (index, head_sink, head_window) per candidate."""
-    hq = q.shape[1]
+    q, k, q_pos, k_pos, key_ok, candidates, *, scale: float, causal: bool, window: int, block_m: int,
+    block_n: int, v=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """CRA, density and (with ``v``) output error, each (C, Hq) fp64, of several candidate patterns
+    at once, exact attention computed once per chunk. ``candidates``: (index, head_sink,
+    head_window) per candidate."""
+    b, hq, _, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
     structure = dict(causal=causal, window=window, block_m=block_m, block_n=block_n)
     kept = [_kept_rows(ix, q_pos, k_pos, key_ok, sink, win, **structure) for ix, sink, win in candidates]
     mass = torch.zeros(len(candidates), hq, dtype=torch.float64, device=q.device)
-    kept_n = torch.zeros_like(mass)
+    kept_n, err2 = torch.zeros_like(mass), torch.zeros_like(mass)
     rows_seen = torch.zeros(hq, dtype=torch.float64, device=q.device)
-    allowed_n = torch.zeros(hq, dtype=torch.float64, device=q.device)
+    allowed_n, ref2 = torch.zeros_like(rows_seen), torch.zeros_like(rows_seen)
+    vf = v.float()[:, :, None] if v is not None else None
+
+    def output(p, rows):  # (B, Hq, rows, Nk) weights -> (B, Hq, rows, D) attention output
+        return (p.view(b, hkv, hq // hkv, rows, nk) @ vf).view(b, hq, rows, d)
+
     chunks = _dense_chunks(q, k, q_pos, k_pos, key_ok, scale=scale, causal=causal, window=window)
     for r0, r1, _, p, allowed, seen in chunks:
         rows_seen += seen.sum((0, 2)).double()
         allowed_n += allowed.expand(*p.shape).sum((0, 2, 3)).double()
+        o_dense = output(p, r1 - r0) if v is not None else None
+        if v is not None:
+            ref2 += o_dense.pow(2).sum((0, 2, 3)).double()
         for c, rows in enumerate(kept):
             keep = rows(r0, r1)
-            mass[c] += (p * keep).sum(-1).where(seen, 0.0).sum((0, 2)).double()
+            p_kept = p * keep
+            kept_sum = p_kept.sum(-1)
+            mass[c] += kept_sum.where(seen, 0.0).sum((0, 2)).double()
             kept_n[c] += (keep & allowed).expand(*p.shape).sum((0, 2, 3)).double()
-    return mass / rows_seen.clamp_min(1), kept_n / allowed_n.clamp_min(1)
+            if v is not None:  # the sparse softmax is the kept weights renormalized
+                o_sparse = output(p_kept / kept_sum.clamp_min(1e-30)[..., None], r1 - r0)
+                err2[c] += (o_sparse - o_dense).pow(2).sum((0, 2, 3)).double()
+    out_err = (err2.sqrt() / ref2.sqrt().clamp_min(1e-30)) if v is not None else None
+    return mass / rows_seen.clamp_min(1), kept_n / allowed_n.clamp_min(1), out_err
 
 
 def pattern_recall(

@@ -29,7 +29,7 @@ def test_calibration_gives_a_valid_plan_that_compiles_and_round_trips(tmp_path):
         assert len(rules) == 4 and all(r in RULES or r == Rule() for r in rules)
         for rule, head in zip(rules, plan.info["measured"][name]["heads"], strict=True):
             assert head["rule"] == str(rule)
-            assert head["cra"] >= 0.8 and 0 < head["density"] <= 1
+            assert head["cra"] >= 0.8 and 0 < head["density"] <= 1 and head["out_err"] >= 0
     assert plan.fingerprint == sparsecomp.model_fingerprint(model)
     assert plan.info["target_cra"] == 0.8 and plan.info["lengths"] == [96, 128]
 
@@ -73,11 +73,14 @@ def test_choice_is_the_cheapest_candidate_that_reaches_the_target():
     stats = SiteStats([0, 1, 2])
     cra = torch.tensor([[0.97, 0.96, 0.50], [0.96, 0.96, 0.50], [0.99, 0.99, 0.50]])  # (C, heads)
     density = torch.tensor([[0.2, 0.2, 0.2], [0.1, 0.2, 0.3], [0.5, 0.5, 0.5]])
-    stats.add(cra, density)
+    out_err = torch.tensor([[0.05, 0.05, 0.05], [0.30, 0.05, 0.05], [0.05, 0.05, 0.05]])
+    stats.add(cra, density, out_err)
     cal.sites["s"] = stats
     chosen, measured = cal.choose(0.95)
     assert chosen["s"] == [rules[1], rules[0], Rule()]
-    assert measured["s"]["heads"][2] == {"rule": "dense", "cra": 1.0, "density": 1.0}
+    assert measured["s"]["heads"][2] == {"rule": "dense", "cra": 1.0, "density": 1.0, "out_err": 0.0}
+    chosen, _ = cal.choose(0.95, max_error=0.1)  # block top-k's output error is too large on head 0
+    assert chosen["s"] == [rules[0], rules[0], Rule()]
 
 
 def test_candidates_and_bad_arguments():
