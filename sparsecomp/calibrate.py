@@ -4,10 +4,12 @@ the cheapest rule that keeps enough of it.
 The model is captured by Dynamo as for ``compile``, but nothing is rewritten: each site's exact
 output is routed through an observer (the graph runs eagerly), which sees the site's Q and K for
 every calibration input and measures, per candidate rule and query head, the attention mass kept
-(CRA) and the density (kept / allowed pairs) with ``sparsecomp.recall.kept_mass``: chunked over
-query rows, never N x N, with the index builders the compiled model runs. After all inputs, each
-head gets the candidate of least mean density whose mean CRA reaches ``target``; static rules win
-ties (no per-input index cost); a head that no candidate serves stays dense (DuoAttention's
+(CRA), the density (kept / allowed pairs) and the attention output error (relative L2 vs exact)
+with ``sparsecomp.recall.kept_mass``: chunked over query rows, never N x N, with the index
+builders the compiled model runs. After all inputs, each head gets the candidate of least mean
+density whose CRA reaches ``target`` (and whose output error stays within ``max_error``, if
+given) at every calibration length, each length's inputs averaged; static rules win ties (no
+per-input index cost); a head that no candidate serves stays dense (DuoAttention's
 "retrieval heads": the others are its streaming heads when the candidates are streaming windows).
 """
 
@@ -77,27 +79,35 @@ def candidate_index(rule: Rule, q, k, q_pos, k_pos, key_ok, *, scale, causal, wi
 
 @dataclass
 class SiteStats:
-    """Sums over the calibration inputs of each candidate's CRA and density per head."""
+    """Per input length, sums over the calibration inputs of each candidate's CRA, density and
+    output error per head ((C, Hq) tensors), and the number of inputs."""
 
     allowed: list[int]  # candidate ids this site may take
-    cra: torch.Tensor | None = None  # (C, Hq) sums
-    density: torch.Tensor | None = None
-    out_err: torch.Tensor | None = None
-    inputs: int = 0
+    by_length: dict = field(default_factory=dict)  # length -> [cra, density, out_err, inputs]
     note: str = ""
     heads: tuple[int, int] = (0, 0)  # (query heads, KV heads)
 
-    def add(self, cra: torch.Tensor, density: torch.Tensor, out_err: torch.Tensor) -> None:
-        cra, density, out_err = (t.double().cpu() for t in (cra, density, out_err))
-        first = self.cra is None
-        self.cra = cra if first else self.cra + cra
-        self.density = density if first else self.density + density
-        self.out_err = out_err if first else self.out_err + out_err
-        self.inputs += 1
+    @property
+    def inputs(self) -> int:
+        return sum(sums[3] for sums in self.by_length.values())
+
+    def add(self, length: int, cra: torch.Tensor, density: torch.Tensor, out_err: torch.Tensor) -> None:
+        new = [t.double().cpu() for t in (cra, density, out_err)]
+        sums = self.by_length.setdefault(length, [torch.zeros_like(t) for t in new] + [0])
+        for i, t in enumerate(new):
+            sums[i] += t
+        sums[3] += 1
 
     def mean(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(CRA, density, output error) per candidate and head, averaged over the inputs."""
-        return self.cra / self.inputs, self.density / self.inputs, self.out_err / self.inputs
+        """(CRA, density, output error) per candidate and head, averaged over all inputs."""
+        return tuple(sum(sums[i] for sums in self.by_length.values()) / self.inputs for i in range(3))
+
+    def worst(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CRA, output error) per candidate and head at the length where each is worst (lowest
+        CRA, highest error), each length's inputs averaged."""
+        per_length = [(sums[0] / sums[3], sums[2] / sums[3]) for sums in self.by_length.values()]
+        cra = torch.stack([c for c, _ in per_length]).amin(0)
+        return cra, torch.stack([e for _, e in per_length]).amax(0)
 
 
 @dataclass
@@ -152,7 +162,7 @@ class Calibrator:
                 q, k, q_pos, k_pos, key_ok, candidates, scale=scale, causal=causal, window=window,
                 block_m=self.block, block_n=self.block, v=v,
             )  # fmt: skip
-        stats.add(*measured)
+        stats.add(q.shape[2], *measured)
         stats.heads = (q.shape[1], k.shape[1])
         return out
 
@@ -165,9 +175,10 @@ class Calibrator:
                 measured[name] = {"note": stats.note or "never ran"}
                 continue
             cra, density, out_err = stats.mean()
-            qualifies = cra >= target
+            worst_cra, worst_err = stats.worst()  # a rule must serve every calibration length
+            qualifies = worst_cra >= target
             if max_error is not None:
-                qualifies &= out_err <= max_error
+                qualifies &= worst_err <= max_error
             rules, rows = [], []
             for h in range(cra.shape[1]):
                 best = (1.0, 1, -1)  # (density, static wins ties, candidate row); -1 = dense
@@ -260,9 +271,9 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
 ) -> Plan:
-    """A Plan giving each site and query head the cheapest candidate rule whose mean attention mass
-    kept (CRA) on the inputs reaches ``target`` and, if ``max_error`` is given, whose attention
-    output error (relative L2 vs exact, per head) stays within it.
+    """A Plan giving each site and query head the cheapest candidate rule whose attention mass kept
+    (CRA, averaged over the inputs of each length) reaches ``target`` at every input length and, if
+    ``max_error`` is given, whose attention output error (relative L2 vs exact) stays within it.
 
     ``inputs``: token id tensors / lists, or strings with ``tokenizer``; default: standard library
     sources and pass key prompts at each of ``lengths`` (needs ``tokenizer``). ``rules``: the

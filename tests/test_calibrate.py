@@ -74,13 +74,20 @@ def test_choice_is_the_cheapest_candidate_that_reaches_the_target():
     cra = torch.tensor([[0.97, 0.96, 0.50], [0.96, 0.96, 0.50], [0.99, 0.99, 0.50]])  # (C, heads)
     density = torch.tensor([[0.2, 0.2, 0.2], [0.1, 0.2, 0.3], [0.5, 0.5, 0.5]])
     out_err = torch.tensor([[0.05, 0.05, 0.05], [0.30, 0.05, 0.05], [0.05, 0.05, 0.05]])
-    stats.add(cra, density, out_err)
+    stats.add(100, cra, density, out_err)
     cal.sites["s"] = stats
     chosen, measured = cal.choose(0.95)
     assert chosen["s"] == [rules[1], rules[0], Rule()]
     assert measured["s"]["heads"][2] == {"rule": "dense", "cra": 1.0, "density": 1.0, "out_err": 0.0}
     chosen, _ = cal.choose(0.95, max_error=0.1)  # block top-k's output error is too large on head 0
     assert chosen["s"] == [rules[0], rules[0], Rule()]
+    # A second length where the short window loses head 0: the rule must serve every length.
+    cra_long = cra.clone()
+    cra_long[0, 0] = 0.90
+    stats.add(200, cra_long, density, out_err)
+    chosen, measured = cal.choose(0.95, max_error=0.1)
+    assert chosen["s"] == [rules[2], rules[0], Rule()]
+    assert measured["s"]["heads"][0]["cra"] == 0.99  # the mean over both lengths
 
 
 def test_candidates_and_bad_arguments():
