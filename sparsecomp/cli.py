@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     cal = sub.add_parser("calibrate", help="measure a pretrained model's attention and write a per-head plan")
     cal.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face model folder")
     cal.add_argument("--out", default="plan.json")
-    cal.add_argument("--target", type=float, default=0.95, help="attention mass (CRA) each head must keep")
+    cal.add_argument("--target", type=float, default=0.9, help="attention mass (CRA) each head must keep")
+    cal.add_argument("--max-error", type=float, default=0.1, help="bound on each head's attention output error")
     cal.add_argument("--rules", nargs="+", default=None, help="candidate kinds (default: all)")
     cal.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     cal.add_argument("--block", type=int, default=128)
@@ -62,8 +63,8 @@ def _calibrate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_pretrained(args.model, device=device)
     plan = calibrate(
-        model, tokenizer=tokenizer, target=args.target, rules=tuple(args.rules or CANDIDATE_KINDS),
-        lengths=tuple(args.lengths), block=args.block, seed=args.seed,
+        model, tokenizer=tokenizer, target=args.target, max_error=args.max_error,
+        rules=tuple(args.rules or CANDIDATE_KINDS), lengths=tuple(args.lengths), block=args.block, seed=args.seed,
     )  # fmt: skip
     plan.save(args.out)
     kinds = [r.kind for rules in plan.sites.values() for r in rules]

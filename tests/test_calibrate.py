@@ -115,3 +115,35 @@ def test_passkey_prompt_fits_its_length_and_holds_the_key():
     assert len(p.passkey) == 5 and p.ids[p.answer_start :] == CharTokenizer()(" " + p.passkey)["input_ids"]
     needle = CharTokenizer()(f" The pass key is {p.passkey}.")["input_ids"]
     assert any(p.ids[i : i + len(needle)] == needle for i in range(200, 300))  # near half depth
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 ids, no merges) built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_command_line_calibrates_a_local_model_on_the_default_data(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sparsecomp.cli import main
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    out = tmp_path / "plan.json"
+    argv = ["calibrate", "--model", str(tmp_path / "model"), "--lengths", "96", "--block", "16", "--rules",
+            "streaming", "block_topk", "--target", "0.8", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    plan = Plan.load(out)
+    assert len(plan.sites) == 2 and plan.info["data"].startswith("default: stdlib")
+    assert plan.info["inputs"] == 6  # 4 documents + 2 pass key prompts at the one length
+    assert plan.info["target_cra"] == 0.8 and plan.info["max_out_err"] == 0.1
+    assert "wrote" in capsys.readouterr().out
