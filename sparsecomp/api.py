@@ -22,7 +22,9 @@ def compile(model: torch.nn.Module, plan=None, *, kernel_options=None, inner: st
         BackendOptions.from_any({"plan": plan, "kernel_options": kernel_options, "inner": inner})
     )
     compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
-    compiled._sparsecomp_backend = backend
+    # On the wrapper itself: torch's OptimizedModule forwards attribute writes to the wrapped model,
+    # so two compiles of one model would share (and overwrite) one report.
+    object.__setattr__(compiled, "_sparsecomp_backend", backend)
     return compiled
 
 

@@ -117,7 +117,7 @@ def _density(site: AttentionSite, rules: list[Rule]) -> float | None:
         return None  # known only per input: the recall metric measures it
     if not site.structure.causal or not isinstance(n, int) or site.shape["q_len"] != n:
         return None
-    per_head = [1.0 if r.kind == "dense" else streaming_density(n, r.sink, r.window) for r in rules]
+    per_head = [1.0 if r.kind == "dense" else streaming_density(n, *r.head_params(n)) for r in rules]
     return sum(per_head) / len(per_head)
 
 
@@ -162,7 +162,9 @@ def rewrite_graph(gm: fx.GraphModule, options: BackendOptions) -> list[SiteRepor
             counters["kept"] += 1
             continue
         rules, notes = _head_rules(site, options.plan, options.kernel_options)
-        sink, window = zip(*(r.head_params() for r in rules), strict=True)
+        # Elastic windows read the length: a symbolic one is specialized (one graph per length).
+        n_keys = int(site.shape["kv_len"]) if any(r.kind == "elastic" for r in rules) else None
+        sink, window = zip(*(r.head_params(n_keys) for r in rules), strict=True)
         adaptive = adaptive_groups(rules)
         out = rewrite_site(gm, site, list(sink), list(window), options.kernel_options, shared, adaptive)
         out.meta["sparsecomp_site"] = site.name

@@ -15,6 +15,7 @@ per-input index cost); a head that no candidate serves stays dense (DuoAttention
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -60,7 +61,7 @@ def candidate_index(rule: Rule, q, k, q_pos, k_pos, key_ok, *, scale, causal, wi
     would run on these inputs."""
     hq = q.shape[1]
     if not rule.adaptive:
-        sink, win = (torch.full((hq,), v, dtype=torch.int32, device=q.device) for v in rule.head_params())
+        sink, win = (torch.full((hq,), v, dtype=torch.int32, device=q.device) for v in rule.head_params(k.shape[2]))
         index = build_block_index(
             q_pos, k_pos, key_ok, sink[:1], win[:1], causal=causal, window=window, block_m=block, block_n=block,
             max_blocks=None,
@@ -181,19 +182,58 @@ class Calibrator:
                 qualifies &= worst_err <= max_error
             rules, rows = [], []
             for h in range(cra.shape[1]):
-                best = (1.0, 1, -1)  # (density, static wins ties, candidate row); -1 = dense
+                # (density, static wins ties, rule, CRA, output error); dense when nothing qualifies
+                options = [(1.0, 1, Rule(), 1.0, 0.0)]
                 for row, c in enumerate(stats.allowed):
                     if qualifies[row, h]:
-                        best = min(best, (density[row, h].item(), int(self.rules[c].adaptive), row))
-                row = best[2]
-                rule = self.rules[stats.allowed[row]] if row >= 0 else Rule()
+                        rule = self.rules[c]
+                        options.append((density[row, h].item(), int(rule.adaptive), rule, cra[row, h].item(),
+                                        out_err[row, h].item()))  # fmt: skip
+                if (elastic := self._elastic(stats, h, target, max_error)) is not None:
+                    options.append(elastic)
+                dens, _, rule, kept, err = min(options, key=lambda option: option[:2])
                 rules.append(rule)
-                kept, dens, err = (cra[row, h].item(), best[0], out_err[row, h].item()) if row >= 0 else (1.0, 1.0, 0.0)
                 rows.append(
                     {"rule": str(rule), "cra": round(kept, 4), "density": round(dens, 4), "out_err": round(err, 4)}
                 )
             chosen[name], measured[name] = rules, {"heads": rows}
         return chosen, measured
+
+    def _elastic(self, stats: SiteStats, h: int, target: float, max_error: float | None):
+        """MoA's elastic span for head ``h``: at each calibration length the smallest streaming
+        window that qualifies there, covered by a line a + b * N through the shortest and longest
+        lengths' windows (raised to cover the others). Measured as the grid window at least as
+        wide at each length (exact with two lengths). None unless two lengths or more, streaming
+        candidates, and a window that grows with N."""
+        streaming = [(self.rules[c], row) for row, c in enumerate(stats.allowed) if self.rules[c].kind == "streaming"]
+        lengths = sorted(stats.by_length)
+        if len(lengths) < 2 or not streaming:
+            return None
+        sink = streaming[0][0].sink
+        windows = sorted((rule.window, row) for rule, row in streaming if rule.sink == sink)
+        need = {}
+        for n in lengths:
+            cra, _, err, count = stats.by_length[n]
+            ok = [
+                w
+                for w, row in windows
+                if cra[row, h] / count >= target and (max_error is None or err[row, h] / count <= max_error)
+            ]
+            if not ok:
+                return None
+            need[n] = ok[0]
+        b = round((need[lengths[-1]] - need[lengths[0]]) / (lengths[-1] - lengths[0]), 6)
+        if b <= 0:
+            return None  # a fixed window serves every length: that streaming candidate covers it
+        rule = Rule("elastic", sink=sink, a=math.ceil(max(w - b * n for n, w in need.items())), b=b)
+        measured = []
+        for n in lengths:
+            cra, density, err, count = stats.by_length[n]
+            width = rule.head_params(n)[1]
+            row = next((row for w, row in windows if w >= width), windows[-1][1])
+            measured.append((density[row, h].item() / count, cra[row, h].item() / count, err[row, h].item() / count))
+        dens, kept, err = (sum(values) / len(measured) for values in zip(*measured, strict=True))
+        return dens, 0, rule, kept, err
 
     @property
     def inputs(self) -> int:

@@ -4,6 +4,8 @@ A rule is a kind and its parameters (defaults below):
     dense
     streaming(sink, window)            StreamingLLM / A-shape: the first ``sink`` keys plus the last
                                        ``window`` keys of each query (window > 0)
+    elastic(sink, a, b)                MoA's elastic span: streaming with window = ceil(a + b * N) for
+                                       N keys (at least 1); the graph specializes on N
     vertical_slash(n_vertical, n_slash, last_q, sink, local)     MInference, estimated per input
     sample(alpha, window_ratio, sample_ratio)                     SampleAttention, per input
     block_topk(k, coverage, pool)      MoBA / Quest-style prefill block selection, per input
@@ -15,6 +17,7 @@ not name get ``default``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,7 @@ SCHEMA_VERSION = 1
 RULE_PARAMS: dict[str, dict[str, object]] = {
     "dense": {},
     "streaming": {"sink": 0, "window": 0},
+    "elastic": {"sink": 0, "a": 0, "b": 0.0},
     "vertical_slash": {"n_vertical": 1000, "n_slash": 6096, "last_q": 64, "sink": 64, "local": 64},
     "sample": {"alpha": 0.95, "window_ratio": 0.02, "sample_ratio": 0.02},
     "block_topk": {"k": 16, "coverage": 0.0, "pool": "mean"},
@@ -34,6 +38,8 @@ def _check_rule(kind: str, p: dict) -> str | None:
     """Why these parameters are invalid, or None."""
     if kind == "streaming" and (p["window"] <= 0 or p["sink"] < 0):
         return "streaming needs window > 0 and sink >= 0"
+    if kind == "elastic" and (p["sink"] < 0 or p["b"] < 0 or (p["a"] <= 0 and p["b"] == 0)):
+        return "elastic needs sink >= 0, b >= 0 and a window that grows past 0 (a > 0 or b > 0)"
     if kind == "vertical_slash" and (min(p["n_vertical"], p["n_slash"], p["sink"], p["local"]) < 0 or p["last_q"] < 1):
         return "vertical_slash needs budgets >= 0 and last_q >= 1"
     if kind == "sample" and not (0 < p["alpha"] <= 1 and 0 <= p["window_ratio"] <= 1 and 0 < p["sample_ratio"] <= 1):
@@ -117,9 +123,13 @@ class Rule:
         """Estimated from each input (Q, K) inside the graph, not fixed by positions alone."""
         return self.kind in ADAPTIVE_KINDS
 
-    def head_params(self) -> tuple[int, int]:
-        """(sink, window) of the kernel's per-head local rule; window <= 0 means unlimited.
-        Adaptive rules select whole blocks and columns, so their local rule is (0, 0)."""
+    def head_params(self, n_keys: int | None = None) -> tuple[int, int]:
+        """(sink, window) of the kernel's per-head local rule for ``n_keys`` keys; window <= 0 means
+        unlimited. Adaptive rules select whole blocks and columns, so their local rule is (0, 0)."""
+        if self.kind == "elastic":
+            if n_keys is None:
+                raise ValueError("an elastic rule's window depends on the number of keys")
+            return self.sink, max(1, math.ceil(self.a + self.b * n_keys))
         return (self.sink, self.window) if self.kind == "streaming" else (0, 0)
 
 

@@ -81,13 +81,17 @@ def test_choice_is_the_cheapest_candidate_that_reaches_the_target():
     assert measured["s"]["heads"][2] == {"rule": "dense", "cra": 1.0, "density": 1.0, "out_err": 0.0}
     chosen, _ = cal.choose(0.95, max_error=0.1)  # block top-k's output error is too large on head 0
     assert chosen["s"] == [rules[0], rules[0], Rule()]
-    # A second length where the short window loses head 0: the rule must serve every length.
+    # A second length where the short window loses head 0: the rule must serve every length. The
+    # elastic span (window 8 at 100 keys, 32 at 200: a + b * N with b = 0.24, a = -16) is cheaper
+    # on average than the fixed window 32; without streaming candidates, window 32 it would be.
     cra_long = cra.clone()
     cra_long[0, 0] = 0.90
     stats.add(200, cra_long, density, out_err)
     chosen, measured = cal.choose(0.95, max_error=0.1)
-    assert chosen["s"] == [rules[2], rules[0], Rule()]
-    assert measured["s"]["heads"][0]["cra"] == 0.99  # the mean over both lengths
+    elastic = Rule("elastic", sink=1, a=-16, b=0.24)
+    assert chosen["s"] == [elastic, rules[0], Rule()]
+    assert [elastic.head_params(n) for n in (100, 200)] == [(1, 8), (1, 32)]
+    assert measured["s"]["heads"][0] == {"rule": str(elastic), "cra": 0.98, "density": 0.35, "out_err": 0.05}
 
 
 def test_candidates_and_bad_arguments():
@@ -147,3 +151,21 @@ def test_command_line_calibrates_a_local_model_on_the_default_data(tmp_path, cap
     assert plan.info["inputs"] == 6  # 4 documents + 2 pass key prompts at the one length
     assert plan.info["target_cra"] == 0.8 and plan.info["max_out_err"] == 0.1
     assert "wrote" in capsys.readouterr().out
+
+
+def test_elastic_plan_runs_the_window_of_its_length():
+    """elastic(sink 2, a 4, b 0.25) at 80 keys is streaming(sink 2, window 24)."""
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 100, (1, 80), generator=torch.Generator().manual_seed(5))
+    options = {"block_m": 16, "block_n": 16}
+    outs, models = [], []
+    for plan in ("elastic:sink=2,a=4,b=0.25", "streaming:sink=2,window=24", "streaming:sink=2,window=16"):
+        torch._dynamo.reset()
+        models.append(sparsecomp.compile(model, plan, kernel_options=options, dynamic=False))
+        with torch.no_grad():
+            outs.append(models[-1](ids).logits)
+    torch.testing.assert_close(outs[0], outs[1])
+    assert not torch.allclose(outs[0], outs[2])  # the window matters at this length
+    report = sparsecomp.inspect(models[0])
+    assert "elastic(sink=2, a=4, b=0.25)" in str(report)
+    assert report.sites[0].density == report.site(report.sites[0].name).density > 0

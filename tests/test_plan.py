@@ -78,3 +78,13 @@ def test_streaming_density_counts_kept_pairs(n, sink, window):
     j = torch.arange(n)[None, :]
     keep = (j <= i) & ((i - j < window) | (j < sink))
     assert streaming_density(n, sink, window) == pytest.approx(keep.sum().item() / (n * (n + 1) / 2))
+
+
+def test_elastic_rule_window_grows_with_the_length():
+    rule = Rule.parse("elastic:sink=4,a=10,b=0.125")
+    assert rule.head_params(100) == (4, 23) and rule.head_params(1000) == (4, 135)
+    assert Rule.parse(rule.spec()) == rule
+    with pytest.raises(ValueError, match="depends on the number of keys"):
+        rule.head_params()
+    with pytest.raises(ValueError, match="elastic needs"):
+        Rule("elastic", sink=4, a=0, b=0.0)
