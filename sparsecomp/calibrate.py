@@ -144,25 +144,14 @@ class Calibrator:
     def observe(self, out, q, k, v, q_pos, k_pos, key_ok, *, site, scale, causal, window):
         stats = self.sites[site]
         with torch.no_grad():
+            structure = dict(scale=scale, causal=causal, window=window)
             candidates = [
-                candidate_index(
-                    self.rules[c],
-                    q,
-                    k,
-                    q_pos,
-                    k_pos,
-                    key_ok,
-                    scale=scale,
-                    causal=causal,
-                    window=window,
-                    block=self.block,
-                )  # fmt: skip
+                candidate_index(self.rules[c], q, k, q_pos, k_pos, key_ok, **structure, block=self.block)
                 for c in stats.allowed
             ]
             measured = kept_mass(
-                q, k, q_pos, k_pos, key_ok, candidates, scale=scale, causal=causal, window=window,
-                block_m=self.block, block_n=self.block, v=v,
-            )  # fmt: skip
+                q, k, q_pos, k_pos, key_ok, candidates, **structure, block_m=self.block, block_n=self.block, v=v
+            )
         stats.add(q.shape[2], *measured)
         stats.heads = (q.shape[1], k.shape[1])
         return out
