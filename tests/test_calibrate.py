@@ -169,3 +169,20 @@ def test_elastic_plan_runs_the_window_of_its_length():
     report = sparsecomp.inspect(models[0])
     assert "elastic(sink=2, a=4, b=0.25)" in str(report)
     assert report.sites[0].density == report.site(report.sites[0].name).density > 0
+
+
+def test_text_inputs_are_tokenized_and_a_batch_tensor_is_split_into_rows():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    texts = ["def f(x):\n    return x + 1\n" * 4, "import os\nprint(os.getcwd())\n" * 3]
+    plan = sparsecomp.calibrate(model, texts, tokenizer=byte_tokenizer(), rules=RULES[:2], block=16, progress=False)
+    assert plan.info["inputs"] == 2 and plan.info["data"] == "user: 2 inputs"
+    assert plan.info["lengths"] == sorted(len(byte_tokenizer()(t)["input_ids"]) for t in texts)
+    batch = torch.randint(0, 256, (3, 64), generator=torch.Generator().manual_seed(2))
+    plan = sparsecomp.calibrate(model, batch, rules=RULES[:2], block=16, progress=False)
+    assert plan.info["inputs"] == 3 and plan.info["lengths"] == [64]
+    with pytest.raises(ValueError, match="text inputs need a tokenizer"):
+        sparsecomp.calibrate(model, texts, progress=False)
