@@ -101,11 +101,12 @@ def score(model, docs, prompts, dense_logits, device, span: int = 256) -> dict:
     }
 
 
-def calibrated_plans(model, tok, lengths, targets, block) -> dict:
+def calibrated_plans(model, tok, lengths, targets, block, influence=False) -> dict:
     """One calibration on the default data at ``lengths``; a plan per target ("T" or "T/max_error")."""
     t0 = time.time()
     cal_ids = default_calibration_ids(tok, lengths)
-    calibrator = observe(model, cal_ids, candidate_rules(max_len=max(lengths)), block, progress=True)
+    rules = candidate_rules(max_len=max(lengths))
+    calibrator = observe(model, cal_ids, rules, block, progress=True, influence=influence)
     data = f"default: stdlib {', '.join(CALIBRATION_FILES)} + pass key prompts"
     plans = {}
     for spec in targets:
@@ -136,6 +137,7 @@ def main(argv=None):
     p.add_argument("--calibration-lengths", type=int, nargs="+", default=None, help="default: --lengths")
     p.add_argument("--plans", default=None, help="folder of accuracy_plan_*.json to evaluate instead of calibrating")
     p.add_argument("--name", default="accuracy", help="results file name")
+    p.add_argument("--influence", action="store_true", help="calibrate on MoA's attention x gradient influence")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -151,7 +153,8 @@ def main(argv=None):
             error = plan.info.get("max_out_err")
             plans[f"calibrated CRA>={plan.info['target_cra']}" + (f", error<={error}" if error else "")] = plan
     else:
-        plans = calibrated_plans(model, tok, args.calibration_lengths or args.lengths, args.targets, args.block)
+        lengths = args.calibration_lengths or args.lengths
+        plans = calibrated_plans(model, tok, lengths, args.targets, args.block, args.influence)
         for name, plan in plans.items():
             plan.save(Path(args.out) / plan_file(name))
     plans.update({text: Plan(default=Rule.parse(text), info={"preset": text}) for text in args.rules})

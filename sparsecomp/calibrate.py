@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from sparsecomp.kernels import build_block_index
 from sparsecomp.passes.mask import MaskInterpreter
@@ -117,13 +118,16 @@ class Calibrator:
 
     rules: list[Rule]
     block: int
+    influence: bool = False  # measure kept loss influence (needs a backward pass) instead of CRA
     sites: dict[str, SiteStats] = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)  # site -> its tensors, until the gradient arrives
 
     def backend(self, gm, example_inputs):
         """Dynamo backend: route each site that a sparse rule could serve through ``observe``."""
         interp = MaskInterpreter()
         for site in find_sites(gm):
-            reason = _fallback_reason(site)
+            with torch.no_grad():  # observing never replaces the attention: gradients are no reason to skip
+                reason = _fallback_reason(site)
             structure = _structure(site, interp) if reason is None else reason
             if isinstance(structure, str):
                 self.sites.setdefault(site.name, SiteStats([], note=f"kept dense: {structure}"))
@@ -142,19 +146,32 @@ class Calibrator:
         return gm.forward
 
     def observe(self, out, q, k, v, q_pos, k_pos, key_ok, *, site, scale, causal, window):
+        args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in (q, k, v, q_pos, k_pos, key_ok))
+        structure = dict(scale=scale, causal=causal, window=window)
+        if not self.influence:
+            self._measure(site, *args, structure)
+        elif out.requires_grad:  # measured once the loss gradient of this output is known
+            self.pending[site] = (args, structure)
+            out.register_hook(lambda grad, site=site: self._measure_later(site, grad))
+        return out
+
+    def _measure_later(self, site, out_grad):
+        args, structure = self.pending.pop(site)
+        self._measure(site, *args, structure, out_grad=out_grad.detach())
+
+    def _measure(self, site, q, k, v, q_pos, k_pos, key_ok, structure, out_grad=None):
         stats = self.sites[site]
         with torch.no_grad():
-            structure = dict(scale=scale, causal=causal, window=window)
             candidates = [
                 candidate_index(self.rules[c], q, k, q_pos, k_pos, key_ok, **structure, block=self.block)
                 for c in stats.allowed
             ]
-            measured = kept_mass(
-                q, k, q_pos, k_pos, key_ok, candidates, **structure, block_m=self.block, block_n=self.block, v=v
-            )
-        stats.add(q.shape[2], *measured)
+            cra, density, out_err, influence = kept_mass(
+                q, k, q_pos, k_pos, key_ok, candidates, **structure, block_m=self.block, block_n=self.block, v=v,
+                out_grad=out_grad,
+            )  # fmt: skip
+        stats.add(q.shape[2], influence if self.influence else cra, density, out_err)
         stats.heads = (q.shape[1], k.shape[1])
-        return out
 
     def choose(self, target: float, max_error: float | None = None) -> tuple[dict, dict]:
         """Per site: one rule per query head, and what was measured for it. A candidate qualifies
@@ -182,8 +199,9 @@ class Calibrator:
                     options.append(elastic)
                 dens, _, rule, kept, err = min(options, key=lambda option: option[:2])
                 rules.append(rule)
+                kept_name = "influence" if self.influence else "cra"  # what the target bounded
                 rows.append(
-                    {"rule": str(rule), "cra": round(kept, 4), "density": round(dens, 4), "out_err": round(err, 4)}
+                    {"rule": str(rule), kept_name: round(kept, 4), "density": round(dens, 4), "out_err": round(err, 4)}
                 )
             chosen[name], measured[name] = rules, {"heads": rows}
         return chosen, measured
@@ -241,6 +259,7 @@ def _plan_info(calibrator, target, max_error, measured, data, lengths, seed) -> 
     return {
         "made_by": "sparsecomp.calibrate",
         "target_cra": target,
+        "selected_on": "influence" if calibrator.influence else "cra",
         "max_out_err": max_error,
         "candidates": [str(r) for r in calibrator.rules],
         "data": data,
@@ -293,6 +312,7 @@ def calibrate(
     *,
     target: float = 0.9,
     max_error: float | None = 0.1,
+    influence: bool = False,
     rules=CANDIDATE_KINDS,
     lengths=(2048, 4096),
     tokenizer=None,
@@ -309,7 +329,9 @@ def calibrate(
     candidate kinds (see ``candidate_rules``) or a list of Rules. ``block``: the sparse index
     block size the plan is measured at (use the compile's ``kernel_options`` block size). The
     defaults (CRA 0.9, output error 0.1) gave the best accuracy per density on SmolLM2
-    (docs/calibration-notes.md); ``max_error=None`` selects on CRA alone."""
+    (docs/calibration-notes.md); ``max_error=None`` selects on CRA alone. ``influence=True``: MoA's
+    attention x gradient influence (``recall.kept_mass``) replaces CRA as what ``target`` bounds;
+    each input then also runs backward from its next-token loss."""
     if not 0 < target <= 1:
         raise ValueError(f"target={target}; the attention mass to keep is in (0, 1]")
     torch.manual_seed(seed)
@@ -318,21 +340,32 @@ def calibrate(
         raise ValueError("no calibration inputs (documents shorter than every length?)")
     longest = max(len(x) for x in ids)
     candidates = list(rules) if rules and isinstance(next(iter(rules)), Rule) else candidate_rules(rules, longest)
-    calibrator = observe(model, ids, candidates, block, progress=progress)
+    calibrator = observe(model, ids, candidates, block, progress=progress, influence=influence)
     lengths = sorted({len(x) for x in ids})
     return calibrator.plan(target, model, data=data, lengths=lengths, seed=seed, max_error=max_error)
 
 
-def observe(model: torch.nn.Module, ids, rules: list[Rule], block: int, *, progress: bool = False) -> Calibrator:
+def observe(
+    model: torch.nn.Module, ids, rules: list[Rule], block: int, *, progress: bool = False, influence: bool = False
+) -> Calibrator:  # fmt: skip
     """Run the model on each input (token ids) with every site observed; the Calibrator holds the
-    per-site, per-candidate, per-head CRA and density."""
-    calibrator = Calibrator(list(rules), block)
+    per-site, per-candidate, per-head CRA (or, with ``influence``, kept loss influence: each input
+    also runs backward from its next-token loss), density and output error."""
+    calibrator = Calibrator(list(rules), block, influence=influence)
     device = next(model.parameters()).device
     observed = torch.compile(model, backend=calibrator.backend, dynamic=False)
-    with torch.no_grad():
-        for item in _progress(ids, progress, "calibrating"):
-            x = torch.as_tensor(item, device=device)
-            observed(x[None] if x.dim() == 1 else x)
+    for item in _progress(ids, progress, "calibrating"):
+        x = torch.as_tensor(item, device=device)
+        x = x[None] if x.dim() == 1 else x
+        if not influence:
+            with torch.no_grad():
+                observed(x)
+            continue
+        out = observed(x)
+        logits = getattr(out, "logits", out)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()  # the output hooks measure each site as its gradient arrives
+        model.zero_grad(set_to_none=True)
     return calibrator
 
 

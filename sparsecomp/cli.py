@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     cal.add_argument("--out", default="plan.json")
     cal.add_argument("--target", type=float, default=0.9, help="attention mass (CRA) each head must keep")
     cal.add_argument("--max-error", type=float, default=0.1, help="bound on each head's attention output error")
+    cal.add_argument("--influence", action="store_true", help="select on MoA's attention x gradient influence")
     cal.add_argument("--rules", nargs="+", default=None, help="candidate kinds (default: all)")
     cal.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     cal.add_argument("--block", type=int, default=128)
@@ -63,7 +64,7 @@ def _calibrate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_pretrained(args.model, device=device)
     plan = calibrate(
-        model, tokenizer=tokenizer, target=args.target, max_error=args.max_error,
+        model, tokenizer=tokenizer, target=args.target, max_error=args.max_error, influence=args.influence,
         rules=tuple(args.rules or CANDIDATE_KINDS), lengths=tuple(args.lengths), block=args.block, seed=args.seed,
     )  # fmt: skip
     plan.save(args.out)

@@ -60,11 +60,16 @@ def _kept_rows(index: SparseIndex, q_pos, k_pos, key_ok, head_sink, head_window,
 
 def kept_mass(
     q, k, q_pos, k_pos, key_ok, candidates, *, scale: float, causal: bool, window: int, block_m: int,
-    block_n: int, v=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """CRA, density and (with ``v``) output error, each (C, Hq) fp64, of several candidate patterns
-    at once, exact attention computed once per chunk. ``candidates``: (index, head_sink,
-    head_window) per candidate."""
+    block_n: int, v=None, out_grad=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """CRA, density, (with ``v``) output error and (with ``v`` and ``out_grad``, the loss gradient
+    of the attention output) kept influence, each (C, Hq) fp64, of several candidate patterns at
+    once, exact attention computed once per chunk. ``candidates``: (index, head_sink, head_window)
+    per candidate.
+
+    Influence (MoA's first-order loss change of removing a pair, softmax renormalization included):
+    I[i, j] = |p[i, j] * g_i . (v_j - o_i)| with g = out_grad, o the exact output; a candidate's
+    kept influence is the sum of I over its kept pairs / the sum over all pairs, per head."""
     b, hq, _, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     structure = dict(causal=causal, window=window, block_m=block_m, block_n=block_n)
@@ -73,6 +78,7 @@ def kept_mass(
     kept_n, err2 = torch.zeros_like(mass), torch.zeros_like(mass)
     rows_seen = torch.zeros(hq, dtype=torch.float64, device=q.device)
     allowed_n, ref2 = torch.zeros_like(rows_seen), torch.zeros_like(rows_seen)
+    kept_infl, total_infl = torch.zeros_like(mass), torch.zeros_like(rows_seen)
     vf = v.float()[:, :, None] if v is not None else None
 
     def output(p, rows):  # (B, Hq, rows, Nk) weights -> (B, Hq, rows, D) attention output
@@ -85,6 +91,11 @@ def kept_mass(
         o_dense = output(p, r1 - r0) if v is not None else None
         if v is not None:
             ref2 += o_dense.pow(2).sum((0, 2, 3)).double()
+        if out_grad is not None:
+            g = out_grad[:, :, r0:r1].float()
+            g_v = (g.view(b, hkv, hq // hkv, r1 - r0, d) @ vf.transpose(-1, -2)).view(*p.shape)
+            influence = (p * (g_v - (g * o_dense).sum(-1, keepdim=True))).abs()
+            total_infl += influence.sum((0, 2, 3)).double()
         for c, rows in enumerate(kept):
             keep = rows(r0, r1)
             p_kept = p * keep
@@ -94,8 +105,11 @@ def kept_mass(
             if v is not None:  # the sparse softmax is the kept weights renormalized
                 o_sparse = output(p_kept / kept_sum.clamp_min(1e-30)[..., None], r1 - r0)
                 err2[c] += (o_sparse - o_dense).pow(2).sum((0, 2, 3)).double()
+            if out_grad is not None:
+                kept_infl[c] += (influence * keep).sum((0, 2, 3)).double()
     out_err = (err2.sqrt() / ref2.sqrt().clamp_min(1e-30)) if v is not None else None
-    return mass / rows_seen.clamp_min(1), kept_n / allowed_n.clamp_min(1), out_err
+    kept_influence = kept_infl / total_infl.clamp_min(1e-30) if out_grad is not None else None
+    return mass / rows_seen.clamp_min(1), kept_n / allowed_n.clamp_min(1), out_err, kept_influence
 
 
 def pattern_recall(

@@ -82,7 +82,7 @@ class InspectReport:
         heads = (self.plan.info.get("measured", {}).get(site, {}).get("heads") if self.plan else None) or []
         if not heads:
             return "-"
-        cra = sum(h["cra"] for h in heads) / len(heads)
+        cra = sum(h.get("cra", h.get("influence", 0.0)) for h in heads) / len(heads)
         density = sum(h["density"] for h in heads) / len(heads)
         return f"{cra:.3f} / {density:.1%}"
 

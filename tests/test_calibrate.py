@@ -186,3 +186,42 @@ def test_text_inputs_are_tokenized_and_a_batch_tensor_is_split_into_rows():
     assert plan.info["inputs"] == 3 and plan.info["lengths"] == [64]
     with pytest.raises(ValueError, match="text inputs need a tokenizer"):
         sparsecomp.calibrate(model, texts, progress=False)
+
+
+def test_kept_influence_is_the_first_order_loss_change_of_dropped_pairs():
+    """kept_mass's influence against autograd: I[i, j] = |p_ij * dL/dp_ij - p_ij * sum_n p_in dL/dp_in|
+    with dL/dp from a random linear loss on the attention output."""
+    from sparsecomp.kernels import build_block_index, index_positions
+    from sparsecomp.recall import kept_mass
+
+    gen = torch.Generator().manual_seed(4)
+    b, hq, hkv, n, d = 1, 4, 2, 40, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv))
+    pos = index_positions(q, 2)
+    sink, win = torch.tensor([2], dtype=torch.int32), torch.tensor([8], dtype=torch.int32)
+    index = build_block_index(pos, pos, None, sink, win, causal=True, window=0, block_m=8, block_n=8, max_blocks=None)
+    heads = (sink.expand(hq), win.expand(hq))
+    # exact attention with p as a leaf, a random linear loss on its output
+    s = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * d**-0.5
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1).requires_grad_()
+    o = p @ v.repeat_interleave(2, 1)
+    weights = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    (o * weights).sum().backward()
+    dl_dp = p.grad
+    influence = (p * (dl_dp - (p * dl_dp).sum(-1, keepdim=True))).abs().detach()
+    kept = causal & ((pos[0][:, None] - pos[0][None, :] < 8) | (pos[0][None, :] < 2))
+    want = (influence * kept).sum((0, 2, 3)) / influence.sum((0, 2, 3))
+    *_, got = kept_mass(q, k, pos, pos, None, [(index, *heads)], scale=d**-0.5, causal=True, window=0,
+                        block_m=8, block_n=8, v=v, out_grad=weights)  # fmt: skip
+    torch.testing.assert_close(got[0], want, atol=1e-6, rtol=1e-6)
+    assert (want < 1).all() and (want > 0).all()
+
+
+def test_influence_calibration_gives_a_valid_plan():
+    model = tiny_llama().eval()
+    plan = sparsecomp.calibrate(model, inputs(), target=0.8, influence=True, rules=RULES, block=16, progress=False)
+    assert plan.info["selected_on"] == "influence" and len(plan.sites) == 2
+    heads = [h for site in plan.info["measured"].values() for h in site["heads"]]
+    assert len(heads) == 8 and all(h["influence"] >= 0.8 for h in heads)
+    assert all(p.grad is None for p in model.parameters())
