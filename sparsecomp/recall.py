@@ -88,8 +88,8 @@ def kept_mass(
     for r0, r1, _, p, allowed, seen in chunks:
         rows_seen += seen.sum((0, 2)).double()
         allowed_n += allowed.expand(*p.shape).sum((0, 2, 3)).double()
-        o_dense = output(p, r1 - r0) if v is not None else None
         if v is not None:
+            o_dense = output(p, r1 - r0)
             ref2 += o_dense.pow(2).sum((0, 2, 3)).double()
         if out_grad is not None:
             g = out_grad[:, :, r0:r1].float()

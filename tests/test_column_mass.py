@@ -19,6 +19,17 @@ CASES = [  # (B, Hq, Hkv, Nk, D, rows, causal, window, pad)
 ]
 
 
+def rows_case(case, dtype):
+    """(q_rows, k, row_pos, k_pos, key_ok, rows tensor) of a case: the listed rows of a prefill."""
+    b, hq, hkv, nk, d, rows, causal, window, pad = case
+    q, k, _, key_ok = make_case(b, hq, hkv, nk, nk, d, dtype, pad)
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    key_ok = key_ok.to(DEVICE) if key_ok is not None else None
+    rows_t = torch.tensor(rows, device=DEVICE)
+    positions = torch.arange(nk, device=DEVICE)
+    return q[:, :, rows_t], k, positions[rows_t][None], positions[None], key_ok, rows_t
+
+
 def golden_mass(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window):
     g = q_rows.shape[1] // k.shape[1]
     s = q_rows.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * scale
@@ -29,13 +40,8 @@ def golden_mass(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_column_mass_matches_golden(case, dtype):
-    b, hq, hkv, nk, d, rows, causal, window, pad = case
-    q, k, _, key_ok = make_case(b, hq, hkv, nk, nk, d, dtype, pad)
-    q, k = q.to(DEVICE), k.to(DEVICE)
-    key_ok = key_ok.to(DEVICE) if key_ok is not None else None
-    rows_t = torch.tensor(rows, device=DEVICE)
-    q_rows, row_pos = q[:, :, rows_t], torch.arange(nk, device=DEVICE)[rows_t][None]
-    k_pos = torch.arange(nk, device=DEVICE)[None]
+    b, hq, _, nk, d, rows, causal, window, _ = case
+    q_rows, k, row_pos, k_pos, key_ok, rows_t = rows_case(case, dtype)
     args = (q_rows, k, row_pos, k_pos, key_ok, d**-0.5, causal, window)
     want = golden_mass(*args)
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
@@ -67,13 +73,8 @@ def golden_slash(q_rows, k, row_pos, k_pos, key_ok, row_index, scale, causal, wi
 @pytest.mark.parametrize("case", [c for c in CASES if len(c[5]) <= 130])
 def test_slash_mass_matches_golden(case, dtype):
     """Slash mass of the rows (key index = row index here: prefill), with and without causality."""
-    b, hq, hkv, nk, d, rows, causal, window, pad = case
-    q, k, _, key_ok = make_case(b, hq, hkv, nk, nk, d, dtype, pad)
-    q, k = q.to(DEVICE), k.to(DEVICE)
-    key_ok = key_ok.to(DEVICE) if key_ok is not None else None
-    rows_t = torch.tensor(rows, device=DEVICE)
-    q_rows, row_pos = q[:, :, rows_t], torch.arange(nk, device=DEVICE)[rows_t][None]
-    k_pos = torch.arange(nk, device=DEVICE)[None]
+    b, hq, _, nk, d, rows, causal, window, _ = case
+    q_rows, k, row_pos, k_pos, key_ok, rows_t = rows_case(case, dtype)
     args = (q_rows, k, row_pos, k_pos, key_ok)
     want_cols = golden_mass(*args, d**-0.5, causal, window)
     want = golden_slash(*args, rows_t, d**-0.5, causal, window)
