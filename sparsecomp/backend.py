@@ -14,6 +14,8 @@ from sparsecomp.passes.match import find_sites
 from sparsecomp.passes.rewrite import ADAPTIVE_BUILDERS, AdaptiveGroup, KernelOptions, rewrite_site
 from sparsecomp.passes.site import AttentionSite, meta_val
 
+from .cost_model import DEFAULT_CONFIG, Workload
+from .decide import Decision, SiteDecider, candidate_configs, decide, shape_bucket, size_hint
 from .plan import Plan, Rule
 from .report import GraphReport, InspectReport, SiteReport, streaming_density
 
@@ -25,22 +27,27 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 @dataclass
 class BackendOptions:
     plan: Plan = field(default_factory=Plan)
-    kernel_options: KernelOptions = field(default_factory=KernelOptions)
+    kernel_options: KernelOptions | None = None  # None: the cost model (or autotune) picks per site
     inner: str = "inductor"  # what compiles the rewritten graph
+    cost_model: object = "auto"  # "auto", False (follow the plan) or a CostModel (see decide.load_cost_model)
+    tuning_cache: object = None  # a TuningCache; None: this GPU's default cache; False: none
 
     @classmethod
     def from_any(cls, options) -> BackendOptions:
         if isinstance(options, BackendOptions):
             return options
         options = dict(options or {})
-        ko = options.pop("kernel_options", None) or {}
+        ko = options.pop("kernel_options", None)
         opts = cls(
             plan=Plan.from_any(options.pop("plan", None)),
-            kernel_options=ko if isinstance(ko, KernelOptions) else KernelOptions(**ko),
+            kernel_options=ko if isinstance(ko, KernelOptions) or ko is None else KernelOptions(**ko),
             inner=options.pop("inner", "inductor"),
+            cost_model=options.pop("cost_model", "auto"),
+            tuning_cache=options.pop("tuning_cache", None),
         )
         if options:
-            raise ValueError(f"unknown sparsecomp options {sorted(options)}; known: plan, kernel_options, inner")
+            known = "plan, kernel_options, inner, cost_model, tuning_cache"
+            raise ValueError(f"unknown sparsecomp options {sorted(options)}; known: {known}")
         if opts.inner not in INNER_COMPILERS:
             raise ValueError(f"inner={opts.inner!r}; known: {INNER_COMPILERS}")
         return opts
@@ -133,10 +140,50 @@ def graph_fingerprint(sites: list[AttentionSite]) -> dict:
     }
 
 
-def rewrite_graph(gm: fx.GraphModule, options: BackendOptions) -> list[SiteReport]:
+def _share_key(site: AttentionSite, rules: list[Rule]) -> tuple:
+    return str((site.shape["q_len"], site.shape["kv_len"])), tuple(str(r) for r in rules if not r.adaptive)
+
+
+def _workload(site: AttentionSite) -> Workload:
+    sh = site.shape
+    return Workload(
+        batch=size_hint(sh["batch"]), q_heads=sh["q_heads"], kv_heads=sh["kv_heads"], q_len=size_hint(sh["q_len"]),
+        kv_len=size_hint(sh["kv_len"]), head_dim=sh["head_dim"], dtype=str(site.dtype).replace("torch.", ""),
+        causal=site.structure.causal, masked=site.mask is not None,
+    )  # fmt: skip
+
+
+def _calibrated_densities(plan: Plan, site: AttentionSite) -> list[float] | None:
+    heads = plan.info.get("measured", {}).get(site.name, {}).get("heads") or []
+    return [h["density"] for h in heads] if len(heads) == site.shape["q_heads"] else None
+
+
+def _decide(site: AttentionSite, rules: list[Rule], options: BackendOptions, decider: SiteDecider, share: int):
+    """Dense or sparse, under which kernel config (see ``sparsecomp.decide``)."""
+    forced = options.kernel_options
+    model, source, cache = decider.context(meta_val(site.q).device)
+    if model is None:
+        return Decision(option="forced" if forced else DEFAULT_CONFIG, options=forced or KernelOptions(), source=source)
+    w = _workload(site)
+    configs = {"forced": forced} if forced else candidate_configs(rules, options.plan.info.get("block"))
+    tuned = cache.get(shape_bucket(w, rules)) if cache is not None and not forced else None
+    return decide(
+        model, source, w, site.shape["kv_len"], rules, configs, densities=_calibrated_densities(options.plan, site),
+        static_share=share, site_window=site.structure.window, tuned=tuned,
+    )  # fmt: skip
+
+
+def rewrite_graph(gm: fx.GraphModule, options: BackendOptions, decider: SiteDecider | None = None) -> list[SiteReport]:
     """Run the passes on a Dynamo graph in place; return one report row per site."""
     sites = find_sites(gm)
     options.plan.check_fingerprint(graph_fingerprint(sites))
+    decider = decider or SiteDecider(options.cost_model, options.tuning_cache)
+    # Sites of one shape and static rules share one static index (its cost is split between them).
+    share = collections.Counter(
+        _share_key(s, options.plan.rules_for(s.name, s.shape["q_heads"], s.shape["kv_heads"]))
+        for s in sites
+        if meta_val(s.q) is not None
+    )
     interp, shared, rows = MaskInterpreter(), {}, []
     counters["graphs"] += 1
     for site in sites:
@@ -161,21 +208,24 @@ def rewrite_graph(gm: fx.GraphModule, options: BackendOptions) -> list[SiteRepor
         if site.fallback is not None:
             counters["kept"] += 1
             continue
-        rules, notes = _head_rules(site, options.plan, options.kernel_options)
+        rules, notes = _head_rules(site, options.plan, options.kernel_options or KernelOptions())
+        row.rules = [str(r) for r in rules]
+        decision = _decide(site, rules, options, decider, share[_share_key(site, rules)])
+        row.decision = decision
+        if decision.dense:
+            counters["kept_dense_faster"] += 1
+            row.reason = f"dense is faster here ({decision.source})"
+            continue
         # Elastic windows read the length: a symbolic one is specialized (one graph per length).
         n_keys = int(site.shape["kv_len"]) if any(r.kind == "elastic" for r in rules) else None
         sink, window = zip(*(r.head_params(n_keys) for r in rules), strict=True)
         adaptive = adaptive_groups(rules)
-        out = rewrite_site(gm, site, list(sink), list(window), options.kernel_options, shared, adaptive)
+        out = rewrite_site(gm, site, list(sink), list(window), decision.options, shared, adaptive)
         out.meta["sparsecomp_site"] = site.name
         counters["rewritten"] += 1
         counters["gqa_folded"] += site.gqa_folded
         counters["mask_structured"] += site.mask is not None
-        row.became, row.rules, row.density = (
-            "sparse_attention",
-            [str(r) for r in rules],
-            _density(site, rules),
-        )
+        row.became, row.density = "sparse_attention", _density(site, rules)
         row.mask = site.structure.describe() + "".join(f"; {n}" for n in notes)
         row.reason = "rewritten" + (
             f" (GQA folded, {site.kv_groups} query heads per KV head)" if site.gqa_folded else ""
@@ -208,10 +258,11 @@ class SparsecompBackend:
 
     def __init__(self, options=None):
         self.options = BackendOptions.from_any(options)
+        self.decider = SiteDecider(self.options.cost_model, self.options.tuning_cache)
         self.graphs: list[GraphReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        rows = rewrite_graph(gm, self.options)
+        rows = rewrite_graph(gm, self.options, self.decider)
         self.graphs.append(GraphReport(gm, rows))
         return _inner_compile(gm, example_inputs, self.options.inner)
 

@@ -35,6 +35,20 @@ class SiteReport:
     rules: list[str] = field(default_factory=list)
     density: float | None = None  # kept fraction of the attention pairs, at the traced length
     gqa_folded: bool = False
+    decision: object = None  # the sparsecomp.decide.Decision behind "became" (None: never decided)
+
+    def choice(self) -> tuple[str, str, str]:
+        """(choice, its predicted or measured ms, the runner-up and its ms) for the table."""
+        d = self.decision
+        if d is None:
+            return "-", "-", "-"
+
+        def ms(value):
+            return "-" if value is None else f"{value:.3g}"
+
+        choice = d.option + (f" (N>={d.crossover} sparse)" if d.crossover else "")
+        runner = "-" if d.runner_up is None else f"{d.runner_up} {ms(d.runner_up_ms)}"
+        return choice, ms(d.predicted_ms), runner
 
     def rules_summary(self) -> str:
         if not self.rules:
@@ -126,7 +140,7 @@ class InspectReport:
         if not self.sites:
             return "sparsecomp: no compiled graph yet (run the compiled model once)"
         header = ("site", "form", "B,Hq/Hkv,Nq,Nk,D", "dtype", "became", "rules", "density", "calib. CRA / density",
-                  "mask / reason")  # fmt: skip
+                  "choice", "ms", "runner-up ms", "mask / reason")  # fmt: skip
         rows = []
         for s in self.sites:
             sh = s.shape
@@ -134,13 +148,15 @@ class InspectReport:
             density = "-" if s.density is None else f"{s.density:.1%}"
             why = s.mask if s.became == "sparse_attention" else s.reason
             calib = self.calibrated(s.name)
-            rows.append((s.name, s.form, shape, s.dtype, s.became, s.rules_summary(), density, calib, why))
+            rows.append((s.name, s.form, shape, s.dtype, s.became, s.rules_summary(), density, calib, *s.choice(), why))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         n_sparse = sum(s.became == "sparse_attention" for s in self.sites)
         lines.append(f"{len(self.sites)} attention sites: {n_sparse} rewritten, {len(self.sites) - n_sparse} kept")
         lines.append(self.plan_summary())
+        sources = sorted({s.decision.source for s in self.sites if s.decision is not None})
+        lines.extend(f"decided by: {source}" for source in sources)
         return "\n".join(lines)
 
     __repr__ = __str__

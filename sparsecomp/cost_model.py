@@ -1,0 +1,373 @@
+"""The cost model: predicted time of each way to run an attention site, on this GPU.
+
+Options for a site: ``dense`` (the original attention, kept: SDPA's fused kernel, or its masked
+path when the site carries a mask tensor) or our sparse kernel under one of the kernel configs
+(``KERNEL_CONFIGS``), plus the index builders it needs.
+
+Roofline form, per engine (dense SDPA, SDPA with a mask, each kernel config), with coefficients
+fitted per GPU and head_dim by a short micro-benchmark (``sparsecomp.autotune.fit_cost_model``):
+
+    t = c_launch + c_compute * max(T / S, L) * BM * BN * Dp          (tensor-core work per SM)
+                 + c_mask * (M / S) * BM * BN                          (element masks)
+                 + c_program * ceil(P / S) * BM * Dp                   (Q loads, output stores)
+
+T = blocks computed over all programs (gathered column tiles count as blocks), L = blocks of the
+longest program, M = blocks that need an element mask, P = programs, S = the GPU's SMs,
+Dp = head_dim padded to a power of two. ``max(T / S, L)`` is the parallel time in blocks: the work
+per SM, or the longest program when there are few. Index building:
+
+    t_index = i_launch + i_work * W_kind          (W: the builder's dominant element count)
+
+Everything a prediction needs from the site is in ``Workload`` and ``BlockCounts``; static rules'
+block counts are exact (closed form, equal to ``build_block_index``), adaptive rules' come from the
+plan's calibration (measured density) or else a stated upper bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparsecomp.passes.rewrite import KernelOptions
+
+from .plan import Rule
+
+# Named kernel configs the autotuner and the cost model choose among (FlexAttention style: how the
+# kernel runs, never what it keeps). Block sizes change the index granularity, so configs with other
+# block sizes only serve sites whose rules are exact at any block size (static rules).
+KERNEL_CONFIGS: dict[str, KernelOptions] = {
+    "b128": KernelOptions(),  # the defaults: 128 x 128 tiles, 8 warps, 3 stages (H100 sweep)
+    "b128-n64-w4": KernelOptions(tile_n=64, num_warps=4),  # smaller key tile: less work wasted per block
+    "b128-m64-w4": KernelOptions(tile_m=64, num_warps=4),  # two programs per query block: more parallel
+    "b64": KernelOptions(block_m=64, block_n=64, num_warps=4),  # finer blocks: tighter windows, less waste
+}
+DEFAULT_CONFIG = "b128"
+DENSE = "dense"
+ENGINE_FEATURES = ("launch", "compute", "mask", "program")
+INDEX_FEATURES = ("launch", "work")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The shape of one attention call."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str = "bfloat16"
+    causal: bool = True
+    masked: bool = False  # the original site carries a mask tensor: dense SDPA takes its masked path
+
+    @property
+    def padded_dim(self) -> int:
+        return max(16, 1 << (self.head_dim - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """What the kernel computes for one call, summed over (batch, head, query block)."""
+
+    block_m: int
+    block_n: int
+    full: float  # blocks computed without an element mask
+    part: float  # blocks computed with it
+    longest: float  # blocks of the busiest query block (one program's work)
+    programs: int
+    tile_m: int  # query rows per program (a divisor of block_m)
+
+    @property
+    def blocks(self) -> float:
+        return self.full + self.part
+
+    def density(self, w: Workload) -> float:
+        """Computed fraction of the causal (or full) block pairs."""
+        n_qb, n_kb = -(-w.q_len // self.block_m), -(-w.kv_len // self.block_n)
+        pairs = _causal_blocks(n_qb, n_kb, self.block_m, self.block_n, w.kv_len - w.q_len) if w.causal else n_qb * n_kb
+        return self.blocks / max(1.0, pairs * w.batch * w.q_heads)
+
+
+def _causal_blocks(n_qb: int, n_kb: int, bm: int, bn: int, shift: int) -> int:
+    last_row = torch.clamp((torch.arange(n_qb) + 1) * bm - 1 + shift, max=n_kb * bn - 1)
+    return int((last_row // bn + 1).clamp(max=n_kb).sum())
+
+
+def head_block_counts(
+    n_q: int, n_k: int, sink: int, window: int, *, block_m: int, block_n: int, causal: bool = True, site_window: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block, the (full, part) key blocks of one head with local rule (sink, window) at a
+    causal site whose positions are indices (queries are the last n_q of n_k keys): the counts
+    ``build_block_index`` gives, in closed form (O(n_q / block_m), no block matrix).
+
+    A block is kept when some row keeps some key of it: key blocks [first_seen, last_seen] of the
+    tightest window, or sink blocks inside the site's window; it is full when every row keeps every
+    key of it."""
+    n_qb, n_kb = -(-n_q // block_m), -(-n_k // block_n)
+    if not causal:
+        return torch.full((n_qb,), float(n_kb)), torch.zeros(n_qb)
+    r0 = torch.arange(n_qb) * block_m + (n_k - n_q)  # key index of each query block's first row
+    r1 = torch.clamp(r0 + block_m - 1, max=n_k - 1)  # and of its last row
+
+    def first_block(row, span, some: bool):
+        """First key block that ``row``'s window reaches (some), or lies in entirely (every)."""
+        if span <= 0:
+            return torch.zeros_like(row)
+        first_key = torch.clamp(row - span + 1, min=0)
+        return first_key // block_n if some else -(-first_key // block_n)
+
+    unlimited = window <= 0
+    sink = 0 if unlimited else sink
+    # some: [max(site, head), last] plus sink blocks in [site, head)
+    last = r1 // block_n
+    site_lo, head_lo = first_block(r0, site_window, True), first_block(r0, window, True)
+    lo = torch.maximum(site_lo, head_lo)
+    sink_some = torch.clamp(torch.minimum(torch.clamp(head_lo, max=-(-sink // block_n)), last + 1) - site_lo, min=0)
+    keep = torch.clamp(last - lo + 1, min=0) + sink_some
+    # every: [max(site, head), last_full] plus whole sink blocks in [site, head)
+    last_full = torch.clamp((r0 + 1) // block_n - 1, max=n_k // block_n - 1)  # a partial key block is never full
+    site_full, head_full = first_block(r1, site_window, False), first_block(r1, window, False)
+    full_lo = torch.maximum(site_full, head_full)
+    sink_full = torch.minimum(torch.clamp(head_full, max=sink // block_n), last_full + 1)
+    full = torch.clamp(last_full - full_lo + 1, min=0) + torch.clamp(sink_full - site_full, min=0)
+    return full.float(), (keep - full).float()
+
+
+def static_block_counts(w: Workload, rules: list[Rule], options: KernelOptions, site_window: int = 0) -> BlockCounts:
+    """Exact counts for static rules (dense, streaming, elastic) over every head."""
+    full = part = 0.0
+    longest = 0.0
+    cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for rule in rules:
+        sink, window = rule.head_params(w.kv_len)
+        if (sink, window) not in cache:
+            cache[(sink, window)] = head_block_counts(
+                w.q_len, w.kv_len, sink, window, block_m=options.block_m, block_n=options.block_n,
+                causal=w.causal, site_window=site_window,
+            )  # fmt: skip
+        f, p = cache[(sink, window)]
+        full += float(f.sum())
+        part += float(p.sum())
+        longest = max(longest, float((f + p).max()))
+    return _counts(w, options, full * w.batch, part * w.batch, longest)
+
+
+def _counts(w: Workload, options: KernelOptions, full: float, part: float, longest: float) -> BlockCounts:
+    tile_m = options.tile_m or options.block_m
+    programs = w.batch * w.q_heads * -(-w.q_len // tile_m)
+    return BlockCounts(options.block_m, options.block_n, full, part, longest, programs, tile_m)
+
+
+def adaptive_head_blocks(rule: Rule, w: Workload, options: KernelOptions, density: float | None) -> torch.Tensor:
+    """Blocks per query block of one head with an adaptive rule: the calibrated ``density`` of the
+    causal blocks where the plan measured one, else an upper bound from the rule's budget."""
+    bm, bn = options.block_m, options.block_n
+    n_qb = -(-w.q_len // bm)
+    causal = torch.clamp((torch.arange(n_qb) * bm + bm - 1 + w.kv_len - w.q_len) // bn + 1, max=-(-w.kv_len // bn))
+    causal = causal.float()
+    if density is not None:
+        return torch.maximum(torch.ones_like(causal), causal * density)
+    if rule.kind == "block_topk" and rule.coverage == 0:
+        bound = torch.full_like(causal, rule.k + 2.0)  # top-k, the diagonal and the first block
+    elif rule.kind == "vertical_slash":
+        # each kept diagonal meets at most 2 key blocks of a query block; columns come in tiles
+        bound = torch.full_like(causal, 2.0 * (rule.n_slash + rule.local // bn + 1) + rule.sink / bn)
+        bound = bound + rule.n_vertical / bn
+    else:  # SampleAttention (and coverage top-k) may keep anything: no useful bound
+        bound = causal
+    return torch.minimum(causal, bound)
+
+
+def site_block_counts(
+    w: Workload, rules: list[Rule], options: KernelOptions, densities: list[float] | None = None, site_window: int = 0
+) -> BlockCounts:
+    """Counts for a site's per-head rules: exact for static heads, estimated for adaptive ones.
+    ``densities``: the calibrated density of each head, where the plan measured it."""
+    static = [r for r in rules if not r.adaptive]
+    counts = static_block_counts(w, static, options, site_window) if static else None
+    full = counts.full if counts else 0.0
+    part = counts.part if counts else 0.0
+    longest = counts.longest if counts else 0.0
+    for h, rule in enumerate(rules):
+        if rule.adaptive:
+            blocks = adaptive_head_blocks(rule, w, options, densities[h] if densities else None)
+            diagonal = float(blocks.numel())  # the diagonal block of each query block needs a mask
+            part += diagonal * w.batch
+            full += float(blocks.sum() - diagonal) * w.batch
+            longest = max(longest, float(blocks.max()))
+    return _counts(w, options, full, part, longest)
+
+
+def dense_counts(w: Workload, block: int = 128) -> BlockCounts:
+    """What a fused dense kernel (SDPA) computes: every causal block, the diagonal ones masked; with
+    a mask tensor, every block (masked)."""
+    options = KernelOptions(block_m=block, block_n=block)
+    if w.masked:
+        n_qb, n_kb = -(-w.q_len // block), -(-w.kv_len // block)
+        total = float(n_qb * n_kb * w.batch * w.q_heads)
+        return _counts(w, options, 0.0, total, float(n_kb))
+    return static_block_counts(w, [Rule()] * w.q_heads, options)
+
+
+def engine_features(w: Workload, counts: BlockCounts, sms: int) -> list[float]:
+    """ENGINE_FEATURES of one call (see the module notes), in units of 1e9 elements."""
+    tile = counts.tile_m * counts.block_n  # one program's share of a block
+    tiles = counts.blocks * (counts.block_m // counts.tile_m)
+    return [
+        1.0,
+        max(tiles / sms, counts.longest) * tile * w.padded_dim * 1e-9,
+        counts.part * (counts.block_m // counts.tile_m) / sms * tile * 1e-9,
+        math.ceil(counts.programs / sms) * counts.tile_m * w.padded_dim * 1e-9,
+    ]
+
+
+def index_work(kind: str, w: Workload, rule: Rule | None, block: int) -> float:
+    """The element count that dominates an index builder's time (see the module notes)."""
+    n_qb, n_kb = -(-w.q_len // block), -(-w.kv_len // block)
+    blocks = w.batch * w.q_heads * n_qb * n_kb
+    if kind == "static":
+        return w.batch * n_qb * n_kb * 1.0  # uniform rules share one head (the usual case)
+    if kind == "vertical_slash":
+        last_q = rule.last_q if rule is not None else 64
+        return blocks + w.batch * w.q_heads * last_q * w.kv_len * w.head_dim / 64
+    if kind == "sample":
+        ratio = rule.sample_ratio if rule is not None else 0.02
+        return blocks + w.batch * w.q_heads * math.ceil(ratio * w.q_len) * w.kv_len * w.head_dim / 64
+    if kind == "block_topk":
+        return blocks * w.head_dim / 64 + w.batch * w.q_heads * w.kv_len
+    raise ValueError(f"unknown index builder {kind!r}")
+
+
+@dataclass
+class Prediction:
+    option: str  # DENSE or a KERNEL_CONFIGS name
+    ms: float
+    kernel_ms: float
+    index_ms: float
+
+
+class CostModel:
+    """Fitted coefficients of one GPU: ``engines[name][head_dim]`` -> ENGINE_FEATURES coefficients
+    (names: "sdpa", "sdpa_masked", and the KERNEL_CONFIGS names), ``index[kind]`` -> INDEX_FEATURES
+    coefficients, ``sms``: the GPU's multiprocessors; ``info``: where they came from."""
+
+    def __init__(self, engines: dict, index: dict, sms: int, info: dict | None = None):
+        self.engines = {name: {int(d): list(c) for d, c in by_dim.items()} for name, by_dim in engines.items()}
+        self.index = {kind: list(c) for kind, c in index.items()}
+        self.sms = sms
+        self.info = dict(info or {})
+
+    def _coefficients(self, engine: str, head_dim: int) -> list[float]:
+        """Coefficients fitted at the nearest head_dim (the features scale with the padded head_dim,
+        so a head_dim never fitted borrows its neighbour's rates)."""
+        by_dim = self.engines.get(engine)
+        if not by_dim:
+            raise KeyError(f"no coefficients for {engine!r}; fitted: {sorted(self.engines)}")
+        padded = max(16, 1 << (head_dim - 1).bit_length())
+        nearest = min(by_dim, key=lambda d: (abs(math.log2(d) - math.log2(padded)), -d))
+        return by_dim[nearest]
+
+    def engine_for(self, name: str, options: KernelOptions) -> str:
+        """The fitted engine of a config: its own, or one with the same options (a user's forced
+        kernel_options), or else the default config's rates."""
+        if name in self.engines:
+            return name
+        same = [n for n, o in KERNEL_CONFIGS.items() if o == options and n in self.engines]
+        return same[0] if same else DEFAULT_CONFIG
+
+    def kernel_ms(self, engine: str, w: Workload, counts: BlockCounts) -> float:
+        coef = self._coefficients(engine, w.head_dim)
+        return sum(c * f for c, f in zip(coef, engine_features(w, counts, self.sms), strict=True))
+
+    def dense_ms(self, w: Workload) -> float:
+        return self.kernel_ms("sdpa_masked" if w.masked else "sdpa", w, dense_counts(w))
+
+    def index_ms(self, kind: str, w: Workload, rule: Rule | None, block: int) -> float:
+        coef = self.index.get(kind)
+        if coef is None:
+            return 0.0
+        return coef[0] + coef[1] * index_work(kind, w, rule, block) * 1e-9
+
+    def sparse_ms(
+        self, config: str, w: Workload, rules: list[Rule], options: KernelOptions,
+        densities: list[float] | None = None, static_share: int = 1, site_window: int = 0,
+    ) -> Prediction:  # fmt: skip
+        """Kernel plus index building; the static index is shared by ``static_share`` sites (every
+        layer of a model usually shares one), so each pays its share."""
+        counts = site_block_counts(w, rules, options, densities, site_window)
+        kernel = self.kernel_ms(self.engine_for(config, options), w, counts)
+        index = 0.0
+        if any(not r.adaptive for r in rules):
+            index += self.index_ms("static", w, None, options.block_m) / max(1, static_share)
+        for kind in dict.fromkeys(r.kind for r in rules if r.adaptive):
+            index += self.index_ms(kind, w, next(r for r in rules if r.kind == kind), options.block_m)
+        return Prediction(config, kernel + index, kernel, index)
+
+    def predictions(
+        self, w: Workload, rules: list[Rule], configs: dict[str, KernelOptions],
+        densities: list[float] | None = None, static_share: int = 1, site_window: int = 0,
+    ) -> list[Prediction]:  # fmt: skip
+        """Every option, fastest first (dense first among equals: it is exact)."""
+        dense = self.dense_ms(w)
+        preds = [Prediction(DENSE, dense, dense, 0.0)]
+        for name, options in configs.items():
+            preds.append(self.sparse_ms(name, w, rules, options, densities, static_share, site_window))
+        return sorted(preds, key=lambda p: (p.ms, p.option != DENSE))
+
+    def crossover(
+        self, w: Workload, rules: list[Rule], configs: dict[str, KernelOptions],
+        densities: list[float] | None = None, static_share: int = 1, site_window: int = 0,
+        max_len: int = 1 << 22,
+    ) -> int | None:  # fmt: skip
+        """The shortest sequence length (a multiple of 128, queries = keys) from which some sparse
+        option is predicted faster than dense, assuming it stays so above (None: never, up to
+        ``max_len``). Sparse gains with length: the work kept grows slower than N^2."""
+
+        def sparse_wins(n: int) -> bool:
+            at = Workload(w.batch, w.q_heads, w.kv_heads, n, n, w.head_dim, w.dtype, w.causal, w.masked)
+            return self.predictions(at, rules, configs, densities, static_share, site_window)[0].option != DENSE
+
+        lo, hi = 128, 128
+        while not sparse_wins(hi):
+            if hi >= max_len:
+                return None
+            lo, hi = hi, hi * 2
+        if hi == 128:
+            return 128
+        while hi - lo > 128:  # bisect on multiples of 128
+            mid = (lo + hi) // 256 * 128
+            lo, hi = (lo, mid) if sparse_wins(mid) else (mid, hi)
+        return hi
+
+    def to_json(self) -> dict:
+        return {
+            "sms": self.sms,
+            "engines": {name: {str(d): c for d, c in by_dim.items()} for name, by_dim in self.engines.items()},
+            "index": self.index,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> CostModel:
+        return cls(obj["engines"], obj["index"], int(obj["sms"]), obj.get("info"))
+
+
+def fit_coefficients(features: list[list[float]], times: list[float]) -> list[float]:
+    """Non-negative least squares on relative error (rows weighted by 1 / measured time): features
+    whose coefficient comes out negative are dropped and the rest refitted."""
+    x = torch.tensor(features, dtype=torch.float64)
+    t = torch.tensor(times, dtype=torch.float64)
+    x, y = x / t[:, None], torch.ones_like(t)
+    active = list(range(x.shape[1]))
+    while active:
+        sol = torch.linalg.lstsq(x[:, active], y[:, None]).solution[:, 0]
+        if (sol >= 0).all():
+            coef = [0.0] * x.shape[1]
+            for i, c in zip(active, sol.tolist(), strict=True):
+                coef[i] = c
+            return coef
+        active.pop(int(sol.argmin()))
+    return [0.0] * x.shape[1]
