@@ -70,20 +70,27 @@ class AdaptiveGroup:
     per_head: tuple[tuple[str, tuple], ...]  # (name, one value per head of ``heads``)
 
 
-def _adaptive_index(graph, site: AttentionSite, group: AdaptiveGroup, q_pos, k_pos, key_ok, options) -> fx.Node:
-    """The builder over all query heads (its estimate needs whole KV groups); the group's heads are
-    taken from it when heads are combined. Heads outside the group borrow the first one's budget."""
+def adaptive_call(group: AdaptiveGroup, q_heads: int, *, scale: float, causal: bool, window: int, options):
+    """(builder, per-head value lists, keyword arguments) of a group's index builder over all query
+    heads (its estimate needs whole KV groups); the group's heads are taken from it when heads are
+    combined. Heads outside the group borrow the first one's budget."""
     builder, per_head_names = ADAPTIVE_BUILDERS[group.kind]
-    hq = site.shape["q_heads"]
     values = dict(group.per_head)
     per_head = []
     for name in per_head_names:
         by_head = dict(zip(group.heads, values[name], strict=True))
-        per_head.append([by_head.get(h, values[name][0]) for h in range(hq)])
-    s = site.structure
+        per_head.append([by_head.get(h, values[name][0]) for h in range(q_heads)])
     kwargs = dict(group.shared) | dict(
-        scale=float(default_scale(site)), causal=s.causal, window=s.window,
-        block_m=options.block_m, block_n=options.block_n,
+        scale=scale, causal=causal, window=window, block_m=options.block_m, block_n=options.block_n
+    )
+    return builder, per_head, kwargs
+
+
+def _adaptive_index(graph, site: AttentionSite, group: AdaptiveGroup, q_pos, k_pos, key_ok, options) -> fx.Node:
+    s = site.structure
+    builder, per_head, kwargs = adaptive_call(
+        group, site.shape["q_heads"], scale=float(default_scale(site)), causal=s.causal, window=s.window,
+        options=options,
     )  # fmt: skip
     return graph.call_function(builder, (site.q, site.k, q_pos, k_pos, key_ok, *per_head), kwargs)
 

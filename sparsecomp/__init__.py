@@ -15,16 +15,21 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")) and os.path.isfile(
 
 from . import kernels, passes  # noqa: F401  (registers torch.ops.sparsecomp.*)
 from .api import compile, inspect
+from .autotune import autotune
 from .backend import counters, sparsecomp_backend
 from .calibrate import calibrate
+from .cost_model import KERNEL_CONFIGS, CostModel
 from .passes.rewrite import KernelOptions
 from .plan import Plan, Rule, model_fingerprint
 
 __version__ = "0.1.0"
 __all__ = [
+    "KERNEL_CONFIGS",
+    "CostModel",
     "KernelOptions",
     "Plan",
     "Rule",
+    "autotune",
     "calibrate",
     "compile",
     "counters",

@@ -9,17 +9,38 @@ from .plan import Plan, model_fingerprint
 from .report import InspectReport
 
 
-def compile(model: torch.nn.Module, plan=None, *, kernel_options=None, inner: str = "inductor", **torch_compile_kwargs):
+def compile(
+    model: torch.nn.Module,
+    plan=None,
+    *,
+    kernel_options=None,
+    inner: str = "inductor",
+    cost_model="auto",
+    tuning_cache=None,
+    **torch_compile_kwargs,
+):
     """``torch.compile`` with every attention rewritten by ``plan`` (a Plan, preset or .json path).
 
-    ``kernel_options`` sets block sizes; ``inner`` picks what compiles the rewritten graph
+    Per site, the cost model (``cost_model="auto"``: fitted on this GPU by ``sparsecomp.autotune``,
+    else the shipped H100 fit) keeps the dense attention where it is predicted faster and picks the
+    kernel config; stored autotune times (``tuning_cache``, default: this GPU's cache) replace its
+    predictions. ``cost_model=False`` follows the plan everywhere. ``kernel_options`` forces one
+    config (block sizes, warps...); ``inner`` picks what compiles the rewritten graph
     (``"inductor"``; ``"aot_eager"`` or ``"eager"`` for debugging). Other keyword arguments go to
     ``torch.compile`` (``dynamic``, ``fullgraph``, ``mode``...).
     """
     plan = Plan.from_any(plan)
     plan.check_fingerprint(model_fingerprint(model))
     backend = SparsecompBackend(
-        BackendOptions.from_any({"plan": plan, "kernel_options": kernel_options, "inner": inner})
+        BackendOptions.from_any(
+            {
+                "plan": plan,
+                "kernel_options": kernel_options,
+                "inner": inner,
+                "cost_model": cost_model,
+                "tuning_cache": tuning_cache,
+            }
+        )
     )
     compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
     # On the wrapper itself: torch's OptimizedModule forwards attribute writes to the wrapped model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -58,8 +59,10 @@ def _fallback_reason(site: AttentionSite) -> str | None:
     q, k, v = (meta_val(n) for n in (site.q, site.k, site.v))
     if q is None or k is None or v is None:
         return "no shape information for q/k/v"
-    if site.dropout_p > 0:
-        return f"dropout_p={site.dropout_p} (training); sparse kernels have no dropout"
+    if site.dropout_p != 0:
+        return f"dropout_p={site.dropout_p} (training, or not a constant); sparse kernels have no dropout"
+    if site.scale is not None and math.isnan(site.scale):
+        return "the softmax scale is not a constant of the graph"
     if any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled():
         return "q/k/v require grad; sparse kernels have no backward yet"
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:

@@ -1,0 +1,205 @@
+"""The cost model, per-site decisions and autotune storage, on synthetic coefficient tables (CPU)."""
+
+import itertools
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+import sparsecomp
+from sparsecomp import CostModel, Plan, Rule
+from sparsecomp.autotune import autotune
+from sparsecomp.cost_model import (
+    DENSE,
+    KERNEL_CONFIGS,
+    Workload,
+    fit_coefficients,
+    head_block_counts,
+    static_block_counts,
+)
+from sparsecomp.decide import shape_bucket
+from sparsecomp.kernels import build_block_index
+from sparsecomp.passes.rewrite import KernelOptions
+from sparsecomp.tuning_cache import TuningCache
+
+ODD = [(1, 1), (63, 63), (100, 137), (257, 257), (640, 700)]
+
+
+@pytest.mark.parametrize(("n_q", "n_k"), ODD)
+@pytest.mark.parametrize(
+    ("sink", "window", "site_window"), [(0, 0, 0), (4, 16, 0), (64, 100, 0), (130, 300, 200), (4, 0, 50)]
+)
+@pytest.mark.parametrize(("block_m", "block_n"), [(16, 16), (64, 32), (32, 64)])
+def test_closed_form_block_counts_equal_the_index_builder(n_q, n_k, sink, window, site_window, block_m, block_n):
+    q_pos, k_pos = torch.arange(n_k - n_q, n_k)[None], torch.arange(n_k)[None]
+    index = build_block_index(
+        q_pos, k_pos, None, torch.tensor([sink]), torch.tensor([window]), causal=True, window=site_window,
+        block_m=block_m, block_n=block_n, max_blocks=None,
+    )  # fmt: skip
+    full, part = head_block_counts(n_q, n_k, sink, window, block_m=block_m, block_n=block_n, site_window=site_window)
+    assert torch.equal(full, index.full_count[0, 0].float())
+    assert torch.equal(part, index.part_count[0, 0].float())
+
+
+def test_fit_recovers_known_nonnegative_coefficients():
+    gen = torch.Generator().manual_seed(0)
+    features = [[1.0, *torch.rand(3, generator=gen).tolist()] for _ in range(20)]
+    truth = [0.02, 3.0, 0.0, 0.5]
+    times = [sum(c * f for c, f in zip(truth, row, strict=True)) for row in features]
+    assert fit_coefficients(features, times) == pytest.approx(truth, abs=1e-6)
+    # Time that falls as a feature grows would need a negative rate: that feature gets 0 instead.
+    falling = [t - 0.4 * row[2] for t, row in zip(times, features, strict=True)]
+    coef = fit_coefficients(features, falling)
+    assert coef[2] == 0 and min(coef) >= 0
+
+
+def synthetic_model(sparse_launch: float = 0.05, index_ms: float = 0.0) -> CostModel:
+    """Dense and sparse kernels at the same rate per block; the sparse kernel pays a launch overhead,
+    so dense wins on short inputs and sparse rules win past a crossover."""
+    dense = [0.0, 10.0, 0.0, 0.0]
+    sparse = [sparse_launch, 10.0, 0.0, 0.0]
+    engines = {"sdpa": {16: dense}, "sdpa_masked": {16: [0.0, 20.0, 0.0, 0.0]}}
+    engines |= {name: {16: sparse} for name in KERNEL_CONFIGS}
+    index = {kind: [index_ms, 0.0] for kind in ("static", "vertical_slash", "sample", "block_topk")}
+    return CostModel(engines, index, sms=1, info={"synthetic": True})
+
+
+STREAMING = [Rule("streaming", sink=4, window=32)] * 4
+
+
+def test_decisions_on_a_synthetic_table():
+    model = synthetic_model()
+    w = Workload(1, 4, 2, 1024, 1024, 16, "float32")
+    crossover = model.crossover(w, STREAMING, KERNEL_CONFIGS)
+    assert crossover is not None and 128 < crossover < 1 << 16
+
+    def best(n, rules=STREAMING, configs=KERNEL_CONFIGS):
+        return model.predictions(Workload(1, 4, 2, n, n, 16, "float32"), rules, configs)[0].option
+
+    assert best(crossover - 128) == DENSE and best(crossover) != DENSE and best(4 * crossover) != DENSE
+    # Dense rules at dense's own block size never pay: the same work at the same rate, plus a launch.
+    assert best(1 << 15, [Rule()] * 4, {"b128": KERNEL_CONFIGS["b128"]}) == DENSE
+    # A mask tensor sends dense SDPA down its slower masked path: the sparse kernel wins sooner.
+    assert (
+        model.crossover(Workload(1, 4, 2, 1024, 1024, 16, "float32", masked=True), STREAMING, KERNEL_CONFIGS)
+        < crossover
+    )
+    # Index building counts: an expensive index moves the crossover out.
+    assert synthetic_model(index_ms=0.5).crossover(w, STREAMING, KERNEL_CONFIGS) > crossover
+    # Finer blocks hug a narrow window: b64 computes fewer pairs than b128 there.
+    b64 = static_block_counts(w, STREAMING, KERNEL_CONFIGS["b64"])
+    b128 = static_block_counts(w, STREAMING, KERNEL_CONFIGS["b128"])
+    assert b64.blocks * 64 * 64 < b128.blocks * 128 * 128
+
+
+def test_json_round_trip_keeps_predictions():
+    model = synthetic_model()
+    again = CostModel.from_json(model.to_json())
+    w = Workload(2, 4, 2, 3000, 3000, 16, "float32")
+    assert again.predictions(w, STREAMING, KERNEL_CONFIGS) == model.predictions(w, STREAMING, KERNEL_CONFIGS)
+
+
+def compile_tiny(**kwargs):
+    model = tiny_llama()
+    plan = Plan(default=STREAMING[0])
+    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=synthetic_model(), **kwargs)
+    return model, compiled
+
+
+def run_length(model, compiled, n):
+    ids = torch.randint(0, 100, (1, n), generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        return compiled(ids).logits, model(ids).logits
+
+
+def test_compile_keeps_dense_below_the_crossover_and_goes_sparse_above():
+    model, compiled = compile_tiny(dynamic=False, tuning_cache=False)
+    crossover = synthetic_model().crossover(Workload(1, 4, 2, 512, 512, 16, "float32"), STREAMING, KERNEL_CONFIGS)
+    for n, became in ((crossover - 128, "kept"), (crossover + 128, "sparse_attention")):
+        out, _ = run_length(model, compiled, n)
+        report = sparsecomp.inspect(compiled)
+        site = report.sites[0]
+        assert site.became == became, str(report)
+        assert site.decision.crossover == crossover and site.decision.runner_up is not None
+        assert ("dense is faster" in site.reason) == (became == "kept")
+        assert "decided by: cost model (given)" in str(report)
+        choice, ms, runner = site.choice()
+        assert choice.startswith(DENSE if became == "kept" else "b") and float(ms) > 0 and runner != "-"
+        assert torch.isfinite(out).all()
+
+
+def test_dynamic_lengths_compile_once_per_side_of_the_crossover():
+    model, compiled = compile_tiny(dynamic=True, tuning_cache=False)
+    crossover = synthetic_model().crossover(Workload(1, 4, 2, 512, 512, 16, "float32"), STREAMING, KERNEL_CONFIGS)
+    lengths = [crossover - 256, crossover - 128, crossover + 128, crossover + 384, crossover - 200]
+    for n in lengths:
+        out, _ = run_length(model, compiled, n)
+        assert torch.isfinite(out).all()
+    graphs = sparsecomp.inspect(compiled).graphs
+    became = [g.sites[0].became for g in graphs]
+    assert became == ["kept", "sparse_attention"], became  # two graphs for five lengths
+
+
+def test_dense_side_is_exact_and_sparse_side_follows_the_plan():
+    model, compiled = compile_tiny(dynamic=False, tuning_cache=False)
+    out, ref = run_length(model, compiled, 256)
+    assert sparsecomp.inspect(compiled).sites[0].became == "kept"
+    torch.testing.assert_close(out, ref)
+
+
+def test_forced_kernel_options_are_kept_and_named():
+    _, compiled = compile_tiny(dynamic=False, tuning_cache=False, kernel_options={"block_m": 64, "block_n": 64})
+    run_length(_, compiled, 2048)
+    site = sparsecomp.inspect(compiled).sites[0]
+    assert site.decision.option == "forced" and site.decision.options == KernelOptions(block_m=64, block_n=64)
+
+
+def test_cost_model_off_follows_the_plan():
+    model = tiny_llama()
+    compiled = sparsecomp.compile(model, Plan(default=STREAMING[0]), inner="eager", dynamic=False)
+    run_length(model, compiled, 128)  # CPU: "auto" has no cost model here
+    report = sparsecomp.inspect(compiled)
+    assert report.sites[0].became == "sparse_attention"
+    assert "no cost model on cpu" in str(report)
+
+
+def scripted_timer(values):
+    """Runs each timed call once (it must work) and returns the next scripted time."""
+    script = itertools.cycle(values)
+
+    def timer(fn):
+        out = fn()
+        assert torch.isfinite(out).all()
+        return next(script)
+
+    return timer
+
+
+def test_autotune_stores_measured_choices_that_compile_uses(tmp_path):
+    model = tiny_llama()
+    cache = TuningCache({"gpu": "test"}, tmp_path)
+    cache.put("cost_model", synthetic_model().to_json())
+    plan = Plan(default=STREAMING[0])
+    ids = torch.randint(0, 100, (1, 256), generator=torch.Generator().manual_seed(1))
+    # dense, then each config in KERNEL_CONFIGS order: the last one measures fastest
+    times = [5.0, 4.0, 3.0, 2.0, 1.0]
+    report = autotune(model, (ids,), plan, cache=cache, progress=False, timer=scripted_timer(times))
+    (row,) = report.rows  # both layers share one shape bucket
+    assert row["choice"] == list(KERNEL_CONFIGS)[-1] and row["sites"] == 2
+    assert row["speedup_vs_default"] == pytest.approx(4.0)
+    bucket = shape_bucket(Workload(1, 4, 2, 256, 256, 16, "float32"), [STREAMING[0]] * 4)
+    assert cache.get(bucket)["choice"] == row["choice"]
+    assert "x default" in str(report)
+
+    compiled = sparsecomp.compile(model, plan, inner="eager", dynamic=False, cost_model=synthetic_model(),
+                                  tuning_cache=cache)  # fmt: skip
+    out, ref = run_length(model, compiled, 256)
+    site = sparsecomp.inspect(compiled).sites[0]
+    assert site.became == "sparse_attention" and site.decision.option == row["choice"]
+    assert site.decision.source.startswith("autotune") and site.decision.predicted_ms == pytest.approx(1.0)
+    assert site.decision.runner_up == list(KERNEL_CONFIGS)[-2]
+
+
+def test_autotune_refuses_cpu_without_a_timer():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        autotune(tiny_llama(), (torch.zeros(1, 8, dtype=torch.long),), progress=False)
