@@ -203,3 +203,26 @@ def test_autotune_stores_measured_choices_that_compile_uses(tmp_path):
 def test_autotune_refuses_cpu_without_a_timer():
     with pytest.raises(RuntimeError, match="CUDA"):
         autotune(tiny_llama(), (torch.zeros(1, 8, dtype=torch.long),), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times GPU kernels")
+def test_gpu_fit_and_autotune_then_compile_uses_the_cache(tmp_path):
+    from sparsecomp.autotune import fit_cost_model
+
+    fit = fit_cost_model((16,), dtype=torch.float16, lengths=(256, 1024), densities=(0.3, 1.0),
+                         index_lengths=(1024, 2048), progress=False)  # fmt: skip
+    assert set(fit.model.engines) >= {"sdpa", *KERNEL_CONFIGS} and all(r["ms"] > 0 for r in fit.rows)
+    cache = TuningCache({"gpu": "test"}, tmp_path)
+    cache.put("cost_model", fit.model.to_json())
+    model = tiny_llama(dtype=torch.float16).cuda()
+    plan = Plan(default=Rule("streaming", sink=16, window=128))
+    ids = torch.randint(0, 100, (1, 2048), device="cuda")
+    report = autotune(model, (ids,), plan, cache=cache, progress=False)
+    (row,) = report.rows
+    assert set(row["ms"]) == {DENSE, *KERNEL_CONFIGS} and all(t > 0 for t in row["ms"].values())
+    compiled = sparsecomp.compile(model, plan, dynamic=False, tuning_cache=cache)
+    with torch.no_grad():
+        out = compiled(ids).logits
+    site = sparsecomp.inspect(compiled).sites[0]
+    assert site.decision.option == row["choice"] and site.decision.source.startswith("autotune")
+    assert torch.isfinite(out).all()
