@@ -35,6 +35,7 @@ from sparsecomp.cost_model import (  # noqa: E402
     DENSE,
     KERNEL_CONFIGS,
     BlockCounts,
+    CostModel,
     Workload,
 )
 from sparsecomp.kernels import SparseIndex, build_block_index  # noqa: E402
@@ -169,31 +170,8 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
-    p.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--crossover-lengths", type=int, nargs="+", default=[512, 1024, 1536, 2048, 3072, 4096, 6144, 8192])
-    p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args(argv)
-    device = torch.device("cuda")
-    out = Path(args.out)
-    fit = fit_cost_model(tuple(args.head_dims), device=device)
-    model = fit.model
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cost_model_coefficients.json").write_text(json.dumps(model.to_json(), indent=1) + "\n")
-    write_results(out, "cost_model_fit", environment(), fit.rows, markdown_table(fit.rows, [
-        ("engine", "engine", ""), ("head_dim", "d", ""), ("n", "N", ""), ("density", "density", ""),
-        ("ms", "measured ms", ".4f"), ("fitted_ms", "fitted ms", ".4f")]))  # fmt: skip
-    rows = grid(model, args.head_dims, args.lengths, args.densities, device)
+def report(out: Path, rows: list[dict], crossovers: list[dict], env: dict) -> list[str]:
     stats = summary(rows)
-    crossovers = [
-        measured_crossover("streaming sink 64 + window 1024", Rule("streaming", sink=64, window=1024), model, 128,
-                           device, args.crossover_lengths),
-        measured_crossover("block top-k k=16", Rule("block_topk", k=16), model, 128, device, args.crossover_lengths),
-    ]  # fmt: skip
-    env = environment() | {"summary": json.dumps(stats, default=float)}
     columns = [("n", "N", ""), ("head_dim", "d", ""), ("density", "density", ""), ("dense_ms", "SDPA ms", ".3f"),
                ("dense_pred", "pred", ".3f")]  # fmt: skip
     for name in KERNEL_CONFIGS:
@@ -201,12 +179,15 @@ def main(argv=None):
     columns += [("fastest", "fastest", ""), ("chosen", "chosen", ""), ("chosen_vs_fastest", "chosen/fastest", ".3f"),
                 ("best_config", "best config", ""), ("tuned_speedup", "tuned x default", ".3f"),
                 ("max_rel_err", "worst err", ".1%")]  # fmt: skip
+    speedups = [r["tuned_speedup"] for r in rows]
     lines = [
         f"Median relative error of predicted time: {stats['median_rel_err']:.1%} over {len(rows)} points x "
         f"{len(KERNEL_CONFIGS) + 1} options (90th percentile {stats['p90_rel_err']:.1%}); by option: "
         + ", ".join(f"{o} {e:.1%}" for o, e in stats["median_rel_err_by_option"].items()),
         f"Chosen option within 5% of the measured fastest at {stats['chosen_within_5pct']:.0%} of the points "
         f"(worst: {stats['worst_chosen_vs_fastest']:.3f}x).",
+        f"Tuned (best config) vs untuned ({DEFAULT_CONFIG}) kernel: geometric mean "
+        f"{statistics.geometric_mean(speedups):.3f}x, max {max(speedups):.3f}x.",
         "",
         "| pattern | predicted crossover N | measured crossover N |",
         "|---|---|---|",
@@ -226,8 +207,50 @@ def main(argv=None):
             ],
         ),  # fmt: skip
     ]
-    write_results(out, "cost_model", env, rows, "\n".join(lines))
-    print("\n".join(lines[:6]))
+    write_results(out, "cost_model", env | {"summary": json.dumps(stats, default=float)}, rows, "\n".join(lines))
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    p.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--crossover-lengths", type=int, nargs="*", default=[1024, 2048, 3072, 4096, 6144, 8192])
+    p.add_argument("--coefficients", default=None, help="a fitted cost_model_coefficients.json (skips the fit)")
+    p.add_argument("--report", nargs="+", default=None, help="only write the report from these part files")
+    p.add_argument("--part", default="", help="suffix of this run's part file (a grid split over runs)")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        parts = [json.loads(Path(f).read_text()) for f in args.report]
+        rows = [r for part in parts for r in part["rows"]]
+        crossovers = [c for part in parts for c in part["crossovers"]]
+        print("\n".join(report(out, rows, crossovers, parts[0]["environment"])[:7]))
+        return
+    device = torch.device("cuda")
+    if args.coefficients:
+        model = CostModel.from_json(json.loads(Path(args.coefficients).read_text()))
+    else:
+        fit = fit_cost_model(tuple(args.head_dims), device=device)
+        model = fit.model
+        (out / "cost_model_coefficients.json").write_text(json.dumps(model.to_json(), indent=1) + "\n")
+        write_results(out, "cost_model_fit", environment(), fit.rows, markdown_table(fit.rows, [
+            ("engine", "engine", ""), ("head_dim", "d", ""), ("n", "N", ""), ("density", "density", ""),
+            ("ms", "measured ms", ".4f"), ("fitted_ms", "fitted ms", ".4f")]))  # fmt: skip
+    part = {"environment": environment(), "rows": [], "crossovers": []}
+    part_file = out / f"cost_model_part{args.part}.json"
+    for d in args.head_dims:  # written after each head_dim: a run cut short keeps what it measured
+        part["rows"] += grid(model, [d], args.lengths, args.densities, device)
+        part_file.write_text(json.dumps(part, default=float) + "\n")
+    if args.crossover_lengths:
+        for name, rule in (("streaming sink 64 + window 1024", Rule("streaming", sink=64, window=1024)),
+                           ("block top-k k=16", Rule("block_topk", k=16))):  # fmt: skip
+            part["crossovers"].append(measured_crossover(name, rule, model, 128, device, args.crossover_lengths))
+            part_file.write_text(json.dumps(part, default=float) + "\n")
+    print("\n".join(report(out, part["rows"], part["crossovers"], part["environment"])[:7]))
 
 
 if __name__ == "__main__":

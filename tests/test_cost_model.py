@@ -212,7 +212,7 @@ def test_gpu_fit_and_autotune_then_compile_uses_the_cache(tmp_path):
     from sparsecomp.autotune import fit_cost_model
 
     fit = fit_cost_model((16,), dtype=torch.float16, lengths=(256, 1024), densities=(0.3, 1.0),
-                         index_lengths=(1024, 2048), progress=False)  # fmt: skip
+                         index_lengths=(), progress=False)  # fmt: skip
     assert set(fit.model.engines) >= {"sdpa", *KERNEL_CONFIGS} and all(r["ms"] > 0 for r in fit.rows)
     cache = TuningCache({"gpu": "test"}, tmp_path)
     cache.put("cost_model", fit.model.to_json())
