@@ -291,7 +291,8 @@ def _dense_call(site: CapturedSite):
     k_rep, v_rep = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
     if not site.workload.masked:
         return lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=s["causal"], scale=s["scale"])
-    mask = structure_pairs(q_pos, k_pos, key_ok, causal=s["causal"], window=s["window"])[:, None]
+    mask = structure_pairs(q_pos, k_pos, key_ok, causal=s["causal"], window=s["window"])
+    mask = mask.reshape(mask.shape[0], 1, *mask.shape[-2:])  # (B or 1, 1, Nq, Nk): one mask for every head
     return lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, scale=s["scale"])
 
 

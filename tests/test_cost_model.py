@@ -102,7 +102,8 @@ def test_json_round_trip_keeps_predictions():
 def compile_tiny(**kwargs):
     model = tiny_llama()
     plan = Plan(default=STREAMING[0])
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=synthetic_model(), **kwargs)
+    # A launch this costly puts the crossover at 512 tokens or more, with or without a mask tensor.
+    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=synthetic_model(0.2), **kwargs)
     return model, compiled
 
 
@@ -134,6 +135,7 @@ def test_dynamic_lengths_compile_once_per_side_of_the_crossover():
     model, compiled = compile_tiny(dynamic=True, tuning_cache=False)
     run_length(model, compiled, 256)
     crossover = sparsecomp.inspect(compiled).sites[0].decision.crossover
+    assert crossover >= 512
     for n in [crossover - 256, crossover - 128, crossover + 128, crossover + 384, crossover - 200]:
         out, _ = run_length(model, compiled, n)
         assert torch.isfinite(out).all()
