@@ -30,9 +30,18 @@ def main(argv=None) -> int:
     cal.add_argument("--block", type=int, default=128)
     cal.add_argument("--device", default=None)
     cal.add_argument("--seed", type=int, default=0)
+    tune = sub.add_parser("autotune", help="fit this GPU's cost model and time each site's options (CUDA)")
+    tune.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a local Hugging Face folder")
+    tune.add_argument("--plan", default=None, help="a plan .json or preset (default: dense)")
+    tune.add_argument("--lengths", type=int, nargs="+", default=[4096], help="example input lengths")
+    tune.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    tune.add_argument("--refit", action="store_true", help="fit the cost model again even if one is stored")
+    tune.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "autotune":
+        return _autotune(args)
 
     from .demo import run_demo
 
@@ -71,6 +80,20 @@ def _calibrate(args) -> int:
     kinds = [r.kind for rules in plan.sites.values() for r in rules]
     summary = ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
     print(f"wrote {args.out}: {len(plan.sites)} sites, heads: {summary}")
+    return 0
+
+
+def _autotune(args) -> int:
+    import torch
+
+    from .autotune import autotune
+    from .calibration_data import default_calibration_ids
+    from .pretrained import load_pretrained
+
+    model, tokenizer = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    for n in args.lengths:  # one shape bucket per length: the first calibration document cut to n tokens
+        ids = torch.tensor([default_calibration_ids(tokenizer, [n], passkeys=0)[0]], device=args.device)
+        print(autotune(model, (ids,), args.plan, refit=args.refit))
     return 0
 
 

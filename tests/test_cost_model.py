@@ -230,3 +230,19 @@ def test_gpu_fit_and_autotune_then_compile_uses_the_cache(tmp_path):
     site = sparsecomp.inspect(compiled).sites[0]
     assert site.decision.option == row["choice"] and site.decision.source.startswith("autotune")
     assert torch.isfinite(out).all()
+
+
+def test_command_line_autotune_needs_a_gpu(tmp_path):
+    from test_calibrate import byte_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sparsecomp.cli import main
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    with pytest.raises(RuntimeError, match="autotune times GPU kernels; the model is on cpu"):
+        main(
+            ["autotune", "--model", str(tmp_path / "model"), "--lengths", "64", "--device", "cpu", "--dtype", "float32"]
+        )
