@@ -114,8 +114,8 @@ def _bool_from_additive(mask: fx.Node) -> fx.Node | None:
 # F.scaled_dot_product_attention
 
 
-def _number(arg) -> float | None:
-    """A float argument's value. Under dynamic shapes Dynamo passes module float attributes (HF's
+def _float_argument(arg) -> float | None:
+    """An SDPA float argument's value. Under dynamic shapes Dynamo passes module float attributes (HF's
     ``scaling``, ``attention_dropout``) as symbolic floats: read them (a guard on the value, which
     is fixed per model). NaN where nothing is known: the site then keeps its attention."""
     if arg is None or not isinstance(arg, fx.Node):
@@ -141,9 +141,9 @@ def match_sdpa(node: fx.Node) -> AttentionSite | None:
         q=q,
         k=k,
         v=v,
-        scale=_number(args.get("scale")),
+        scale=_float_argument(args.get("scale")),
         causal=bool(args.get("is_causal", False)),
-        dropout_p=_number(args.get("dropout_p")) or 0.0,
+        dropout_p=_float_argument(args.get("dropout_p")) or 0.0,
     )
     if args.get("enable_gqa"):
         site.kv_groups = _val(q).shape[1] // _val(k).shape[1]
