@@ -227,7 +227,7 @@ def main(argv=None):
     if args.report:
         parts = [json.loads(Path(f).read_text()) for f in args.report]
         rows = [r for part in parts for r in part["rows"]]
-        crossovers = [c for part in parts for c in part["crossovers"]]
+        crossovers = list({c["pattern"]: c for part in parts for c in part["crossovers"]}.values())  # last run wins
         print("\n".join(report(out, rows, crossovers, parts[0]["environment"])[:7]))
         return
     device = torch.device("cuda")
