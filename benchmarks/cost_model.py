@@ -29,12 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, markdown_table, median_ms, write_results  # noqa: E402
 
-from sparsecomp.autotune import fit_cost_model, run_sparse  # noqa: E402
+from sparsecomp.autotune import fit_cost_model, random_selection, run_sparse, selection_index  # noqa: E402
 from sparsecomp.cost_model import (  # noqa: E402
     DEFAULT_CONFIG,
     DENSE,
     KERNEL_CONFIGS,
-    BlockCounts,
     CostModel,
     Workload,
 )
@@ -45,35 +44,6 @@ from sparsecomp.plan import Rule  # noqa: E402
 HQ, HKV = 32, 8
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 DENSITIES = [0.02, 0.05, 0.1, 0.2, 0.4, 0.6]
-
-
-def random_selection(n: int, density: float, device, seed: int = 0) -> torch.Tensor:
-    """(HQ, nb, nb) bool at 128 x 128 blocks: the diagonal plus random earlier blocks."""
-    nb = -(-n // 128)
-    gen = torch.Generator(device=device).manual_seed(seed + n)
-    causal_blocks = nb * (nb + 1) / 2
-    p = max(0.0, (density * causal_blocks - nb) / max(1.0, causal_blocks - nb))
-    qb, kb = torch.arange(nb, device=device)[:, None], torch.arange(nb, device=device)[None]
-    return ((torch.rand(HQ, nb, nb, generator=gen, device=device) < p) & (kb < qb)) | (kb == qb)
-
-
-def index_at(selection: torch.Tensor, block: int, tile_m: int, n: int) -> tuple[SparseIndex, BlockCounts]:
-    """The selection's pairs as an index of ``block`` x ``block`` blocks (diagonal blocks masked)."""
-    f = 128 // block
-    keep = selection.repeat_interleave(f, 1).repeat_interleave(f, 2)
-    nb = keep.shape[-1]
-    qb, kb = torch.arange(nb, device=keep.device)[:, None], torch.arange(nb, device=keep.device)[None]
-    keep = keep & (kb <= qb)
-    full, part = keep & (kb < qb), keep & (kb == qb)
-
-    def compact(sel):
-        order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-        return order[None].contiguous(), sel.sum(-1, dtype=torch.int32)[None]
-
-    (fb, fc), (pb, pc) = compact(full), compact(part)
-    counts = BlockCounts(block, block, float(fc.sum()), float(pc.sum()), float((fc + pc).max()),
-                         HQ * -(-n // tile_m), tile_m)  # fmt: skip
-    return SparseIndex(fb, fc, pb, pc), counts
 
 
 def sdpa_ms(q, k, v, **kwargs) -> float:
@@ -90,11 +60,11 @@ def grid(model, head_dims, lengths, densities, device) -> list[dict]:
             w = Workload(1, HQ, HKV, n, n, d)
             dense_ms = sdpa_ms(q, k, v, min_runs=10)
             for density in densities:
-                selection = random_selection(n, density, device)
+                selection = random_selection(HQ, n, density, 128, device, seed=n)
                 row = {"n": n, "head_dim": d, "density": density, "dense_ms": dense_ms,
                        "dense_pred": model.dense_ms(w)}  # fmt: skip
                 for name, options in KERNEL_CONFIGS.items():
-                    index, counts = index_at(selection, options.block_m, options.tile_m or options.block_m, n)
+                    index, counts = selection_index(selection, 128, options.block_m, n, options.tile_m)
                     row[f"{name}_ms"] = median_ms(lambda: run_sparse(q, k, v, index, options), min_runs=10)  # noqa: B023
                     row[f"{name}_pred"] = model.kernel_ms(name, w, counts)
                     row["computed_density"] = (

@@ -30,6 +30,7 @@ from sparsecomp.passes.match import find_sites
 from sparsecomp.passes.rewrite import KernelOptions, adaptive_call, observe_site
 
 from .backend import _calibrated_densities, _fallback_reason, _head_rules, _structure, _workload, adaptive_groups
+from .calibrate import _progress
 from .cost_model import (
     DEFAULT_CONFIG,
     DENSE,
@@ -48,29 +49,39 @@ from .timing import median_ms
 from .tuning_cache import TuningCache, environment_key
 
 
-def random_block_index(
-    batch: int, heads: int, n: int, density: float, block: int, device, seed: int = 0, tile_m: int = 0
-) -> tuple[SparseIndex, BlockCounts]:
-    """A causal index keeping each query block's diagonal block (masked) plus random earlier blocks
-    (full), ``density`` of the causal blocks in all; and its exact block counts (programs of
-    ``tile_m`` query rows; 0 = a block)."""
+def random_selection(heads: int, n: int, density: float, block: int, device, seed: int = 0) -> torch.Tensor:
+    """(heads, nb, nb) bool over ``block``-sized causal blocks: the diagonal plus random earlier
+    blocks, ``density`` of the causal blocks in all."""
     nb = -(-n // block)
     gen = torch.Generator(device=device).manual_seed(seed)
     causal_blocks = nb * (nb + 1) / 2
     p = max(0.0, (density * causal_blocks - nb) / max(1.0, causal_blocks - nb))
-    qb = torch.arange(nb, device=device)[:, None]
-    full = (torch.rand(batch, heads, nb, nb, generator=gen, device=device) < p) & (torch.arange(nb, device=device) < qb)
-    full_count = full.sum(-1, dtype=torch.int32)
-    full_blocks = torch.sort((~full).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
-    part_blocks = torch.zeros(batch, heads, nb, 1, dtype=torch.int32, device=device)
-    part_blocks[..., 0] = torch.arange(nb, device=device, dtype=torch.int32)
-    part_blocks = torch.nn.functional.pad(part_blocks, (0, nb - 1)).contiguous()
-    part_count = torch.ones(batch, heads, nb, dtype=torch.int32, device=device)
-    longest = float((full_count + part_count).max())
+    qb, kb = torch.arange(nb, device=device)[:, None], torch.arange(nb, device=device)[None]
+    return ((torch.rand(heads, nb, nb, generator=gen, device=device) < p) & (kb < qb)) | (kb == qb)
+
+
+def selection_index(
+    selection: torch.Tensor, selection_block: int, block: int, n: int, tile_m: int = 0
+) -> tuple[SparseIndex, BlockCounts]:
+    """A selection's pairs as an index of ``block``-sized blocks (a divisor of ``selection_block``;
+    diagonal blocks masked, the rest full), and its exact block counts (programs of ``tile_m``
+    query rows; 0 = a block)."""
+    f = selection_block // block
+    nb = -(-n // block)
+    keep = selection.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :nb, :nb]  # a partial last block ends early
+    heads = keep.shape[0]
+    qb, kb = torch.arange(nb, device=keep.device)[:, None], torch.arange(nb, device=keep.device)[None]
+    keep = keep & (kb <= qb)
+
+    def compact(sel):
+        order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+        return order[None].contiguous(), sel.sum(-1, dtype=torch.int32)[None]
+
+    (fb, fc), (pb, pc) = compact(keep & (kb < qb)), compact(keep & (kb == qb))
     tile_m = tile_m or block
-    programs = batch * heads * -(-n // tile_m)
-    counts = BlockCounts(block, block, float(full_count.sum()), float(part_count.sum()), longest, programs, tile_m)
-    return SparseIndex(full_blocks, full_count, part_blocks, part_count), counts
+    counts = BlockCounts(block, block, float(fc.sum()), float(pc.sum()), float((fc + pc).max()),
+                         heads * -(-n // tile_m), tile_m)  # fmt: skip
+    return SparseIndex(fb, fc, pb, pc), counts
 
 
 def run_sparse(q, k, v, index: SparseIndex, options: KernelOptions, *, scale=None, q_pos=None, k_pos=None,
@@ -86,12 +97,6 @@ def run_sparse(q, k, v, index: SparseIndex, options: KernelOptions, *, scale=Non
         scale if scale is not None else q.shape[-1] ** -0.5, causal, window, 0.0, options.block_m, options.block_n,
         options.tile_n, options.num_warps, options.num_stages, options.tma, options.tile_m,
     )  # fmt: skip
-
-
-def _progress(items, enabled: bool, desc: str):
-    from .calibrate import _progress as progress
-
-    return progress(items, enabled, desc)
 
 
 def _qkv(batch, hq, hkv, n, d, dtype, device):
@@ -182,7 +187,8 @@ def _engine_points(hq, hkv, n, d, dtype, device, configs, densities, sms):
         yield ("sdpa_masked", d), engine_features(wm, dense_counts(wm), sms), t, {"n": n}
     for name, options in configs.items():
         for density in densities:
-            index, counts = random_block_index(1, hq, n, density, options.block_m, device, tile_m=options.tile_m)
+            selection = random_selection(hq, n, density, options.block_m, device)
+            index, counts = selection_index(selection, options.block_m, options.block_m, n, options.tile_m)
             t = median_ms(lambda: run_sparse(q, k, v, index, options))  # noqa: B023
             yield (name, d), engine_features(w, counts, sms), t, {"n": n, "density": density}
 

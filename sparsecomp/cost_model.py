@@ -26,7 +26,7 @@ plan's calibration (measured density) or else a stated upper bound.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -86,14 +86,17 @@ class BlockCounts:
 
     def density(self, w: Workload) -> float:
         """Computed fraction of the causal (or full) block pairs."""
-        n_qb, n_kb = -(-w.q_len // self.block_m), -(-w.kv_len // self.block_n)
-        pairs = _causal_blocks(n_qb, n_kb, self.block_m, self.block_n, w.kv_len - w.q_len) if w.causal else n_qb * n_kb
+        if w.causal:
+            pairs = float(causal_row_blocks(w, self.block_m, self.block_n).sum())
+        else:
+            pairs = -(-w.q_len // self.block_m) * -(-w.kv_len // self.block_n)
         return self.blocks / max(1.0, pairs * w.batch * w.q_heads)
 
 
-def _causal_blocks(n_qb: int, n_kb: int, bm: int, bn: int, shift: int) -> int:
-    last_row = torch.clamp((torch.arange(n_qb) + 1) * bm - 1 + shift, max=n_kb * bn - 1)
-    return int((last_row // bn + 1).clamp(max=n_kb).sum())
+def causal_row_blocks(w: Workload, block_m: int, block_n: int) -> torch.Tensor:
+    """Key blocks each query block sees under the causal mask (queries are the last q_len keys)."""
+    last_key = torch.arange(-(-w.q_len // block_m)) * block_m + block_m - 1 + w.kv_len - w.q_len
+    return torch.clamp(last_key // block_n + 1, max=-(-w.kv_len // block_n)).float()
 
 
 def head_block_counts(
@@ -164,10 +167,8 @@ def _counts(w: Workload, options: KernelOptions, full: float, part: float, longe
 def adaptive_head_blocks(rule: Rule, w: Workload, options: KernelOptions, density: float | None) -> torch.Tensor:
     """Blocks per query block of one head with an adaptive rule: the calibrated ``density`` of the
     causal blocks where the plan measured one, else an upper bound from the rule's budget."""
-    bm, bn = options.block_m, options.block_n
-    n_qb = -(-w.q_len // bm)
-    causal = torch.clamp((torch.arange(n_qb) * bm + bm - 1 + w.kv_len - w.q_len) // bn + 1, max=-(-w.kv_len // bn))
-    causal = causal.float()
+    bn = options.block_n
+    causal = causal_row_blocks(w, options.block_m, bn)
     if density is not None:
         return torch.maximum(torch.ones_like(causal), causal * density)
     if rule.kind == "block_topk" and rule.coverage == 0:
@@ -259,6 +260,7 @@ class CostModel:
         self.index = {kind: list(c) for kind, c in index.items()}
         self.sms = sms
         self.info = dict(info or {})
+        self._crossovers: dict[tuple, int | None] = {}  # every layer of a model asks the same question
 
     def _coefficients(self, engine: str, head_dim: int) -> list[float]:
         """Coefficients fitted at the nearest head_dim (the features scale with the padded head_dim,
@@ -325,7 +327,20 @@ class CostModel:
         """The shortest sequence length (a multiple of 128, queries = keys) from which some sparse
         option is predicted faster than dense, assuming it stays so above (None: never, up to
         ``max_len``). Sparse gains with length: the work kept grows slower than N^2."""
+        key = (
+            replace(w, q_len=0, kv_len=0),
+            tuple(rules),
+            tuple(configs.items()),
+            tuple(densities or ()),
+            static_share,
+            site_window,
+            max_len,
+        )
+        if key not in self._crossovers:
+            self._crossovers[key] = self._crossover(w, rules, configs, densities, static_share, site_window, max_len)
+        return self._crossovers[key]
 
+    def _crossover(self, w, rules, configs, densities, static_share, site_window, max_len) -> int | None:
         def sparse_wins(n: int) -> bool:
             at = Workload(w.batch, w.q_heads, w.kv_heads, n, n, w.head_dim, w.dtype, w.causal, w.masked)
             return self.predictions(at, rules, configs, densities, static_share, site_window)[0].option != DENSE

@@ -248,3 +248,17 @@ def test_command_line_autotune_needs_a_gpu(tmp_path):
         main(
             ["autotune", "--model", str(tmp_path / "model"), "--lengths", "64", "--device", "cpu", "--dtype", "float32"]
         )
+
+
+def test_a_selection_refined_to_smaller_blocks_keeps_the_same_pairs():
+    from sparsecomp.autotune import random_selection, run_sparse, selection_index
+
+    n, gen = 300, torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(3))
+    selection = random_selection(2, n, 0.4, 128, "cpu", seed=1)
+    outs = []
+    for block in (128, 64):
+        index, counts = selection_index(selection, 128, block, n)
+        assert counts.programs == 2 * -(-n // block) and counts.part == 2 * -(-n // block)
+        outs.append(run_sparse(q, k, v, index, KernelOptions(block_m=block, block_n=block)))
+    torch.testing.assert_close(outs[0], outs[1])
