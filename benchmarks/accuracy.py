@@ -101,8 +101,18 @@ def score(model, docs, prompts, dense_logits, device, span: int = 256) -> dict:
     }
 
 
-def calibrated_plans(model, tok, lengths, targets, block, influence=False) -> dict:
-    """One calibration on the default data at ``lengths``; a plan per target ("T" or "T/max_error")."""
+def plan_name(info: dict) -> str:
+    error = info.get("max_out_err")
+    if info.get("density_budget") is not None:
+        goal = f"budget {info['density_budget']}"
+    else:
+        goal = f"{'influence' if info.get('selected_on') == 'influence' else 'CRA'}>={info['target_cra']}"
+    return f"calibrated {goal}" + (f", error<={error}" if error else "")
+
+
+def calibrated_plans(model, tok, lengths, targets, block, influence=False, budgets=()) -> dict:
+    """One calibration on the default data at ``lengths``; a plan per target ("T" or "T/max_error")
+    and per density budget ("B" or "B/max_error")."""
     t0 = time.time()
     cal_ids = default_calibration_ids(tok, lengths)
     rules = candidate_rules(max_len=max(lengths))
@@ -111,16 +121,25 @@ def calibrated_plans(model, tok, lengths, targets, block, influence=False) -> di
     plans = {}
     for spec in targets:
         target, _, error = spec.partition("/")
-        name = f"calibrated CRA>={target}" + (f", error<={error}" if error else "")
-        plans[name] = calibrator.plan(
-            float(target), model, data=data, lengths=lengths, max_error=float(error) if error else None
-        )
+        plan = calibrator.plan(float(target), model, data=data, lengths=lengths, max_error=float(error) if error else None)
+        plans[plan_name(plan.info)] = plan
+    for spec in budgets:
+        budget, _, error = spec.partition("/")
+        try:
+            plan = calibrator.plan(
+                None, model, data=data, lengths=lengths, max_error=float(error) if error else None, budget=float(budget)
+            )
+        except ValueError as e:  # an infeasible budget: say so, evaluate the others
+            print(f"budget {spec}: {e}", flush=True)
+            continue
+        plans[plan_name(plan.info)] = plan
     print(f"calibration: {len(cal_ids)} inputs, {time.time() - t0:.0f} s", flush=True)
     return plans
 
 
 def plan_file(name: str) -> str:
-    return "accuracy_plan_" + name.removeprefix("calibrated ").replace(">=", "").replace(", error<=", "_err") + ".json"
+    short = name.removeprefix("calibrated ").replace(">=", "").replace(", error<=", "_err").replace(" ", "_")
+    return f"accuracy_plan_{short}.json"
 
 
 def main(argv=None):
@@ -128,9 +147,12 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     p.add_argument(
-        "--targets", nargs="+", default=["0.9", "0.95", "0.98", "0.9/0.1", "0.95/0.1"],
+        "--targets", nargs="*", default=["0.9", "0.95", "0.98", "0.9/0.1", "0.95/0.1"],
         help="calibrated plans: a CRA target, or target/max output error",
     )  # fmt: skip
+    p.add_argument(
+        "--budgets", nargs="*", default=[], help="calibrated plans by density budget: B, or B/max output error"
+    )
     p.add_argument("--rules", nargs="*", default=UNIFORM, help="uniform rules to evaluate (Rule.parse text)")
     p.add_argument("--passkeys", type=int, default=10, help="pass key prompts per length")
     p.add_argument("--block", type=int, default=64)
@@ -150,11 +172,10 @@ def main(argv=None):
         plans = {}
         for path in sorted(Path(args.plans).glob("accuracy_plan_*.json")):
             plan = Plan.load(path)
-            error = plan.info.get("max_out_err")
-            plans[f"calibrated CRA>={plan.info['target_cra']}" + (f", error<={error}" if error else "")] = plan
+            plans[plan_name(plan.info)] = plan
     else:
         lengths = args.calibration_lengths or args.lengths
-        plans = calibrated_plans(model, tok, lengths, args.targets, args.block, args.influence)
+        plans = calibrated_plans(model, tok, lengths, args.targets, args.block, args.influence, args.budgets)
         for name, plan in plans.items():
             plan.save(Path(args.out) / plan_file(name))
     plans.update({text: Plan(default=Rule.parse(text), info={"preset": text}) for text in args.rules})

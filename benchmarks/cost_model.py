@@ -36,6 +36,7 @@ from sparsecomp.cost_model import (  # noqa: E402
     KERNEL_CONFIGS,
     CostModel,
     Workload,
+    ranked,
 )
 from sparsecomp.kernels import SparseIndex, build_block_index  # noqa: E402
 from sparsecomp.kernels.adaptive_index import block_topk_index  # noqa: E402
@@ -73,7 +74,7 @@ def grid(model, head_dims, lengths, densities, device) -> list[dict]:
                 options_ms = {o: row[f"{o}_ms"] for o in [DENSE, *KERNEL_CONFIGS]}
                 options_pred = {o: row[f"{o}_pred"] for o in [DENSE, *KERNEL_CONFIGS]}
                 fastest = min(options_ms, key=options_ms.get)
-                chosen = min(options_pred, key=options_pred.get)
+                chosen = ranked(options_pred)[0]  # what decide() picks (dense unless beaten by a margin)
                 best_config = min(KERNEL_CONFIGS, key=lambda c: options_ms[c])  # noqa: B023
                 row.update(
                     fastest=fastest, chosen=chosen, chosen_vs_fastest=options_ms[chosen] / options_ms[fastest],

@@ -36,8 +36,8 @@ CANDIDATE_KINDS = ("streaming", "vertical_slash", "sample", "block_topk")
 
 
 def candidate_rules(kinds=CANDIDATE_KINDS, max_len: int = 8192, sink: int = 64) -> list[Rule]:
-    """The rules calibration tries per head: streaming windows doubling from 64 below the longest
-    input; vertical-slash budgets up to MInference's default; SampleAttention alphas; block top-k."""
+    """The rules calibration tries per head: streaming windows below the longest input, 64 and 128
+    then steps of 1.5x and 4/3x (192, 256, 384, 512, ...: a density budget needs fine steps); vertical-slash budgets up to MInference's default; SampleAttention alphas; block top-k."""
     unknown = set(kinds) - set(CANDIDATE_KINDS)
     if unknown:
         raise ValueError(f"unknown candidate kinds {sorted(unknown)}; known: {CANDIDATE_KINDS}")
@@ -46,6 +46,8 @@ def candidate_rules(kinds=CANDIDATE_KINDS, max_len: int = 8192, sink: int = 64) 
         window = 64
         while window < max_len:
             rules.append(Rule("streaming", sink=sink, window=window))
+            if window >= 128 and window * 3 // 2 < max_len:
+                rules.append(Rule("streaming", sink=sink, window=window * 3 // 2))
             window *= 2
     if "vertical_slash" in kinds:
         for nv, ns in ((64, 256), (128, 512), (256, 1024), (512, 2048), (1000, 6096)):
@@ -81,24 +83,25 @@ def candidate_index(rule: Rule, q, k, q_pos, k_pos, key_ok, *, scale, causal, wi
 
 @dataclass
 class SiteStats:
-    """Per input length, sums over the calibration inputs of each candidate's CRA, density and
-    output error per head ((C, Hq) tensors), and the number of inputs."""
+    """Per input length, sums over the calibration inputs of each candidate's CRA (or kept
+    influence), density, output error and lost loss (dropped influence, or the output error without
+    gradients) per head ((C, Hq) tensors), and the number of inputs."""
 
     allowed: list[int]  # candidate ids this site may take
-    by_length: dict = field(default_factory=dict)  # length -> [cra, density, out_err, inputs]
+    by_length: dict = field(default_factory=dict)  # length -> [cra, density, out_err, lost, inputs]
     note: str = ""
     heads: tuple[int, int] = (0, 0)  # (query heads, KV heads)
 
     @property
     def inputs(self) -> int:
-        return sum(sums[3] for sums in self.by_length.values())
+        return sum(sums[-1] for sums in self.by_length.values())
 
-    def add(self, length: int, cra: torch.Tensor, density: torch.Tensor, out_err: torch.Tensor) -> None:
-        new = [t.double().cpu() for t in (cra, density, out_err)]
+    def add(self, length: int, cra, density, out_err, lost=None) -> None:
+        new = [t.double().cpu() for t in (cra, density, out_err, out_err if lost is None else lost)]
         sums = self.by_length.setdefault(length, [torch.zeros_like(t) for t in new] + [0])
         for i, t in enumerate(new):
             sums[i] += t
-        sums[3] += 1
+        sums[-1] += 1
 
     def mean(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(CRA, density, output error) per candidate and head, averaged over all inputs."""
@@ -107,9 +110,18 @@ class SiteStats:
     def worst(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(CRA, output error) per candidate and head at the length where each is worst (lowest
         CRA, highest error), each length's inputs averaged."""
-        per_length = [(sums[0] / sums[3], sums[2] / sums[3]) for sums in self.by_length.values()]
+        per_length = [(sums[0] / sums[-1], sums[2] / sums[-1]) for sums in self.by_length.values()]
         cra = torch.stack([c for c, _ in per_length]).amin(0)
         return cra, torch.stack([e for _, e in per_length]).amax(0)
+
+    def lost(self) -> torch.Tensor:
+        """Lost loss per candidate and head: each length's inputs averaged, summed over lengths."""
+        return sum(sums[3] / sums[-1] for sums in self.by_length.values())
+
+    def longest_density(self) -> torch.Tensor:
+        """Density per candidate and head at the longest calibration length (what a budget bounds)."""
+        sums = self.by_length[max(self.by_length)]
+        return sums[1] / sums[-1]
 
 
 @dataclass
@@ -160,11 +172,14 @@ class Calibrator:
                 candidate_index(self.rules[c], q, k, q_pos, k_pos, key_ok, **structure, block=self.block)
                 for c in stats.allowed
             ]
-            cra, density, out_err, influence = kept_mass(
+            m = kept_mass(
                 q, k, q_pos, k_pos, key_ok, candidates, **structure, block_m=self.block, block_n=self.block, v=v,
                 out_grad=out_grad,
             )  # fmt: skip
-        stats.add(q.shape[2], influence if self.influence else cra, density, out_err)
+        if self.influence:
+            stats.add(q.shape[2], m.influence, m.density, m.out_err, m.lost_influence)
+        else:
+            stats.add(q.shape[2], m.cra, m.density, m.out_err)
         stats.heads = (q.shape[1], k.shape[1])
 
     def choose(self, target: float, max_error: float | None = None) -> tuple[dict, dict]:
@@ -200,6 +215,37 @@ class Calibrator:
             chosen[name], measured[name] = rules, {"heads": rows}
         return chosen, measured
 
+    def choose_budget(self, budget: float, max_error: float | None = None) -> tuple[dict, dict]:
+        """Per site: one rule per query head such that the heads' mean density (at the longest
+        calibration length) stays within ``budget`` and their summed lost loss (dropped influence,
+        or output error without gradients) is least: MoA's allocation across heads, so heads that
+        matter more keep more. Candidates whose output error exceeds ``max_error`` (if given) at
+        some length are left out; dense (density 1, nothing lost) is always an option."""
+        heads, chosen, measured = [], {}, {}
+        for name, stats in self.sites.items():
+            if stats.inputs == 0:
+                measured[name] = {"note": stats.note or "never ran"}
+                continue
+            kept, _, out_err = stats.mean()
+            density, lost = stats.longest_density(), stats.lost()
+            _, worst_err = stats.worst()
+            for h in range(kept.shape[1]):
+                options = [(1.0, 0.0, Rule(), 1.0, 0.0)]  # (density, lost, rule, kept, output error)
+                for row, c in enumerate(stats.allowed):
+                    if max_error is None or worst_err[row, h] <= max_error:
+                        values = (density[row, h], lost[row, h], kept[row, h], out_err[row, h])
+                        d, lo, k, e = (v.item() for v in values)
+                        options.append((d, lo, self.rules[c], k, e))
+                heads.append((name, options))
+        picks = allocate([[option[:2] for option in options] for _, options in heads], budget)
+        kept_name = "influence" if self.influence else "cra"
+        for (name, options), pick in zip(heads, picks, strict=True):
+            dens, lost, rule, kept, err = options[pick]
+            chosen.setdefault(name, []).append(rule)
+            row = {"rule": str(rule), kept_name: round(kept, 4), "density": round(dens, 4), "out_err": round(err, 4)}
+            measured.setdefault(name, {"heads": []})["heads"].append(row | {"lost": float(f"{lost:.4g}")})
+        return chosen, measured
+
     def _elastic(self, stats: SiteStats, h: int, target: float, max_error: float | None):
         """MoA's elastic span for head ``h``: at each calibration length the smallest streaming
         window that qualifies there, covered by a line a + b * N through the shortest and longest
@@ -214,7 +260,7 @@ class Calibrator:
         windows = sorted((rule.window, row) for rule, row in streaming if rule.sink == sink)
         need = {}
         for n in lengths:
-            cra, _, err, count = stats.by_length[n]
+            cra, _, err, _, count = stats.by_length[n]
             ok = [
                 w
                 for w, row in windows
@@ -229,7 +275,7 @@ class Calibrator:
         rule = Rule("elastic", sink=sink, a=math.ceil(max(w - b * n for n, w in need.items())), b=b)
         measured = []
         for n in lengths:
-            cra, density, err, count = stats.by_length[n]
+            cra, density, err, _, count = stats.by_length[n]
             width = rule.head_params(n)[1]
             row = next((row for w, row in windows if w >= width), windows[-1][1])
             measured.append((density[row, h].item() / count, cra[row, h].item() / count, err[row, h].item() / count))
@@ -240,19 +286,67 @@ class Calibrator:
     def inputs(self) -> int:
         return max((s.inputs for s in self.sites.values()), default=0)
 
-    def plan(self, target: float, model, *, data: str, lengths, seed: int = 0, max_error=None) -> Plan:
-        """The plan for ``target`` from what was observed (one observation serves several targets)."""
-        chosen, measured = self.choose(target, max_error)
+    def plan(
+        self, target: float | None, model, *, data: str, lengths, seed: int = 0, max_error=None, budget=None
+    ) -> Plan:  # fmt: skip
+        """The plan for ``target`` (or, if given, the density ``budget``) from what was observed (one
+        observation serves several targets)."""
+        if budget is None:
+            chosen, measured = self.choose(target, max_error)
+        else:
+            chosen, measured = self.choose_budget(budget, max_error)
+            target = None
         if not chosen:
             raise ValueError("calibration found no attention site that a sparse rule can serve")
         info = _plan_info(self, target, max_error, measured, data, list(lengths), seed)
+        info["density_budget"] = budget
         return Plan(default=Rule(), sites=chosen, fingerprint=model_fingerprint(model), info=info)
+
+
+def allocate(options: list[list[tuple[float, float]]], budget: float, resolution: float = 1e-3) -> list[int]:
+    """For each item (a head), the index of one of its (density, loss) options such that the mean
+    density is at most ``budget`` and the summed loss is least: a multiple-choice knapsack solved
+    exactly by dynamic programming over densities rounded up to ``resolution`` (so the budget always
+    holds). ValueError if even the sparsest options exceed the budget."""
+    if not options:
+        return []
+    sparsest = sum(min(d for d, _ in o) for o in options) / len(options)
+    if sparsest > budget + 1e-12:
+        raise ValueError(
+            f"no choice of rules meets the density budget {budget}: the sparsest allowed average {sparsest:.3f} "
+            "(loosen max_error or add sparser candidates)"
+        )
+    def units(density: float) -> int:  # rounded up, but not for float noise (at most 1e-3 units)
+        return math.ceil(density / resolution - 1e-3)
+
+    capacity = int(budget * len(options) / resolution + 1e-3)
+    best = torch.zeros(capacity + 1, dtype=torch.float64)  # least loss of the items so far within c units
+    choices = []
+    for opts in options:
+        new = torch.full_like(best, math.inf)
+        choice = torch.full((capacity + 1,), -1, dtype=torch.int16)
+        for i, (density, loss) in enumerate(opts):
+            w = units(density)
+            if w > capacity:
+                continue
+            candidate = best[: capacity + 1 - w] + loss
+            better = candidate < new[w:]
+            new[w:] = torch.where(better, candidate, new[w:])
+            choice[w:][better] = i
+        best = new
+        choices.append(choice)
+    picks, c = [], capacity
+    for opts, choice in zip(reversed(options), reversed(choices), strict=True):
+        i = int(choice[c])
+        picks.append(i)
+        c -= units(opts[i][0])
+    return picks[::-1]
 
 
 def _plan_info(calibrator, target, max_error, measured, data, lengths, seed) -> dict:
     return {
         "made_by": "sparsecomp.calibrate",
-        "target_cra": target,
+        "target_cra": target,  # None when a density budget chose the rules
         "selected_on": "influence" if calibrator.influence else "cra",
         "max_out_err": max_error,
         "candidates": [str(r) for r in calibrator.rules],
@@ -307,6 +401,7 @@ def calibrate(
     target: float = 0.9,
     max_error: float | None = 0.1,
     influence: bool = False,
+    budget: float | None = None,
     rules=CANDIDATE_KINDS,
     lengths=(2048, 4096),
     tokenizer=None,
@@ -325,9 +420,16 @@ def calibrate(
     defaults (CRA 0.9, output error 0.1) gave the best accuracy per density on SmolLM2
     (docs/calibration-notes.md); ``max_error=None`` selects on CRA alone. ``influence=True``: MoA's
     attention x gradient influence (``recall.kept_mass``) replaces CRA as what ``target`` bounds;
-    each input then also runs backward from its next-token loss."""
-    if not 0 < target <= 1:
+    each input then also runs backward from its next-token loss.
+
+    ``budget`` (a mean attention density in (0, 1]) replaces the per-head target with MoA's
+    allocation across heads (``Calibrator.choose_budget``): least summed lost influence (with
+    ``influence``; else output error) within the budget. Best with ``influence=True``: the lost
+    influence weighs each head by how much the model's loss depends on it."""
+    if budget is None and not 0 < target <= 1:
         raise ValueError(f"target={target}; the attention mass to keep is in (0, 1]")
+    if budget is not None and not 0 < budget <= 1:
+        raise ValueError(f"budget={budget}; a mean attention density is in (0, 1]")
     torch.manual_seed(seed)
     ids, data = _as_id_lists(inputs, tokenizer, lengths)
     if not ids:
@@ -336,7 +438,7 @@ def calibrate(
     candidates = list(rules) if rules and isinstance(next(iter(rules)), Rule) else candidate_rules(rules, longest)
     calibrator = observe(model, ids, candidates, block, progress=progress, influence=influence)
     lengths = sorted({len(x) for x in ids})
-    return calibrator.plan(target, model, data=data, lengths=lengths, seed=seed, max_error=max_error)
+    return calibrator.plan(target, model, data=data, lengths=lengths, seed=seed, max_error=max_error, budget=budget)
 
 
 def observe(

@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     cal.add_argument("--target", type=float, default=0.9, help="attention mass (CRA) each head must keep")
     cal.add_argument("--max-error", type=float, default=0.1, help="bound on each head's attention output error")
     cal.add_argument("--influence", action="store_true", help="select on MoA's attention x gradient influence")
+    cal.add_argument(
+        "--budget", type=float, default=None, help="mean attention density to allocate across heads (replaces --target)"
+    )
     cal.add_argument("--rules", nargs="+", default=None, help="candidate kinds (default: all)")
     cal.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     cal.add_argument("--block", type=int, default=128)
@@ -74,7 +77,8 @@ def _calibrate(args) -> int:
     model, tokenizer = load_pretrained(args.model, device=device)
     plan = calibrate(
         model, tokenizer=tokenizer, target=args.target, max_error=args.max_error, influence=args.influence,
-        rules=tuple(args.rules or CANDIDATE_KINDS), lengths=tuple(args.lengths), block=args.block, seed=args.seed,
+        budget=args.budget, rules=tuple(args.rules or CANDIDATE_KINDS), lengths=tuple(args.lengths), block=args.block,
+        seed=args.seed,
     )  # fmt: skip
     plan.save(args.out)
     kinds = [r.kind for rules in plan.sites.values() for r in rules]

@@ -15,7 +15,7 @@ import torch
 
 from sparsecomp.passes.rewrite import KernelOptions
 
-from .cost_model import DEFAULT_CONFIG, DENSE, KERNEL_CONFIGS, CostModel, Workload
+from .cost_model import DEFAULT_CONFIG, DENSE, KERNEL_CONFIGS, CostModel, Workload, ranked
 from .plan import Rule
 
 COST_MODEL_ENTRY = "cost_model"
@@ -82,17 +82,17 @@ def decide(
         measured = {k: v for k, v in tuned["ms"].items() if k == DENSE or k in configs}
         if measured:
             times, source = measured, f"autotune (measured at N={tuned.get('length')})"
-    ranked = sorted(times, key=lambda o: (times[o], o != DENSE))
+    order = ranked(times)
     crossover = model.crossover(w, rules, configs, densities, static_share, site_window)
-    best = ranked[0]
+    best = order[0]
     if isinstance(n_symbolic, torch.SymInt):
         # One graph per side of the crossover: the guard makes a length past it compile the other side.
         sparse = crossover is not None and bool(n_symbolic >= crossover)
         if sparse and best == DENSE:
-            best = next((o for o in ranked if o != DENSE), DENSE)
+            best = next((o for o in order if o != DENSE), DENSE)
         elif not sparse:
             best = DENSE
-    runner = next((o for o in ranked if o != best), None)
+    runner = next((o for o in order if o != best), None)
     return Decision(
         option=best,
         options=None if best == DENSE else configs[best],

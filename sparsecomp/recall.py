@@ -12,6 +12,7 @@ calibration and by the inspect report.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,16 @@ class Recall:
             "density": self.density.mean().item(),
             "out_err": self.out_err.mean().item(),
         }
+
+
+class KeptMass(NamedTuple):
+    """What ``kept_mass`` measures, each (candidates, Hq) fp64."""
+
+    cra: torch.Tensor
+    density: torch.Tensor
+    out_err: torch.Tensor | None  # with v
+    influence: torch.Tensor | None  # kept influence / all influence (with v and out_grad)
+    lost_influence: torch.Tensor | None  # sum over rows of |g_i . (o_sparse - o_dense)_i|: a loss change estimate
 
 
 def _dense_chunks(q, k, q_pos, k_pos, key_ok, *, scale: float, causal: bool, window: int):
@@ -61,15 +72,17 @@ def _kept_rows(index: SparseIndex, q_pos, k_pos, key_ok, head_sink, head_window,
 def kept_mass(
     q, k, q_pos, k_pos, key_ok, candidates, *, scale: float, causal: bool, window: int, block_m: int,
     block_n: int, v=None, out_grad=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+) -> KeptMass:  # fmt: skip
     """CRA, density, (with ``v``) output error and (with ``v`` and ``out_grad``, the loss gradient
-    of the attention output) kept influence, each (C, Hq) fp64, of several candidate patterns at
-    once, exact attention computed once per chunk. ``candidates``: (index, head_sink, head_window)
-    per candidate.
+    of the attention output) kept and lost influence of several candidate patterns at once, exact
+    attention computed once per chunk. ``candidates``: (index, head_sink, head_window) per candidate.
 
     Influence (MoA's first-order loss change of removing a pair, softmax renormalization included):
     I[i, j] = |p[i, j] * g_i . (v_j - o_i)| with g = out_grad, o the exact output; a candidate's
-    kept influence is the sum of I over its kept pairs / the sum over all pairs, per head."""
+    kept influence is the sum of I over its kept pairs / the sum over all pairs, per head. Its lost
+    influence is the first-order loss change of its actual output change, per row, summed over rows:
+    sum_i |g_i . (o_sparse_i - o_i)| (renormalization exact, cancellation within a row counted; not
+    normalized: heads the loss depends on more weigh more)."""
     b, hq, _, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     structure = dict(causal=causal, window=window, block_m=block_m, block_n=block_n)
@@ -78,7 +91,7 @@ def kept_mass(
     kept_n, err2 = torch.zeros_like(mass), torch.zeros_like(mass)
     rows_seen = torch.zeros(hq, dtype=torch.float64, device=q.device)
     allowed_n, ref2 = torch.zeros_like(rows_seen), torch.zeros_like(rows_seen)
-    kept_infl, total_infl = torch.zeros_like(mass), torch.zeros_like(rows_seen)
+    kept_infl, total_infl, lost = torch.zeros_like(mass), torch.zeros_like(rows_seen), torch.zeros_like(mass)
     vf = v.float()[:, :, None] if v is not None else None
 
     def output(p, rows):  # (B, Hq, rows, Nk) weights -> (B, Hq, rows, D) attention output
@@ -107,9 +120,11 @@ def kept_mass(
                 err2[c] += (o_sparse - o_dense).pow(2).sum((0, 2, 3)).double()
             if out_grad is not None:
                 kept_infl[c] += (influence * keep).sum((0, 2, 3)).double()
+                lost[c] += (g * (o_sparse - o_dense)).sum(-1).abs().sum((0, 2)).double()
     out_err = (err2.sqrt() / ref2.sqrt().clamp_min(1e-30)) if v is not None else None
     kept_influence = kept_infl / total_infl.clamp_min(1e-30) if out_grad is not None else None
-    return mass / rows_seen.clamp_min(1), kept_n / allowed_n.clamp_min(1), out_err, kept_influence
+    lost = lost if out_grad is not None else None
+    return KeptMass(mass / rows_seen.clamp_min(1), kept_n / allowed_n.clamp_min(1), out_err, kept_influence, lost)
 
 
 def pattern_recall(

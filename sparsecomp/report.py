@@ -81,8 +81,14 @@ class InspectReport:
             return "plan: -"
         info = self.plan.info
         if info.get("made_by") == "sparsecomp.calibrate":
+            kept = info.get("selected_on", "cra").upper()
+            goal = (
+                f"least lost {kept.lower()} at density <= {info['density_budget']}"
+                if info.get("density_budget") is not None
+                else f"{kept} >= {info.get('target_cra')}"
+            )
             return (
-                f"plan: calibrated for CRA >= {info.get('target_cra')} on {info.get('inputs')} inputs "
+                f"plan: calibrated for {goal} on {info.get('inputs')} inputs "
                 f"({info.get('data')}; lengths {info.get('lengths')}; blocks of {info.get('block')})"
             )
         if "preset" in info:

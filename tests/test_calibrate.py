@@ -8,7 +8,7 @@ from tiny_models import tiny_llama
 
 import sparsecomp
 from sparsecomp import Plan, Rule
-from sparsecomp.calibrate import Calibrator, SiteStats, candidate_rules
+from sparsecomp.calibrate import Calibrator, SiteStats, allocate, candidate_rules
 from sparsecomp.calibration_data import passkey_prompt
 
 RULES = [Rule("streaming", sink=4, window=16), Rule("streaming", sink=4, window=64), Rule("block_topk", k=2),
@@ -94,9 +94,79 @@ def test_choice_is_the_cheapest_candidate_that_reaches_the_target():
     assert measured["s"]["heads"][0] == {"rule": str(elastic), "cra": 0.98, "density": 0.35, "out_err": 0.05}
 
 
+def test_allocation_meets_the_budget_with_the_least_loss():
+    """allocate against exhaustive search on random instances (4 heads x 4 options, densities on a
+    0.01 grid): the budget holds and the summed loss is the optimum."""
+    import itertools
+
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(40):
+        options = []
+        for _ in range(4):
+            dens = sorted(c / 100 for c in torch.randint(1, 100, (3,), generator=gen).tolist()) + [1.0]
+            loss = sorted(torch.rand(3, generator=gen).tolist(), reverse=True) + [0.0]
+            options.append(list(zip(dens, loss, strict=True)))
+        budget = round(0.3 + 0.5 * torch.rand((), generator=gen).item(), 2)
+        if sum(o[0][0] for o in options) > budget * 4:  # even the sparsest exceed it
+            with pytest.raises(ValueError, match="no choice of rules meets"):
+                allocate(options, budget)
+            continue
+        pick = allocate(options, budget)
+        assert sum(options[j][i][0] for j, i in enumerate(pick)) <= budget * 4 + 1e-9
+        best = min(
+            sum(options[j][i][1] for j, i in enumerate(c))
+            for c in itertools.product(range(4), repeat=4)
+            if sum(options[j][i][0] for j, i in enumerate(c)) <= budget * 4 + 1e-9
+        )
+        assert sum(options[j][i][1] for j, i in enumerate(pick)) == pytest.approx(best)
+    with pytest.raises(ValueError, match="sparsest allowed average 0.500"):
+        allocate([[(0.5, 1.0), (1.0, 0.0)]] * 2, 0.1)
+    assert allocate([], 0.5) == []
+
+
+def test_budget_gives_density_to_the_heads_whose_loss_depends_on_it():
+    """Two heads, the same CRA and density per candidate, but head 1 loses ten times more from the
+    narrow window: with a mean budget of 0.5 head 1 gets the wide window, head 0 the narrow one; with
+    0.6, head 1 stays dense."""
+    rules = [Rule("streaming", sink=1, window=8), Rule("streaming", sink=1, window=32)]
+    cal = Calibrator(rules, block=16, influence=True)
+    stats = SiteStats([0, 1])
+    kept = torch.tensor([[0.9, 0.9], [0.99, 0.99]])
+    density = torch.tensor([[0.2, 0.2], [0.8, 0.8]])
+    out_err = torch.full((2, 2), 0.05)
+    lost = torch.tensor([[1.0, 10.0], [0.1, 1.0]])
+    stats.add(100, kept, density, out_err, lost)
+    cal.sites["s"] = stats
+    chosen, measured = cal.choose_budget(0.5)
+    assert chosen["s"] == [rules[0], rules[1]]
+    assert measured["s"]["heads"][1] == {"rule": str(rules[1]), "influence": 0.99, "density": 0.8, "out_err": 0.05,
+                                         "lost": 1.0}  # fmt: skip
+    assert cal.choose_budget(0.6)[0]["s"] == [rules[0], Rule()]
+    assert cal.choose_budget(1.0)[0]["s"] == [Rule(), Rule()]  # nothing lost when dense fits
+    with pytest.raises(ValueError, match="loosen max_error"):  # no candidate allowed: only dense is left
+        cal.choose_budget(0.6, max_error=0.01)
+
+
+def test_budget_calibration_on_a_tiny_model():
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    plan = sparsecomp.calibrate(
+        model, inputs(), budget=0.5, influence=True, max_error=None, rules=RULES, block=16, progress=False
+    )
+    heads = [h for site in plan.info["measured"].values() for h in site["heads"]]
+    assert len(heads) == 8 and sum(h["density"] for h in heads) / 8 <= 0.5
+    assert plan.info["density_budget"] == 0.5 and plan.info["target_cra"] is None
+    compiled = sparsecomp.compile(model, plan, kernel_options={"block_m": 16, "block_n": 16})
+    with torch.no_grad():
+        compiled(inputs(1)[1][None])
+    assert "least lost influence at density <= 0.5" in str(sparsecomp.inspect(compiled))
+    with pytest.raises(ValueError, match="budget"):
+        sparsecomp.calibrate(model, inputs(), budget=0.0, progress=False)
+
+
 def test_candidates_and_bad_arguments():
     rules = candidate_rules(("streaming",), max_len=1000)
-    assert [r.window for r in rules] == [64, 128, 256, 512]
+    assert [r.window for r in rules] == [64, 128, 192, 256, 384, 512, 768]
     with pytest.raises(ValueError, match="unknown candidate"):
         candidate_rules(("magic",))
     model = tiny_llama().eval()
@@ -212,9 +282,12 @@ def test_kept_influence_is_the_first_order_loss_change_of_dropped_pairs():
     influence = (p * (dl_dp - (p * dl_dp).sum(-1, keepdim=True))).abs().detach()
     kept = causal & ((pos[0][:, None] - pos[0][None, :] < 8) | (pos[0][None, :] < 2))
     want = (influence * kept).sum((0, 2, 3)) / influence.sum((0, 2, 3))
-    *_, got = kept_mass(q, k, pos, pos, None, [(index, *heads)], scale=d**-0.5, causal=True, window=0,
-                        block_m=8, block_n=8, v=v, out_grad=weights)  # fmt: skip
-    torch.testing.assert_close(got[0], want, atol=1e-6, rtol=1e-6)
+    got = kept_mass(q, k, pos, pos, None, [(index, *heads)], scale=d**-0.5, causal=True, window=0,
+                    block_m=8, block_n=8, v=v, out_grad=weights)  # fmt: skip
+    torch.testing.assert_close(got.influence[0], want, atol=1e-6, rtol=1e-6)
+    o_sparse = torch.softmax(s.masked_fill(~kept, float("-inf")), -1) @ v.repeat_interleave(2, 1)
+    lost = (weights * (o_sparse - o.detach())).sum(-1).abs().sum((0, 2))
+    torch.testing.assert_close(got.lost_influence[0], lost, atol=1e-9, rtol=1e-6)
     assert (want < 1).all() and (want > 0).all()
 
 
