@@ -121,7 +121,9 @@ def calibrated_plans(model, tok, lengths, targets, block, influence=False, budge
     plans = {}
     for spec in targets:
         target, _, error = spec.partition("/")
-        plan = calibrator.plan(float(target), model, data=data, lengths=lengths, max_error=float(error) if error else None)
+        plan = calibrator.plan(
+            float(target), model, data=data, lengths=lengths, max_error=float(error) if error else None
+        )
         plans[plan_name(plan.info)] = plan
     for spec in budgets:
         budget, _, error = spec.partition("/")

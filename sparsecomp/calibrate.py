@@ -37,7 +37,8 @@ CANDIDATE_KINDS = ("streaming", "vertical_slash", "sample", "block_topk")
 
 def candidate_rules(kinds=CANDIDATE_KINDS, max_len: int = 8192, sink: int = 64) -> list[Rule]:
     """The rules calibration tries per head: streaming windows below the longest input, 64 and 128
-    then steps of 1.5x and 4/3x (192, 256, 384, 512, ...: a density budget needs fine steps); vertical-slash budgets up to MInference's default; SampleAttention alphas; block top-k."""
+    then steps of 1.5x and 4/3x (192, 256, 384, 512, ...: a density budget needs fine steps);
+    vertical-slash budgets up to MInference's default; SampleAttention alphas; block top-k."""
     unknown = set(kinds) - set(CANDIDATE_KINDS)
     if unknown:
         raise ValueError(f"unknown candidate kinds {sorted(unknown)}; known: {CANDIDATE_KINDS}")
@@ -316,6 +317,7 @@ def allocate(options: list[list[tuple[float, float]]], budget: float, resolution
             f"no choice of rules meets the density budget {budget}: the sparsest allowed average {sparsest:.3f} "
             "(loosen max_error or add sparser candidates)"
         )
+
     def units(density: float) -> int:  # rounded up, but not for float noise (at most 1e-3 units)
         return math.ceil(density / resolution - 1e-3)
 

@@ -53,6 +53,8 @@ DENSE_MARGIN = 0.03
 def ranked(times: dict[str, float]) -> list[str]:
     """Option names best first by time, dense's time reduced by ``DENSE_MARGIN``."""
     return sorted(times, key=lambda o: (times[o] * (1 - DENSE_MARGIN) if o == DENSE else times[o], o != DENSE))
+
+
 ENGINE_FEATURES = ("launch", "compute", "mask", "program")
 INDEX_FEATURES = ("launch", "work")
 
