@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     cal.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face model folder")
     cal.add_argument("--out", default="plan.json")
     cal.add_argument("--target", type=float, default=0.9, help="attention mass (CRA) each head must keep")
-    cal.add_argument("--max-error", type=float, default=0.1, help="bound on each head's attention output error")
+    cal.add_argument(
+        "--max-error", type=_float_or_none, default=0.1, help="bound on each head's attention output error ('none')"
+    )
     cal.add_argument("--influence", action="store_true", help="select on MoA's attention x gradient influence")
     cal.add_argument(
         "--budget", type=float, default=None, help="mean attention density to allocate across heads (replaces --target)"
@@ -65,6 +67,10 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+def _float_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def _calibrate(args) -> int:

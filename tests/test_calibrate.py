@@ -221,6 +221,13 @@ def test_command_line_calibrates_a_local_model_on_the_default_data(tmp_path, cap
     assert plan.info["inputs"] == 6  # 4 documents + 2 pass key prompts at the one length
     assert plan.info["target_cra"] == 0.8 and plan.info["max_out_err"] == 0.1
     assert "wrote" in capsys.readouterr().out
+    argv[4] = "256"  # long enough for windows well below the length
+    budget = argv[:-4] + ["--budget", "0.7", "--influence", "--max-error", "none", "--out", str(out), "--device", "cpu"]
+    assert main(budget) == 0
+    plan = Plan.load(out)
+    assert plan.info["density_budget"] == 0.7 and plan.info["max_out_err"] is None
+    heads = [h for site in plan.info["measured"].values() for h in site["heads"]]
+    assert sum(h["density"] for h in heads) / len(heads) <= 0.7
 
 
 def test_elastic_plan_runs_the_window_of_its_length():
