@@ -188,6 +188,7 @@ def main(argv=None):
     p.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--crossover-lengths", type=int, nargs="*", default=[1024, 2048, 3072, 4096, 6144, 8192])
+    p.add_argument("--fit-head-dims", type=int, nargs="+", default=[64, 128], help="head dims the fit covers")
     p.add_argument("--coefficients", default=None, help="a fitted cost_model_coefficients.json (skips the fit)")
     p.add_argument("--report", nargs="+", default=None, help="only write the report from these part files")
     p.add_argument("--part", default="", help="suffix of this run's part file (a grid split over runs)")
@@ -205,7 +206,7 @@ def main(argv=None):
     if args.coefficients:
         model = CostModel.from_json(json.loads(Path(args.coefficients).read_text()))
     else:
-        fit = fit_cost_model(tuple(args.head_dims), device=device)
+        fit = fit_cost_model(tuple(args.fit_head_dims), device=device)
         model = fit.model
         (out / "cost_model_coefficients.json").write_text(json.dumps(model.to_json(), indent=1) + "\n")
         write_results(out, "cost_model_fit", environment(), fit.rows, markdown_table(fit.rows, [
