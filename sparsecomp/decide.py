@@ -106,8 +106,8 @@ def decide(
 
 def load_cost_model(setting, device: torch.device, cache) -> tuple[CostModel | None, str]:
     """The cost model a compile uses, and what the report says about it. ``setting``: "auto" (the
-    coefficients fitted on this GPU by ``sparsecomp autotune``, else the shipped H100 fit; off
-    where the op runs the PyTorch reference), False (off: the plan is followed), or a CostModel."""
+    coefficients fitted on this GPU by ``sparsecomp autotune``, else the shipped H100 fit on a
+    Hopper GPU; off on other GPUs until tuned, and where the op runs the PyTorch reference), False (off: the plan is followed), or a CostModel."""
     if isinstance(setting, CostModel):
         return setting, "cost model (given)"
     if setting is False or setting is None:
@@ -119,10 +119,10 @@ def load_cost_model(setting, device: torch.device, cache) -> tuple[CostModel | N
     stored = cache.get(COST_MODEL_ENTRY) if cache is not None else None
     if stored is not None:
         return CostModel.from_json(stored), "cost model (fitted on this GPU)"
+    if torch.cuda.get_device_capability(device)[0] != 9:  # the shipped fit describes Hopper only
+        return None, "no cost model fitted for this GPU (run sparsecomp autotune): the plan is followed"
     from .cost_defaults import H100_COST_MODEL
 
-    if H100_COST_MODEL is None:
-        return None, "no cost model fitted for this GPU (run sparsecomp autotune): the plan is followed"
     return CostModel.from_json(H100_COST_MODEL), "cost model (H100 fit; run sparsecomp autotune to fit this GPU)"
 
 

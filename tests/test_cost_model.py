@@ -167,6 +167,24 @@ def test_cost_model_off_follows_the_plan():
     assert "no cost model on cpu" in str(report)
 
 
+def test_auto_uses_the_shipped_h100_fit_on_hopper_only(monkeypatch):
+    """No fit of this GPU's own: a Hopper GPU decides with the shipped H100 coefficients, another
+    follows the plan until tuned (the device is only asked its capability)."""
+    from sparsecomp.cost_defaults import H100_COST_MODEL
+    from sparsecomp.decide import load_cost_model
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    model, source = load_cost_model("auto", cuda, None)
+    assert model.to_json() == CostModel.from_json(H100_COST_MODEL).to_json() and "H100 fit" in source
+    w = Workload(1, 32, 8, 65536, 65536, 128)
+    counts = static_block_counts(w, [Rule("streaming", sink=64, window=1024)] * 32, KERNEL_CONFIGS["b128"])
+    assert model.kernel_ms("b128", w, counts) < model.dense_ms(w) / 5  # long streaming: sparse by far
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    model, source = load_cost_model("auto", cuda, None)
+    assert model is None and "run sparsecomp autotune" in source
+
+
 def scripted_timer(values):
     """Runs each timed call once (it must work) and returns the next scripted time."""
     script = itertools.cycle(values)
