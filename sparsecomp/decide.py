@@ -107,7 +107,8 @@ def decide(
 def load_cost_model(setting, device: torch.device, cache) -> tuple[CostModel | None, str]:
     """The cost model a compile uses, and what the report says about it. ``setting``: "auto" (the
     coefficients fitted on this GPU by ``sparsecomp autotune``, else the shipped H100 fit on a
-    Hopper GPU; off on other GPUs until tuned, and where the op runs the PyTorch reference), False (off: the plan is followed), or a CostModel."""
+    Hopper GPU; off on other GPUs until tuned, and where the op runs the PyTorch reference), False
+    (off: the plan is followed), or a CostModel."""
     if isinstance(setting, CostModel):
         return setting, "cost model (given)"
     if setting is False or setting is None:
