@@ -85,8 +85,8 @@ def candidate_index(rule: Rule, q, k, q_pos, k_pos, key_ok, *, scale, causal, wi
 @dataclass
 class SiteStats:
     """Per input length, sums over the calibration inputs of each candidate's CRA (or kept
-    influence), density, output error and lost loss (dropped influence, or the output error without
-    gradients) per head ((C, Hq) tensors), and the number of inputs."""
+    influence), density, output error and lost loss (``kept_mass``'s lost influence, or the output
+    error without gradients) per head ((C, Hq) tensors), and the number of inputs."""
 
     allowed: list[int]  # candidate ids this site may take
     by_length: dict = field(default_factory=dict)  # length -> [cra, density, out_err, lost, inputs]
@@ -218,8 +218,8 @@ class Calibrator:
 
     def choose_budget(self, budget: float, max_error: float | None = None) -> tuple[dict, dict]:
         """Per site: one rule per query head such that the heads' mean density (at the longest
-        calibration length) stays within ``budget`` and their summed lost loss (dropped influence,
-        or output error without gradients) is least: MoA's allocation across heads, so heads that
+        calibration length) stays within ``budget`` and their summed lost loss (first-order loss
+        change of the head's output, or its output error without gradients) is least: MoA's allocation across heads, so heads that
         matter more keep more. Candidates whose output error exceeds ``max_error`` (if given) at
         some length are left out; dense (density 1, nothing lost) is always an option."""
         heads, chosen, measured = [], {}, {}

@@ -46,7 +46,7 @@ KERNEL_CONFIGS: dict[str, KernelOptions] = {
 DEFAULT_CONFIG = "b128"
 DENSE = "dense"
 # A sparse option must be predicted this much faster than dense to be chosen: within it the model's
-# error decides (median 3.6%, benchmarks/results/cost_model.md), and dense is exact and robust.
+# error decides (median 3-4%, benchmarks/results/cost_model.md), and dense is exact and robust.
 DENSE_MARGIN = 0.03
 
 
