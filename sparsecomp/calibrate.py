@@ -219,9 +219,10 @@ class Calibrator:
     def choose_budget(self, budget: float, max_error: float | None = None) -> tuple[dict, dict]:
         """Per site: one rule per query head such that the heads' mean density (at the longest
         calibration length) stays within ``budget`` and their summed lost loss (first-order loss
-        change of the head's output, or its output error without gradients) is least: MoA's allocation across heads, so heads that
-        matter more keep more. Candidates whose output error exceeds ``max_error`` (if given) at
-        some length are left out; dense (density 1, nothing lost) is always an option."""
+        change of the head's output, or its output error without gradients) is least: MoA's
+        allocation across heads, so heads that matter more keep more. Candidates whose output error
+        exceeds ``max_error`` (if given) at some length are left out; dense (density 1, nothing
+        lost) is always an option."""
         heads, chosen, measured = [], {}, {}
         for name, stats in self.sites.items():
             if stats.inputs == 0:
