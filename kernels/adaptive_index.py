@@ -102,13 +102,22 @@ def _per_head(values, hq: int) -> list:
     return values * hq if len(values) == 1 else values
 
 
+def _head_limits(values: list, device, trailing: int):
+    """Per-head budgets as a comparison operand: a Python number when every head has the same (no
+    host-to-device copy, so the builder stays CUDA-graph capturable), else an (Hq, 1, ...) tensor
+    with ``trailing`` singleton dims."""
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.tensor(values, device=device).view(-1, *([1] * trailing))
+
+
 def _keep_top(scores: torch.Tensor, budget: list[int]) -> torch.Tensor:
     """Bool mask of each head's ``budget[h]`` best entries of ``scores`` (B, Hq, N) with a positive
     score (zero-score entries are never seen: picking among them would be arbitrary)."""
     k = max(1, min(max(budget), scores.shape[-1]))
     top = scores.topk(k, dim=-1)
-    per_head = torch.tensor(budget, device=scores.device)
-    rank_ok = (torch.arange(k, device=scores.device)[None, None, :] < per_head[None, :, None]) & (top.values > 0)
+    per_head = _head_limits(budget, scores.device, trailing=1)
+    rank_ok = (torch.arange(k, device=scores.device)[None, None, :] < per_head) & (top.values > 0)
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, rank_ok)
 
 
@@ -282,7 +291,7 @@ def block_topk_index(
     else:
         kmax = max(1, min(max(kk), n_kb))
         top = score.topk(kmax, dim=-1)
-        per_head = torch.tensor(kk, device=dev)[None, :, None, None]
+        per_head = _head_limits(kk, dev, trailing=2)
         rank_ok = (torch.arange(kmax, device=dev)[None, None, None, :] < per_head) & torch.isfinite(top.values)
         chosen = torch.zeros_like(some).scatter_(-1, top.indices, rank_ok)
     selected = forced | (chosen & some)

@@ -152,6 +152,18 @@ def test_index_builder_matches_dense_reference(pattern, pad):
     assert torch.equal(kept, ref), (kept != ref).sum().item()
 
 
+def test_one_budget_for_every_head_matches_the_reference():
+    """Uniform budgets take the scalar path (no per-head tensor): same masks as the reference."""
+    q, k, v, key_ok, q_pos, k_pos = inputs(pad=3, seed=5)
+    common = dict(scale=SCALE, causal=True, window=0, block_m=BLOCK, block_n=BLOCK)
+    index = block_topk_index(q, k, q_pos, k_pos, key_ok, 2, coverage=0.0, pool="mean", **common)
+    ref = block_topk_reference(q, k, key_ok, q_pos, k_pos, [2] * HQ)
+    assert torch.equal(index_keep(index, q_pos, k_pos, key_ok, N), ref)
+    index = vertical_slash_index(q, k, q_pos, k_pos, key_ok, 6, 5, last_q=20, sink=2, local=3, **common)
+    ref = vertical_slash_reference(q, k, key_ok, q_pos, k_pos, [6] * HQ, [5] * HQ, last_q=20, sink=2, local=3)
+    assert torch.equal(index_keep(index, q_pos, k_pos, key_ok, N), ref)
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_op_on_an_adaptive_index_matches_golden(pattern):
     """Reference op and Triton kernel (interpreter on CPU) equal fp64 attention on the reference mask."""
