@@ -81,12 +81,12 @@ class InspectReport:
             return "plan: -"
         info = self.plan.info
         if info.get("made_by") == "sparsecomp.calibrate":
-            kept = info.get("selected_on", "cra").upper()
-            goal = (
-                f"least lost {kept.lower()} at density <= {info['density_budget']}"
-                if info.get("density_budget") is not None
-                else f"{kept} >= {info.get('target_cra')}"
-            )
+            by_influence = info.get("selected_on") == "influence"
+            if info.get("density_budget") is not None:  # a budget minimizes a loss, no target
+                loss = "lost influence" if by_influence else "output error"
+                goal = f"least {loss} at density <= {info['density_budget']}"
+            else:
+                goal = f"{'INFLUENCE' if by_influence else 'CRA'} >= {info.get('target_cra')}"
             return (
                 f"plan: calibrated for {goal} on {info.get('inputs')} inputs "
                 f"({info.get('data')}; lengths {info.get('lengths')}; blocks of {info.get('block')})"
