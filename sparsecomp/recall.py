@@ -122,9 +122,8 @@ def kept_mass(
                 kept_infl[c] += (influence * keep).sum((0, 2, 3)).double()
                 lost[c] += (g * (o_sparse - o_dense)).sum(-1).abs().sum((0, 2)).double()
     out_err = (err2.sqrt() / ref2.sqrt().clamp_min(1e-30)) if v is not None else None
-    kept_influence = kept_infl / total_infl.clamp_min(1e-30) if out_grad is not None else None
-    lost = lost if out_grad is not None else None
-    return KeptMass(mass / rows_seen.clamp_min(1), kept_n / allowed_n.clamp_min(1), out_err, kept_influence, lost)
+    kept_and_lost = (kept_infl / total_infl.clamp_min(1e-30), lost) if out_grad is not None else (None, None)
+    return KeptMass(mass / rows_seen.clamp_min(1), kept_n / allowed_n.clamp_min(1), out_err, *kept_and_lost)
 
 
 def pattern_recall(
