@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, markdown_table, median_ms, write_results  # noqa: E402
 
 from sparsecomp.autotune import fit_cost_model, random_selection, run_sparse, selection_index  # noqa: E402
+from sparsecomp.backend import inductor_with_opaque_ops  # noqa: E402
 from sparsecomp.cost_model import (  # noqa: E402
     DEFAULT_CONFIG,
     DENSE,
@@ -91,8 +92,10 @@ def grid(model, head_dims, lengths, densities, device) -> list[dict]:
 def measured_crossover(name, rule: Rule, model, d, device, lengths) -> dict:
     """Dense vs (index building + kernel) of one rule along ``lengths``; first length sparse wins."""
     rows = []
-    build = torch.compile(build_block_index, dynamic=True)
-    topk = torch.compile(block_topk_index, dynamic=True)
+    build, topk = (
+        torch.compile(f, backend=inductor_with_opaque_ops, dynamic=True, fullgraph=True)
+        for f in (build_block_index, block_topk_index)
+    )
     options = KERNEL_CONFIGS[DEFAULT_CONFIG]
     for n in lengths:
         q, k, v = (torch.randn(1, h, n, d, device=device, dtype=torch.bfloat16) for h in (HQ, HKV, HKV))

@@ -97,9 +97,13 @@ def _check_blocks(block_m: int, block_n: int, name: str):
 def _per_head(values, hq: int) -> list:
     """A budget given once or per query head (Python numbers: graph constants) as one per head."""
     values = list(values) if isinstance(values, (list, tuple)) else [values]
-    if len(values) not in (1, hq):
+    # Two plain comparisons, not `len(values) in (1, hq)`: Dynamo evaluates that membership test
+    # wrongly when hq is symbolic (a dynamic compile) and raised here.
+    if len(values) == 1:
+        return values * int(hq)
+    if len(values) != hq:
         raise ValueError(f"per-head budget has {len(values)} entries; Hq={hq}")
-    return values * hq if len(values) == 1 else values
+    return values
 
 
 def _head_limits(values: list, device, trailing: int):

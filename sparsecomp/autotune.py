@@ -29,7 +29,15 @@ from sparsecomp.passes.mask import MaskInterpreter
 from sparsecomp.passes.match import find_sites
 from sparsecomp.passes.rewrite import KernelOptions, adaptive_call, observe_site
 
-from .backend import _calibrated_densities, _fallback_reason, _head_rules, _structure, _workload, adaptive_groups
+from .backend import (
+    _calibrated_densities,
+    _fallback_reason,
+    _head_rules,
+    _structure,
+    _workload,
+    adaptive_groups,
+    inductor_with_opaque_ops,
+)
 from .calibrate import _progress
 from .cost_model import (
     DEFAULT_CONFIG,
@@ -133,10 +141,12 @@ def fit_cost_model(
     *,
     dtype=torch.bfloat16,
     configs: dict[str, KernelOptions] | None = None,
-    lengths=(1024, 4096, 16384, 65536),  # 64K: long rows pin the per-block rate (16K alone left +5-9% at 32K+)
+    # 2K: where dense / sparse crossovers fall (1K and 4K alone left 2K under-predicted by 5-15%);
+    # 64K: long rows pin the per-block rate (16K alone left +5-9% at 32K+)
+    lengths=(1024, 2048, 4096, 16384, 65536),
     densities=(0.05, 0.3, 1.0),
     heads=(32, 8),
-    index_lengths=(4096, 16384, 65536),
+    index_lengths=(1024, 4096, 16384, 65536),  # 1K pins the fixed cost of a compiled builder
     device="cuda",
     progress: bool = True,
 ) -> FitResult:
@@ -194,7 +204,8 @@ def _engine_points(hq, hkv, n, d, dtype, device, configs, densities, sms):
 
 
 def _fit_index(hq, hkv, d, dtype, lengths, device, progress, rows) -> dict[str, list[float]]:
-    """Index builder coefficients, each builder compiled (dynamic shapes) as in the graph."""
+    """Index builder coefficients, each builder compiled as the backend compiles a graph (dynamic
+    shapes, sparse ops opaque, one graph: a graph break would time host-bound pieces)."""
     block = KERNEL_CONFIGS[DEFAULT_CONFIG].block_m
     samples: dict[str, list[tuple[list[float], float]]] = {}
     compiled: dict[str, object] = {}
@@ -202,7 +213,9 @@ def _fit_index(hq, hkv, d, dtype, lengths, device, progress, rows) -> dict[str, 
         w = Workload(1, hq, hkv, n, n, d, str(dtype).replace("torch.", ""))
         q, k, _ = _qkv(1, hq, hkv, n, d, dtype, device)
         for kind, (builder, args, kwargs) in _index_calls(w, q, k, block).items():
-            timed = compiled.setdefault(kind, torch.compile(builder, dynamic=True))
+            timed = compiled.setdefault(
+                kind, torch.compile(builder, backend=inductor_with_opaque_ops, dynamic=True, fullgraph=True)
+            )
             try:
                 t = median_ms(lambda: timed(*args, **kwargs))  # noqa: B023
             except Exception as e:  # a builder that does not compile is timed as it is

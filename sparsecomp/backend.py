@@ -256,6 +256,14 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
         return compile_fx(gm, example_inputs)
 
 
+def inductor_with_opaque_ops(gm: fx.GraphModule, example_inputs):
+    """Inductor exactly as this backend runs a rewritten graph (sparse ops opaque), as a Dynamo
+    backend of its own: the cost model's fit and the benchmarks compile index builders alone with
+    it. (Inductor's default decomposition of the column-mass Triton ops fails under dynamic shapes
+    on torch 2.11.)"""
+    return _inner_compile(gm, example_inputs, "inductor")
+
+
 class SparsecompBackend:
     """A Dynamo backend that remembers the reports of the graphs it compiled."""
 
