@@ -107,12 +107,19 @@ def _per_head(values, hq: int) -> list:
 
 
 def _head_limits(values: list, device, trailing: int):
-    """Per-head budgets as a comparison operand: a Python number when every head has the same (no
-    host-to-device copy, so the builder stays CUDA-graph capturable), else an (Hq, 1, ...) tensor
-    with ``trailing`` singleton dims."""
+    """Per-head budgets as a comparison operand: a Python number when every head has the same, else
+    an (Hq, 1, ...) tensor with ``trailing`` singleton dims. Neither copies from the host, so the
+    builder stays CUDA-graph capturable."""
     if len(set(values)) == 1:
         return values[0]
-    return torch.tensor(values, device=device).view(-1, *([1] * trailing))
+    # Built from Python constants by selects Inductor fuses into one kernel: torch.tensor(values)
+    # would copy from the host on every call (and break CUDA-graph capture).
+    heads = torch.arange(len(values), device=device)
+    limits = torch.full((len(values),), values[0], device=device)
+    for h, value in enumerate(values):
+        if value != values[0]:
+            limits = torch.where(heads == h, value, limits)
+    return limits.view(-1, *([1] * trailing))
 
 
 def _keep_top(scores: torch.Tensor, budget: list[int]) -> torch.Tensor:
@@ -197,16 +204,20 @@ def sample_index(
     _check_blocks(block_m, block_n, "sample")
     b, hq, n_q, _ = q.shape
     n_k, dev = k.shape[2], q.device
-    alphas = torch.as_tensor(alpha, dtype=torch.float32, device=dev).reshape(-1).expand(hq)
+    alphas = _head_limits(_per_head(alpha, hq), dev, trailing=1)
     n_rows = max(1, min(n_q, math.ceil(sample_ratio * n_q)))
-    rows = torch.linspace(n_q - 1, 0, n_rows, device=dev).round().long().flip(0)  # last row included
+    # Evenly spaced, the last row included: row = Nq - 1 - round(m * (Nq - 1) / (R - 1)), m = R - 1 .. 0,
+    # in integers (linspace would make Dynamo specialise on R: a recompile per length).
+    gaps = max(1, n_rows - 1)
+    back = torch.arange(n_rows, device=dev).flip(0)
+    rows = n_q - 1 - (back * (2 * (n_q - 1)) + gaps) // (2 * gaps)
     score = column_mass(q[:, :, rows], k, q_pos[:, rows], k_pos, key_ok, scale, causal, window)
     # Fewest top columns reaching alpha of the total: sort descending, keep while the mass before
     # a column is still short of alpha.
     ordered, order = score.sort(-1, descending=True)
     before = torch.cumsum(ordered, -1) - ordered
     total = ordered.sum(-1, keepdim=True)
-    take = (before < alphas[None, :, None] * total) & (ordered > 0)
+    take = (before < alphas * total) & (ordered > 0)
     cols_kept = torch.zeros_like(take).scatter_(-1, order, take)
     # Local band of whole blocks: rel = j - i from floor((s - w) / b) up to the diagonal.
     shift = n_k - n_q

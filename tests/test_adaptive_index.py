@@ -64,11 +64,15 @@ def vertical_slash_reference(q, k, key_ok, q_pos, k_pos, nv, ns, last_q, sink, l
     return (blocks_to_pairs(block_sel, n, n) | cols[:, :, None, :]) & allowed
 
 
+def round_half_up(num: int, den: int) -> int:
+    return (2 * num + den) // (2 * den)
+
+
 def sample_reference(q, k, key_ok, q_pos, k_pos, alpha, window_ratio, sample_ratio):
     n = q.shape[2]
     allowed = structure_pairs(q_pos, k_pos, key_ok, causal=True, window=0)
     n_rows = math.ceil(sample_ratio * n)
-    rows = torch.linspace(n - 1, 0, n_rows).round().long().flip(0)
+    rows = torch.tensor([n - 1 - round_half_up(m * (n - 1), max(1, n_rows - 1)) for m in range(n_rows - 1, -1, -1)])
     score = dense_attention(q, k, allowed)[:, :, rows].sum(2)
     cols = torch.zeros_like(score, dtype=torch.bool)
     for bb in range(B):
