@@ -18,8 +18,9 @@ vertical_slash (MInference): the last ``last_q`` query rows attend (softmax, fp3
     selects every block pair (i, j) whose full BM x BN extent (a partial last block counted
     whole) holds a pair at that offset; kept columns not inside a selected block of query block
     i are gathered as single columns.
-sample (SampleAttention): ``ceil(sample_ratio * Nq)`` evenly spaced query rows (the last one
-    included) attend to every key they may see; column score = attention summed over those rows.
+sample (SampleAttention): R = ``ceil(sample_ratio * Nq)`` evenly spaced query rows (row
+    Nq - 1 - round(m (Nq - 1) / (R - 1)) for m = 0 .. R - 1, halves up; ratios read as exact
+    fractions) attend to every key they may see; column score = attention summed over those rows.
     Keep the fewest top-scoring columns whose score reaches ``alpha`` of the total (cumulative
     residual attention), plus a local band: the blocks within ``ceil(window_ratio * Nk)`` keys of
     the diagonal, whole blocks. Kept columns left of the band are gathered as single columns.
@@ -35,7 +36,7 @@ is nQB x nKB bools per head (never Nq x Nk); score estimation is chunked to boun
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 
@@ -196,6 +197,14 @@ def _vertical_columns(cols_kept, most, selected, n_k, shift, block_m, block_n):
 # ---- SampleAttention -------------------------------------------------------------------------------
 
 
+def _ceil_ratio(ratio: float, n) -> int:
+    """ceil(ratio * n) in exact integers, ``ratio`` read as the nearest fraction of denominator
+    <= 2^16: a float ceil of a symbolic length makes sizes that Inductor's GPU codegen fails on
+    (torch 2.11), and in floats 0.2 * 150 is 30.000000000000004."""
+    frac = Fraction(ratio).limit_denominator(1 << 16)
+    return -(-n * frac.numerator // frac.denominator)
+
+
 def sample_index(
     q, k, q_pos, k_pos, key_ok, alpha, *, window_ratio: float, sample_ratio: float, scale: float,
     causal: bool, window: int, block_m: int, block_n: int,
@@ -205,7 +214,7 @@ def sample_index(
     b, hq, n_q, _ = q.shape
     n_k, dev = k.shape[2], q.device
     alphas = _head_limits(_per_head(alpha, hq), dev, trailing=1)
-    n_rows = max(1, min(n_q, math.ceil(sample_ratio * n_q)))
+    n_rows = max(1, min(n_q, _ceil_ratio(sample_ratio, n_q)))
     # Evenly spaced, the last row included: row = Nq - 1 - round(m * (Nq - 1) / (R - 1)), m = R - 1 .. 0,
     # in integers (linspace would make Dynamo specialise on R: a recompile per length).
     gaps = max(1, n_rows - 1)
@@ -221,7 +230,7 @@ def sample_index(
     cols_kept = torch.zeros_like(take).scatter_(-1, order, take)
     # Local band of whole blocks: rel = j - i from floor((s - w) / b) up to the diagonal.
     shift = n_k - n_q
-    w = math.ceil(window_ratio * n_k)
+    w = _ceil_ratio(window_ratio, n_k)
     n_qb, n_kb = -(-n_q // block_m), -(-n_k // block_n)
     rel_lo = (shift - w) // block_n
     rel_hi = (shift + block_m - 1) // block_n

@@ -2,6 +2,7 @@
 dense references of the same definitions, the op end to end, and the recall metric."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -64,6 +65,11 @@ def vertical_slash_reference(q, k, key_ok, q_pos, k_pos, nv, ns, last_q, sink, l
     return (blocks_to_pairs(block_sel, n, n) | cols[:, :, None, :]) & allowed
 
 
+def exact_ceil(ratio: float, n: int) -> int:
+    """ceil(ratio * n) with the ratio as a fraction (0.2 * 150 in floats is 30.000000000000004)."""
+    return math.ceil(Fraction(ratio).limit_denominator(1 << 16) * n)
+
+
 def round_half_up(num: int, den: int) -> int:
     return (2 * num + den) // (2 * den)
 
@@ -71,7 +77,7 @@ def round_half_up(num: int, den: int) -> int:
 def sample_reference(q, k, key_ok, q_pos, k_pos, alpha, window_ratio, sample_ratio):
     n = q.shape[2]
     allowed = structure_pairs(q_pos, k_pos, key_ok, causal=True, window=0)
-    n_rows = math.ceil(sample_ratio * n)
+    n_rows = exact_ceil(sample_ratio, n)
     rows = torch.tensor([n - 1 - round_half_up(m * (n - 1), max(1, n_rows - 1)) for m in range(n_rows - 1, -1, -1)])
     score = dense_attention(q, k, allowed)[:, :, rows].sum(2)
     cols = torch.zeros_like(score, dtype=torch.bool)
@@ -82,7 +88,7 @@ def sample_reference(q, k, key_ok, q_pos, k_pos, alpha, window_ratio, sample_rat
                 if acc >= alpha[h] * total or score[bb, h, j] <= 0:
                     break
                 cols[bb, h, j], acc = True, acc + score[bb, h, j]
-    w = math.ceil(window_ratio * n)
+    w = exact_ceil(window_ratio, n)
     qb, kb = torch.arange(n)[:, None] // BLOCK, torch.arange(n)[None, :] // BLOCK
     band = (kb - qb >= math.floor(-w / BLOCK)) & (kb <= qb)
     return (band | cols[:, :, None, :]) & allowed
