@@ -18,8 +18,8 @@ vertical_slash (MInference): the last ``last_q`` query rows attend (softmax, fp3
     selects every block pair (i, j) whose full BM x BN extent (a partial last block counted
     whole) holds a pair at that offset; kept columns not inside a selected block of query block
     i are gathered as single columns.
-sample (SampleAttention): R = ``ceil(sample_ratio * Nq)`` evenly spaced query rows (row
-    Nq - 1 - round(m (Nq - 1) / (R - 1)) for m = 0 .. R - 1, halves up; ratios read as exact
+sample (SampleAttention): R = ``ceil(sample_ratio * Nq)`` evenly spaced query rows (rows
+    Nq - 1 - floor(m Nq / R) for m = 0 .. R - 1: the last row included; ratios read as exact
     fractions) attend to every key they may see; column score = attention summed over those rows.
     Keep the fewest top-scoring columns whose score reaches ``alpha`` of the total (cumulative
     residual attention), plus a local band: the blocks within ``ceil(window_ratio * Nk)`` keys of
@@ -214,12 +214,13 @@ def sample_index(
     b, hq, n_q, _ = q.shape
     n_k, dev = k.shape[2], q.device
     alphas = _head_limits(_per_head(alpha, hq), dev, trailing=1)
-    n_rows = max(1, min(n_q, _ceil_ratio(sample_ratio, n_q)))
-    # Evenly spaced, the last row included: row = Nq - 1 - round(m * (Nq - 1) / (R - 1)), m = R - 1 .. 0,
-    # in integers (linspace would make Dynamo specialise on R: a recompile per length).
-    gaps = max(1, n_rows - 1)
+    if not 0 < sample_ratio <= 1:
+        raise ValueError(f"sample_ratio={sample_ratio}: needs 0 < sample_ratio <= 1")
+    # Plain integer sizes and arithmetic (no linspace, min or max of the length): under dynamic
+    # shapes Dynamo would specialise on them or Inductor's GPU codegen fail (torch 2.11).
+    n_rows = _ceil_ratio(sample_ratio, n_q)  # in [1, Nq]
     back = torch.arange(n_rows, device=dev).flip(0)
-    rows = n_q - 1 - (back * (2 * (n_q - 1)) + gaps) // (2 * gaps)
+    rows = n_q - 1 - back * n_q // n_rows
     score = column_mass(q[:, :, rows], k, q_pos[:, rows], k_pos, key_ok, scale, causal, window)
     # Fewest top columns reaching alpha of the total: sort descending, keep while the mass before
     # a column is still short of alpha.

@@ -70,15 +70,11 @@ def exact_ceil(ratio: float, n: int) -> int:
     return math.ceil(Fraction(ratio).limit_denominator(1 << 16) * n)
 
 
-def round_half_up(num: int, den: int) -> int:
-    return (2 * num + den) // (2 * den)
-
-
 def sample_reference(q, k, key_ok, q_pos, k_pos, alpha, window_ratio, sample_ratio):
     n = q.shape[2]
     allowed = structure_pairs(q_pos, k_pos, key_ok, causal=True, window=0)
     n_rows = exact_ceil(sample_ratio, n)
-    rows = torch.tensor([n - 1 - round_half_up(m * (n - 1), max(1, n_rows - 1)) for m in range(n_rows - 1, -1, -1)])
+    rows = torch.tensor([n - 1 - m * n // n_rows for m in range(n_rows - 1, -1, -1)])
     score = dense_attention(q, k, allowed)[:, :, rows].sum(2)
     cols = torch.zeros_like(score, dtype=torch.bool)
     for bb in range(B):
