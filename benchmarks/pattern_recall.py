@@ -57,13 +57,15 @@ def patterns(n: int, block: int):
     rows = []
     for window in (256, 512, 1024):
         rows.append(("streaming", f"sink=64 window={window}", None, (64, window)))
-    for nv, ns in ((64, 128), (128, 384), (256, 768)):
+    # budgets alone (MInference), then MInference's default budgets under a cumulative cut (FlexPrefill)
+    budgets = [(64, 128, 1.0), (128, 384, 1.0), (256, 768, 1.0), (1000, 6096, 0.9), (1000, 6096, 0.95)]
+    for nv, ns, mass in budgets:
         rows.append(
             (
                 "vertical_slash",
-                f"n_vertical={nv} n_slash={ns}",
-                lambda q, k, p, s, nv=nv, ns=ns: vertical_slash_index(
-                    q, k, p, p, None, nv, ns, last_q=64, sink=64, local=64, scale=s, **common
+                f"n_vertical={nv} n_slash={ns}" + (f" mass={mass}" if mass < 1 else ""),
+                lambda q, k, p, s, nv=nv, ns=ns, mass=mass: vertical_slash_index(
+                    q, k, p, p, None, nv, ns, last_q=64, sink=64, local=64, scale=s, mass=mass, **common
                 ),
                 (0, 0),
             )

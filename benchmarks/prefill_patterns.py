@@ -5,7 +5,8 @@ pattern would select everything or noise), so the inputs are synthetic but struc
 trained LMs are: queries and keys share a direction rotated by RoPE (attention decays with
 distance: a local band of slashes), plus a few heavy keys every query attends to (vertical
 stripes). Patterns: vertical-slash with MInference's default budget (1000 verticals, 6096 slashes,
-last 64 queries), SampleAttention (alpha 0.95), block top-k at ~10% of the causal blocks.
+last 64 queries), the same under FlexPrefill's cumulative cut at 95% of the estimated attention
+(``vertical_slash_mass95``), SampleAttention (alpha 0.95), block top-k at ~10% of the causal blocks.
 Medians over >= 5 runs (benchmarks/harness.py); SDPA measured in the same run.
 
     python benchmarks/prefill_patterns.py --lengths 32768 131072 --out benchmarks/results
@@ -63,6 +64,9 @@ def builders(n: int):
     return {
         "vertical_slash": lambda q, k, p: vertical_slash_index(
             q, k, p, p, None, 1000, 6096, last_q=64, sink=64, local=64, **common
+        ),
+        "vertical_slash_mass95": lambda q, k, p: vertical_slash_index(
+            q, k, p, p, None, 1000, 6096, last_q=64, sink=64, local=64, mass=0.95, **common
         ),
         "sample": lambda q, k, p: sample_index(
             q, k, p, p, None, 0.95, window_ratio=0.02, sample_ratio=min(0.05, 1024 / n), **common
@@ -139,7 +143,7 @@ def profile_index(n: int, patterns: list[str], out: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 524288])
-    p.add_argument("--patterns", nargs="+", default=["vertical_slash", "sample", "block_topk"])
+    p.add_argument("--patterns", nargs="+", default=["vertical_slash", "vertical_slash_mass95", "sample", "block_topk"])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--profile", type=int, default=0, help="also profile the index builders at this length")
     args = p.parse_args(argv)

@@ -14,7 +14,10 @@ vertical_slash (MInference): the last ``last_q`` query rows attend (softmax, fp3
     they may see. Column score = attention summed over those rows; slash score of offset
     o = q_index - k_index = the same summed along that diagonal. Keep the first ``sink`` keys
     plus the top ``n_vertical`` other columns, and offsets below ``local`` plus the top
-    ``n_slash`` other offsets (only entries with a positive score count as top). A kept offset o
+    ``n_slash`` other offsets (only entries with a positive score count as top). With ``mass``
+    < 1 (FlexPrefill's cumulative-attention rule, under MInference's budgets), of those top entries
+    keep only the fewest whose scores, added to the forced ones', reach ``mass`` of the total
+    column (slash) score: budget slots that would hold no attention stay empty. A kept offset o
     selects every block pair (i, j) whose full BM x BN extent (a partial last block counted
     whole) holds a pair at that offset; kept columns not inside a selected block of query block
     i are gathered as single columns.
@@ -123,14 +126,20 @@ def _head_limits(values: list, device, trailing: int):
     return limits.view(-1, *([1] * trailing))
 
 
-def _keep_top(scores: torch.Tensor, budget: list[int]) -> torch.Tensor:
-    """Bool mask of each head's ``budget[h]`` best entries of ``scores`` (B, Hq, N) with a positive
-    score (zero-score entries are never seen: picking among them would be arbitrary)."""
+def _keep_top(scores: torch.Tensor, forced: torch.Tensor, budget: list[int], mass: float = 1.0) -> torch.Tensor:
+    """Bool mask (B, Hq, N): the ``forced`` entries plus each head's ``budget[h]`` best others with a
+    positive score (zero-score entries are never seen: picking among them would be arbitrary); with
+    ``mass`` < 1, only the fewest of those whose scores, added to the forced ones', reach ``mass`` of
+    the total score."""
+    free = scores.masked_fill(forced, 0.0)
     k = max(1, min(max(budget), scores.shape[-1]))
-    top = scores.topk(k, dim=-1)
+    top = free.topk(k, dim=-1)
     per_head = _head_limits(budget, scores.device, trailing=1)
     rank_ok = (torch.arange(k, device=scores.device)[None, None, :] < per_head) & (top.values > 0)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, rank_ok)
+    if mass < 1:
+        before = (scores - free).sum(-1, keepdim=True) + torch.cumsum(top.values, -1) - top.values
+        rank_ok = rank_ok & (before < mass * scores.sum(-1, keepdim=True))
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, rank_ok) | forced
 
 
 # ---- vertical-slash --------------------------------------------------------------------------------
@@ -138,7 +147,7 @@ def _keep_top(scores: torch.Tensor, budget: list[int]) -> torch.Tensor:
 
 def vertical_slash_index(
     q, k, q_pos, k_pos, key_ok, n_vertical, n_slash, *, last_q: int, sink: int, local: int, scale: float,
-    causal: bool, window: int, block_m: int, block_n: int,
+    causal: bool, window: int, block_m: int, block_n: int, mass: float = 1.0,
 ) -> SparseIndex:  # fmt: skip
     """MInference's vertical-slash pattern (see the module notes); budgets per query head."""
     _check_blocks(block_m, block_n, "vertical_slash")
@@ -154,8 +163,8 @@ def vertical_slash_index(
     key_idx = torch.arange(n_k, device=dev)
     start = first_valid_key(key_ok, dev)[:, None, None]
     sinks = (key_idx - start < sink) & (key_idx - start >= 0)
-    cols_kept = _keep_top(vertical.masked_fill(sinks, 0.0), nv) | sinks
-    offsets_kept = (_keep_top(slash.masked_fill(key_idx < local, 0.0), ns) | (key_idx < local)).to(torch.int8)
+    cols_kept = _keep_top(vertical, sinks.expand_as(vertical), nv, mass)
+    offsets_kept = _keep_top(slash, (key_idx < local).expand_as(slash), ns, mass).to(torch.int8)
     # Offset o meets block (i, j) where j - i is floor((s - o) / b) or floor((s - o + b - 1) / b).
     n_qb, n_kb = -(-n_q // block_m), -(-n_k // block_n)
     o = key_idx

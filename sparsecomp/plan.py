@@ -6,7 +6,9 @@ A rule is a kind and its parameters (defaults below):
                                        ``window`` keys of each query (window > 0)
     elastic(sink, a, b)                MoA's elastic span: streaming with window = ceil(a + b * N) for
                                        N keys (at least 1); the graph specializes on N
-    vertical_slash(n_vertical, n_slash, last_q, sink, local)     MInference, estimated per input
+    vertical_slash(n_vertical, n_slash, last_q, sink, local, mass)
+                                       MInference, estimated per input (mass < 1: FlexPrefill's
+                                       cumulative-attention cut under the budgets)
     sample(alpha, window_ratio, sample_ratio)                     SampleAttention, per input
     block_topk(k, coverage, pool)      MoBA / Quest-style prefill block selection, per input
 (the adaptive kinds are defined in ``sparsecomp.kernels.adaptive_index``). A site's entry is one
@@ -26,7 +28,7 @@ RULE_PARAMS: dict[str, dict[str, object]] = {
     "dense": {},
     "streaming": {"sink": 0, "window": 0},
     "elastic": {"sink": 0, "a": 0, "b": 0.0},
-    "vertical_slash": {"n_vertical": 1000, "n_slash": 6096, "last_q": 64, "sink": 64, "local": 64},
+    "vertical_slash": {"n_vertical": 1000, "n_slash": 6096, "last_q": 64, "sink": 64, "local": 64, "mass": 1.0},
     "sample": {"alpha": 0.95, "window_ratio": 0.02, "sample_ratio": 0.02},
     "block_topk": {"k": 16, "coverage": 0.0, "pool": "mean"},
 }
@@ -40,8 +42,10 @@ def _check_rule(kind: str, p: dict) -> str | None:
         return "streaming needs window > 0 and sink >= 0"
     if kind == "elastic" and (p["sink"] < 0 or p["b"] < 0 or (p["a"] <= 0 and p["b"] == 0)):
         return "elastic needs sink >= 0, b >= 0 and a window that grows past 0 (a > 0 or b > 0)"
-    if kind == "vertical_slash" and (min(p["n_vertical"], p["n_slash"], p["sink"], p["local"]) < 0 or p["last_q"] < 1):
-        return "vertical_slash needs budgets >= 0 and last_q >= 1"
+    if kind == "vertical_slash" and (
+        min(p["n_vertical"], p["n_slash"], p["sink"], p["local"]) < 0 or p["last_q"] < 1 or not 0 < p["mass"] <= 1
+    ):
+        return "vertical_slash needs budgets >= 0, last_q >= 1 and 0 < mass <= 1"
     if kind == "sample" and not (0 < p["alpha"] <= 1 and 0 <= p["window_ratio"] <= 1 and 0 < p["sample_ratio"] <= 1):
         return "sample needs 0 < alpha <= 1, 0 <= window_ratio <= 1, 0 < sample_ratio <= 1"
     if kind == "block_topk" and (p["k"] < 0 or not 0 <= p["coverage"] <= 1 or p["pool"] not in ("mean", "minmax")):

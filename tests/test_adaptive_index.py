@@ -30,12 +30,19 @@ def dense_attention(q, k, allowed):
     return torch.softmax(s, -1).nan_to_num(0.0)
 
 
-def top_positive(scores, budget):
-    """Per head, the ``budget[h]`` largest positive entries of (B, Hq, N): a bool mask."""
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    for h, kk in enumerate(budget):
-        top = scores[:, h].topk(min(kk, scores.shape[-1]), -1)
-        keep[:, h].scatter_(-1, top.indices, top.values > 0)
+def top_positive(scores, forced, budget, mass=1.0):
+    """Per head, the forced entries plus the ``budget[h]`` largest positive others, in descending
+    order while the kept score (forced included) is short of ``mass`` of the total: a bool mask."""
+    keep = forced.expand_as(scores).clone()
+    for bb in range(scores.shape[0]):
+        for h, kk in enumerate(budget):
+            row, fixed = scores[bb, h], keep[bb, h].clone()
+            free = row.masked_fill(fixed, 0)
+            kept = row[fixed].sum()
+            for rank, j in enumerate(free.argsort(descending=True).tolist()):
+                if rank >= kk or free[j] <= 0 or (mass < 1 and kept >= mass * row.sum()):
+                    break
+                keep[bb, h, j], kept = True, kept + free[j]
     return keep
 
 
@@ -43,7 +50,7 @@ def blocks_to_pairs(block_sel, n_q, n_k):
     return block_sel.repeat_interleave(BLOCK, -2)[..., :n_q, :].repeat_interleave(BLOCK, -1)[..., :n_k]
 
 
-def vertical_slash_reference(q, k, key_ok, q_pos, k_pos, nv, ns, last_q, sink, local):
+def vertical_slash_reference(q, k, key_ok, q_pos, k_pos, nv, ns, last_q, sink, local, mass=1.0):
     n = q.shape[2]
     allowed = structure_pairs(q_pos, k_pos, key_ok, causal=True, window=0)
     attn = dense_attention(q, k, allowed)[:, :, n - last_q :]
@@ -53,8 +60,8 @@ def vertical_slash_reference(q, k, key_ok, q_pos, k_pos, nv, ns, last_q, sink, l
     start = key_ok.long().argmax(-1)[:, None, None] if key_ok is not None else 0
     sinks = ((torch.arange(n) - start < sink) & (torch.arange(n) >= start)).expand_as(vertical)
     local_offsets = (torch.arange(n) < local).expand_as(slash)
-    cols = top_positive(vertical.masked_fill(sinks, 0), nv) | sinks
-    offs = top_positive(slash.masked_fill(local_offsets, 0), ns) | local_offsets
+    cols = top_positive(vertical, sinks, nv, mass)
+    offs = top_positive(slash, local_offsets, ns, mass)
     # a kept offset selects every block pair whose full BLOCK x BLOCK extent holds a pair (i, j)
     # with i - j at that offset (the last, partial blocks counted whole)
     n_b = -(-n // BLOCK)
@@ -175,6 +182,22 @@ def test_one_budget_for_every_head_matches_the_reference():
     index = vertical_slash_index(q, k, q_pos, k_pos, key_ok, 6, 5, last_q=20, sink=2, local=3, **common)
     ref = vertical_slash_reference(q, k, key_ok, q_pos, k_pos, [6] * HQ, [5] * HQ, last_q=20, sink=2, local=3)
     assert torch.equal(index_keep(index, q_pos, k_pos, key_ok, N), ref)
+
+
+def test_vertical_slash_mass_cut_matches_reference_and_keeps_less():
+    """FlexPrefill's cumulative cut under MInference's budgets: same words as the reference, and
+    fewer pairs than the budgets alone."""
+    q, k, v, key_ok, q_pos, k_pos = inputs(pad=4, seed=9)
+    common = dict(scale=SCALE, causal=True, window=0, block_m=BLOCK, block_n=BLOCK)
+    kept = {}
+    for mass in (1.0, 0.1):
+        index = vertical_slash_index(
+            q, k, q_pos, k_pos, key_ok, 12, 10, last_q=20, sink=2, local=3, mass=mass, **common
+        )
+        kept[mass] = index_keep(index, q_pos, k_pos, key_ok, N)
+        ref = vertical_slash_reference(q, k, key_ok, q_pos, k_pos, [12] * HQ, [10] * HQ, 20, 2, 3, mass=mass)
+        assert torch.equal(kept[mass], ref), (kept[mass] != ref).sum().item()
+    assert kept[0.1].sum() < kept[1.0].sum() and (kept[1.0] | ~kept[0.1]).all()
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
