@@ -210,20 +210,8 @@ def _engine_points(hq, hkv, n, d, dtype, device, configs, densities, sms):
         # diagonal (one block per query block, like the program count), so alone they leave the
         # mask rate unidentifiable (fitted 0; streaming at 2K-4K then came out 15-20% low).
         sink, window = (torch.tensor([x], dtype=torch.int32, device=device) for x in STREAMING_FIT_RULE)
-        index = SparseIndex(
-            *build_block_index(
-                pos,
-                pos,
-                None,
-                sink,
-                window,
-                causal=True,
-                window=0,
-                block_m=options.block_m,
-                block_n=options.block_n,
-                max_blocks=None,
-            )
-        )
+        blocks = dict(causal=True, window=0, block_m=options.block_m, block_n=options.block_n, max_blocks=None)
+        index = SparseIndex(*build_block_index(pos, pos, None, sink, window, **blocks))
         counts = static_block_counts(w, [Rule("streaming", sink=int(sink), window=int(window))] * hq, options)
         heads = (sink.expand(hq).contiguous(), window.expand(hq).contiguous())
         t = median_ms(lambda: run_sparse(q, k, v, index, options, head_sink=heads[0], head_window=heads[1]))  # noqa: B023

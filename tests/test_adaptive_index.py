@@ -135,6 +135,9 @@ def index_keep(index, q_pos, k_pos, key_ok, n):
     return rows(0, n).expand(B, HQ, n, n)
 
 
+VS_BUDGETS, ALPHAS, TOP_K = ([9, 3, 20, 1], [4, 30, 2, 8]), [0.5, 0.9, 0.95, 0.3], [1, 2, 0, 4]
+
+
 def build_index(pattern, q, k, key_ok, q_pos, k_pos):
     common = dict(scale=SCALE, causal=True, window=0, block_m=BLOCK, block_n=BLOCK)
     if pattern == "vertical_slash":
@@ -142,9 +145,6 @@ def build_index(pattern, q, k, key_ok, q_pos, k_pos):
     if pattern == "sample":
         return sample_index(q, k, q_pos, k_pos, key_ok, ALPHAS, window_ratio=0.1, sample_ratio=0.2, **common)
     return block_topk_index(q, k, q_pos, k_pos, key_ok, TOP_K, coverage=0.0, pool="mean", **common)
-
-
-VS_BUDGETS, ALPHAS, TOP_K = ([9, 3, 20, 1], [4, 30, 2, 8]), [0.5, 0.9, 0.95, 0.3], [1, 2, 0, 4]
 
 
 def build(pattern, q, k, key_ok, q_pos, k_pos):
