@@ -12,11 +12,12 @@ from test_adaptive_index import (
     sample_reference,
     vertical_slash_reference,
 )
-from test_models import compile_with
+from test_models import BLOCK, compile_with
 from tiny_models import tiny_llama
 
 import sparsecomp
 from sparsecomp import Plan, Rule
+from sparsecomp.backend import BackendOptions, SparsecompBackend
 from sparsecomp.kernels import index_positions
 from sparsecomp.kernels.block_sparse_attention import structure_pairs
 
@@ -118,3 +119,22 @@ def test_adaptive_rules_parse_and_validate():
     plan = Plan(default=Rule("sample", alpha=0.9), sites={"a": [Rule("block_topk", k=2, pool="minmax"), Rule()]})
     again = Plan.from_json(plan.to_json())
     assert again.default == plan.default and again.sites == plan.sites
+
+
+def test_adaptive_plan_compiles_once_for_every_length():
+    """Through Inductor with dynamic lengths, the builders add no guard on the length itself: the
+    first length compiles static, the second one dynamic graph that serves every later length (a
+    linspace in SampleAttention's builder once made that a recompile per length)."""
+    torch.manual_seed(1)
+    model = tiny_llama(hidden_size=64).eval()
+    plan = Plan(sites={f"model.layers.{i}.self_attn": rules for i, rules in enumerate(LAYER_RULES)})
+    backend = SparsecompBackend(BackendOptions.from_any({"plan": plan, "kernel_options": BLOCK, "inner": "inductor"}))
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for n in (100, 130, 170):
+            ids = torch.randint(0, 100, (2, n))  # the references' batch
+            out = compiled(input_ids=ids).logits
+            with reference_attention(LAYER_RULES):
+                ref = model(input_ids=ids).logits
+            torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    assert len(backend.graphs) == 2
