@@ -10,6 +10,8 @@ last 64 queries), the same under FlexPrefill's cumulative cut at 95% of the esti
 Medians over >= 5 runs (benchmarks/harness.py); SDPA measured in the same run. ``--inputs``
 picks the inputs' locality (``LOCALITY``: "strong", or "smollm2", matched to the real model's);
 up to ``--recall-max`` tokens each pattern's attention kept and output error are measured too.
+Index builders are compiled as the sparsecomp backend compiles them in a model (``--eager-index``:
+eager, as sessions 2-3 measured them).
 
     python benchmarks/prefill_patterns.py --lengths 32768 131072 --inputs smollm2 --out benchmarks/results
 """
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, markdown_table, median_ms, write_results  # noqa: E402
 
+from sparsecomp.backend import inductor_with_opaque_ops  # noqa: E402
 from sparsecomp.kernels import index_positions  # noqa: E402
 from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
 from sparsecomp.recall import pattern_recall  # noqa: E402
@@ -69,21 +72,31 @@ def structured_qkv(n: int, seed: int = 0, locality: str = "strong"):
     return q, k, v
 
 
-def builders(n: int):
+_COMPILED: dict = {}
+
+
+def compiled(builder):
+    """``builder`` compiled as the sparsecomp backend compiles it inside a model's graph (Inductor,
+    dynamic shapes, the sparse ops opaque), once per builder."""
+    if builder not in _COMPILED:
+        _COMPILED[builder] = torch.compile(builder, backend=inductor_with_opaque_ops, dynamic=True, fullgraph=True)
+    return _COMPILED[builder]
+
+
+def builders(n: int, eager: bool = False):
     common = dict(scale=SCALE, causal=True, window=0, block_m=BLOCK, block_n=BLOCK)
     n_qb = -(-n // BLOCK)
     topk = max(1, round(0.1 * (n_qb + 1) / 2) - 2)  # ~10% of the causal blocks with the forced ones
+    vs, sample, top = (f if eager else compiled(f) for f in (vertical_slash_index, sample_index, block_topk_index))
     return {
-        "vertical_slash": lambda q, k, p: vertical_slash_index(
-            q, k, p, p, None, 1000, 6096, last_q=64, sink=64, local=64, **common
-        ),
-        "vertical_slash_mass95": lambda q, k, p: vertical_slash_index(
+        "vertical_slash": lambda q, k, p: vs(q, k, p, p, None, 1000, 6096, last_q=64, sink=64, local=64, **common),
+        "vertical_slash_mass95": lambda q, k, p: vs(
             q, k, p, p, None, 1000, 6096, last_q=64, sink=64, local=64, mass=0.95, **common
         ),
-        "sample": lambda q, k, p: sample_index(
+        "sample": lambda q, k, p: sample(
             q, k, p, p, None, 0.95, window_ratio=0.02, sample_ratio=min(0.05, 1024 / n), **common
         ),
-        "block_topk": lambda q, k, p: block_topk_index(q, k, p, p, None, topk, coverage=0.0, pool="mean", **common),
+        "block_topk": lambda q, k, p: top(q, k, p, p, None, topk, coverage=0.0, pool="mean", **common),
     }
 
 
@@ -101,7 +114,7 @@ def sdpa_causal_ms(q, k, v) -> float:
     return median_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True), min_runs=5)
 
 
-def run_length(n: int, patterns: list[str], locality: str, recall_max: int) -> list[dict]:
+def run_length(n: int, patterns: list[str], locality: str, recall_max: int, eager: bool) -> list[dict]:
     q, k, v = structured_qkv(n, seed=n, locality=locality)
     pos = index_positions(q, 2)
     zeros = torch.zeros(HQ, dtype=torch.int32, device="cuda")
@@ -110,7 +123,7 @@ def run_length(n: int, patterns: list[str], locality: str, recall_max: int) -> l
     for name in patterns:
         row = {"N": n, "inputs": locality, "pattern": name, "sdpa_ms": sdpa_ms}
         try:
-            build = builders(n)[name]
+            build = builders(n, eager)[name]
 
             def op(index):
                 return torch.ops.sparsecomp.sparse_attention(
@@ -162,6 +175,7 @@ def main(argv=None):
     p.add_argument("--patterns", nargs="+", default=["vertical_slash", "vertical_slash_mass95", "sample", "block_topk"])
     p.add_argument("--inputs", choices=sorted(LOCALITY), default="strong", help="locality of the synthetic Q/K")
     p.add_argument("--recall-max", type=int, default=32768, help="also measure CRA / output error up to this N")
+    p.add_argument("--eager-index", action="store_true", help="build indexes eagerly (default: compiled)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--profile", type=int, default=0, help="also profile the index builders at this length")
     args = p.parse_args(argv)
@@ -184,7 +198,7 @@ def main(argv=None):
     ]
     rows, env = [], environment()
     for n in args.lengths:
-        rows += run_length(n, args.patterns, args.inputs, args.recall_max)
+        rows += run_length(n, args.patterns, args.inputs, args.recall_max, args.eager_index)
         write_results(Path(args.out), "prefill_patterns", env, rows, markdown_table(rows, columns))
     print(markdown_table(rows, columns))
 
