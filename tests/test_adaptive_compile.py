@@ -110,7 +110,8 @@ def test_adaptive_rules_parse_and_validate():
     assert Rule.parse(str(Rule("block_topk", k=3)).replace("(", ":").replace(")", "").replace(" ", "")) == Rule(
         "block_topk", k=3
     )
-    for bad in ("sample:alpha=1.5", "block_topk:k=0", "block_topk:pool=max", "vertical_slash:last_q=0"):
+    bad_rules = ("sample:alpha=1.5", "block_topk:k=0", "block_topk:pool=max", "vertical_slash:last_q=0")
+    for bad in (*bad_rules, "vertical_slash:mass=0"):
         try:
             Rule.parse(bad)
         except ValueError:
