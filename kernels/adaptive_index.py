@@ -43,7 +43,8 @@ from fractions import Fraction
 
 import torch
 
-from .block_index import SparseIndex, _block_bounds, first_valid_key
+from .block_index import SparseIndex, first_valid_key
+from .block_lists import block_limits, compact, diagonal_block_lists, structure_blocks
 from .column_mass import column_mass, column_slash_mass
 
 # ---- shared: structure, selection -> index --------------------------------------------------------
@@ -51,35 +52,8 @@ from .column_mass import column_mass, column_slash_mass
 
 def _structure(q_pos, k_pos, key_ok, *, causal: bool, window: int, block_m: int, block_n: int):
     """(some, every): (B', 1, nQB, nKB) whether a block pair holds some / only pairs the structure keeps."""
-    n_qb, n_kb = -(-q_pos.shape[-1] // block_m), -(-k_pos.shape[-1] // block_n)
-    n_k = k_pos.shape[-1]
-    q_lo, q_hi = _block_bounds(q_pos, None, block_m, n_qb)
-    k_lo, k_hi = _block_bounds(k_pos, key_ok, block_n, n_kb)
-    q_lo, q_hi = q_lo[:, None, :, None], q_hi[:, None, :, None]
-    k_lo, k_hi = k_lo[:, None, None, :], k_hi[:, None, None, :]
-    key_idx = torch.arange(n_kb * block_n, device=k_pos.device)
-    exists = key_idx < n_k
-    if key_ok is not None:
-        exists = exists & key_ok[..., key_idx.clamp_max(n_k - 1)]
-    some, every = k_lo <= k_hi, exists.view(-1, n_kb, block_n).all(-1)[:, None, None, :]
-    if causal:
-        some, every = some & (k_lo <= q_hi), every & (k_hi <= q_lo)
-    if window > 0:
-        some, every = some & (q_lo - k_hi < window), every & (q_hi - k_lo < window)
-    return some, every
-
-
-def compact(keep: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids of the True entries along the last dim, ascending, first ``length`` slots; and their count.
-    A cumulative sum places each kept id (cheaper than a sort over nKB)."""
-    n = keep.shape[-1]
-    length = n if length is None else length
-    count = keep.sum(-1, dtype=torch.int32)
-    slot = torch.cumsum(keep, -1, dtype=torch.int32) - 1
-    slot = torch.where(keep & (slot < length), slot, length)  # the extra slot collects the rest
-    ids = torch.arange(n, device=keep.device, dtype=torch.int32).expand(keep.shape)
-    out = torch.zeros(*keep.shape[:-1], length + 1, dtype=torch.int32, device=keep.device)
-    return out.scatter_(-1, slot.long(), ids)[..., :length].contiguous(), count
+    limits = block_limits(q_pos, k_pos, key_ok, block_m, block_n)
+    return structure_blocks(limits, causal=causal, window=window)
 
 
 def index_from_selection(selected, q_pos, k_pos, key_ok, *, causal, window, block_m, block_n, columns=None):
@@ -175,30 +149,30 @@ def vertical_slash_index(
     for rel in (rel_lo, rel_hi):
         idx = (rel + base).expand(b, hq, n_k)
         rel_set.scatter_reduce_(-1, idx, offsets_kept, reduce="amax")
-    rel_of = torch.arange(n_kb, device=dev)[None, :] - torch.arange(n_qb, device=dev)[:, None] + base
-    selected = rel_set[:, :, rel_of].bool()  # (B, Hq, nQB, nKB)
-    columns = _vertical_columns(cols_kept, max(nv) + sink, selected, n_k, shift, block_m, block_n)
-    return index_from_selection(
-        selected, q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n,
-        columns=columns,
-    )  # fmt: skip
+    # Pair (i, j) is selected when its block diagonal j - i is in rel_set: lists straight from it.
+    limits = block_limits(q_pos, k_pos, key_ok, block_m, block_n)
+    blocks = diagonal_block_lists(rel_set, *limits, base, causal, window)
+    columns = _vertical_columns(cols_kept, max(nv) + sink, rel_set, base, n_qb, n_k, shift, block_m, block_n)
+    return SparseIndex(*blocks, *columns)
 
 
-def _vertical_columns(cols_kept, most, selected, n_k, shift, block_m, block_n):
+def _vertical_columns(cols_kept, most, rel_set, base, n_qb, n_k, shift, block_m, block_n):
     """Per query block, the kept columns it may see (ascending, a prefix) with those inside one of
-    its selected blocks replaced by Nk (skipped by the kernel): (B, Hq, nQB, ``most``)."""
+    its selected blocks (block diagonal in ``rel_set``) replaced by Nk (skipped by the kernel):
+    (B, Hq, nQB, ``most``)."""
     b, hq = cols_kept.shape[:2]
     width = max(1, most)
     ids, _ = compact(cols_kept, width)  # ascending kept columns; tail slots hold 0
     n_cols = cols_kept.sum(-1, keepdim=True)  # (B, Hq, 1)
     slot = torch.arange(width, device=ids.device)
     ids = torch.where(slot < n_cols, ids, n_k)
-    n_qb = selected.shape[2]
-    row_end = ((torch.arange(n_qb, device=ids.device) + 1) * block_m + shift).clamp_max(n_k)
+    query_blocks = torch.arange(n_qb, device=ids.device)
+    row_end = ((query_blocks + 1) * block_m + shift).clamp_max(n_k)
     count = torch.searchsorted(ids.to(torch.int64), row_end[None, None, :].expand(b, hq, n_qb).contiguous())
     per_row = ids[:, :, None, :].expand(b, hq, n_qb, width)
-    blk = (per_row // block_n).clamp_max(selected.shape[-1] - 1).to(torch.int64)
-    inside = selected.gather(-1, blk) & (per_row < n_k)
+    n_kb = -(-n_k // block_n)
+    rel = ((per_row // block_n).clamp_max(n_kb - 1) - query_blocks[:, None] + base).to(torch.int64)
+    inside = (rel_set.gather(-1, rel.reshape(b, hq, -1)).view(b, hq, n_qb, width) != 0) & (per_row < n_k)
     per_row = torch.where(inside, n_k, per_row).to(torch.int32).contiguous()
     return per_row, count.to(torch.int32)
 
