@@ -199,22 +199,22 @@ def _engine_points(hq, hkv, n, d, dtype, device, configs, densities, sms):
         wm = Workload(1, hq, hkv, n, n, d, dtype_name, masked=True)
         t = median_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask))
         yield ("sdpa_masked", d), engine_features(wm, dense_counts(wm), sms), t, {"n": n}
+    # Streaming also masks window edges and a partial sink block: random selections mask only the
+    # diagonal (one block per query block, like the program count), so alone they leave the mask
+    # rate unidentifiable (fitted 0; streaming at 2K-4K then came out 15-20% low).
     pos = torch.arange(n, device=device)[None]
+    streaming = Rule("streaming", sink=STREAMING_FIT_RULE[0], window=STREAMING_FIT_RULE[1])
+    sink, window = (torch.full((hq,), x, dtype=torch.int32, device=device) for x in STREAMING_FIT_RULE)
     for name, options in configs.items():
         for density in densities:
             selection = random_selection(hq, n, density, options.block_m, device)
             index, counts = selection_index(selection, options.block_m, options.block_m, n, options.tile_m)
             t = median_ms(lambda: run_sparse(q, k, v, index, options))  # noqa: B023
             yield (name, d), engine_features(w, counts, sms), t, {"n": n, "density": density, "pattern": "random"}
-        # Streaming also masks window edges and a partial sink block: random selections mask only the
-        # diagonal (one block per query block, like the program count), so alone they leave the
-        # mask rate unidentifiable (fitted 0; streaming at 2K-4K then came out 15-20% low).
-        sink, window = (torch.tensor([x], dtype=torch.int32, device=device) for x in STREAMING_FIT_RULE)
         blocks = dict(causal=True, window=0, block_m=options.block_m, block_n=options.block_n, max_blocks=None)
-        index = SparseIndex(*build_block_index(pos, pos, None, sink, window, **blocks))
-        counts = static_block_counts(w, [Rule("streaming", sink=int(sink), window=int(window))] * hq, options)
-        heads = (sink.expand(hq).contiguous(), window.expand(hq).contiguous())
-        t = median_ms(lambda: run_sparse(q, k, v, index, options, head_sink=heads[0], head_window=heads[1]))  # noqa: B023
+        index = SparseIndex(*build_block_index(pos, pos, None, sink[:1], window[:1], **blocks))
+        counts = static_block_counts(w, [streaming] * hq, options)
+        t = median_ms(lambda: run_sparse(q, k, v, index, options, head_sink=sink, head_window=window))  # noqa: B023
         info = {"n": n, "density": round(counts.density(w), 3), "pattern": "streaming"}
         yield (name, d), engine_features(w, counts, sms), t, info
 

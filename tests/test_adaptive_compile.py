@@ -12,12 +12,11 @@ from test_adaptive_index import (
     sample_reference,
     vertical_slash_reference,
 )
-from test_models import BLOCK, compile_with
+from test_models import compile_with
 from tiny_models import tiny_llama
 
 import sparsecomp
 from sparsecomp import Plan, Rule
-from sparsecomp.backend import BackendOptions, SparsecompBackend
 from sparsecomp.kernels import index_positions
 from sparsecomp.kernels.block_sparse_attention import structure_pairs
 
@@ -129,8 +128,7 @@ def test_adaptive_plan_compiles_once_for_every_length():
     torch.manual_seed(1)
     model = tiny_llama(hidden_size=64).eval()
     plan = Plan(sites={f"model.layers.{i}.self_attn": rules for i, rules in enumerate(LAYER_RULES)})
-    backend = SparsecompBackend(BackendOptions.from_any({"plan": plan, "kernel_options": BLOCK, "inner": "inductor"}))
-    compiled = torch.compile(model, backend=backend)
+    compiled, backend = compile_with(model, plan, inner="inductor")
     with torch.no_grad():
         for n in (100, 130, 170):
             ids = torch.randint(0, 100, (2, n))  # the references' batch

@@ -63,8 +63,8 @@ class ShapeRecordingBackend(SparsecompBackend):
         return compiled
 
 
-def compile_with(model, plan, backend_cls=SparsecompBackend, **kw):
-    backend = backend_cls(BackendOptions.from_any({"plan": plan, "kernel_options": BLOCK, "inner": "eager"}))
+def compile_with(model, plan, backend_cls=SparsecompBackend, inner="eager", **kw):
+    backend = backend_cls(BackendOptions.from_any({"plan": plan, "kernel_options": BLOCK, "inner": inner}))
     compiled = torch.compile(model, backend=backend, **kw)
     compiled._sparsecomp_backend = backend
     return compiled, backend
