@@ -44,7 +44,7 @@ from fractions import Fraction
 import torch
 
 from .block_index import SparseIndex, first_valid_key
-from .block_lists import block_limits, compact, diagonal_block_lists, structure_blocks
+from .block_lists import block_limits, compact, diagonal_block_lists, diagonal_column_lists, structure_blocks
 from .column_mass import column_mass, column_slash_mass
 
 # ---- shared: structure, selection -> index --------------------------------------------------------
@@ -100,6 +100,14 @@ def _head_limits(values: list, device, trailing: int):
     return limits.view(-1, *([1] * trailing))
 
 
+def _mass_before(ordered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along the last dim: the sum of the entries before each one (exclusive prefix sum), and the
+    total. Taken from one inclusive cumsum, shifted: torch 2.11's Inductor fails to generate the
+    GPU scan for ``cumsum(x) - x`` (or with a separate sum) over rows of 16K+ entries."""
+    running = torch.cumsum(ordered, -1)
+    return torch.nn.functional.pad(running[..., :-1], (1, 0)), running[..., -1:]
+
+
 def _keep_top(scores: torch.Tensor, forced: torch.Tensor, budget: list[int], mass: float = 1.0) -> torch.Tensor:
     """Bool mask (B, Hq, N): the ``forced`` entries plus each head's ``budget[h]`` best others with a
     positive score (zero-score entries are never seen: picking among them would be arbitrary); with
@@ -111,7 +119,7 @@ def _keep_top(scores: torch.Tensor, forced: torch.Tensor, budget: list[int], mas
     per_head = _head_limits(budget, scores.device, trailing=1)
     rank_ok = (torch.arange(k, device=scores.device)[None, None, :] < per_head) & (top.values > 0)
     if mass < 1:
-        before = (scores - free).sum(-1, keepdim=True) + torch.cumsum(top.values, -1) - top.values
+        before = (scores - free).sum(-1, keepdim=True) + _mass_before(top.values)[0]
         rank_ok = rank_ok & (before < mass * scores.sum(-1, keepdim=True))
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, rank_ok) | forced
 
@@ -131,24 +139,24 @@ def vertical_slash_index(
     n_k, dev = k.shape[2], q.device
     nv, ns = _per_head(n_vertical, hq), _per_head(n_slash, hq)
     shift = n_k - n_q
-    rows = torch.arange(max(0, n_q - last_q), n_q, device=dev)
-    q_rows, row_pos = q[:, :, rows], q_pos[:, rows]
-    vertical, slash = column_slash_mass(q_rows, k, row_pos, k_pos, key_ok, rows + shift, scale, causal, window)
+    start = max(0, n_q - last_q)  # the scoring rows: the last ones, consecutive
+    q_rows, row_pos = q[:, :, start:], q_pos[:, start:]
+    vertical, slash = column_slash_mass(q_rows, k, row_pos, k_pos, key_ok, start + shift, scale, causal, window)
     key_idx = torch.arange(n_k, device=dev)
     start = first_valid_key(key_ok, dev)[:, None, None]
     sinks = (key_idx - start < sink) & (key_idx - start >= 0)
     cols_kept = _keep_top(vertical, sinks.expand_as(vertical), nv, mass)
-    offsets_kept = _keep_top(slash, (key_idx < local).expand_as(slash), ns, mass).to(torch.int8)
-    # Offset o meets block (i, j) where j - i is floor((s - o) / b) or floor((s - o + b - 1) / b).
+    offsets_kept = _keep_top(slash, (key_idx < local).expand_as(slash), ns, mass)
+    # Offset o meets block (i, j) where j - i is floor((s - o) / b) or floor((s - o + b - 1) / b):
+    # block diagonal t = j - i holds the offsets in [s - t b - b + 1, s - t b + b - 1]. It is selected
+    # when that range holds a kept offset: a difference of prefix counts (no scatter).
     n_qb, n_kb = -(-n_q // block_m), -(-n_k // block_n)
-    o = key_idx
-    rel_lo = torch.div(shift - o, block_n, rounding_mode="floor")
-    rel_hi = torch.div(shift - o + block_n - 1, block_n, rounding_mode="floor")
-    base = n_kb + 1  # rel = j - i lies in [-(n_kb + 1), n_kb + 1]
-    rel_set = torch.zeros(b, hq, 2 * base + 1, dtype=torch.int8, device=dev)
-    for rel in (rel_lo, rel_hi):
-        idx = (rel + base).expand(b, hq, n_k)
-        rel_set.scatter_reduce_(-1, idx, offsets_kept, reduce="amax")
+    base = n_kb + 1  # t lies in [-(n_kb + 1), n_kb + 1]
+    t = torch.arange(-base, base + 1, device=dev)
+    lo = (shift - t * block_n - block_n + 1).clamp(0, n_k).expand(b, hq, -1)
+    hi = (shift - t * block_n + block_n).clamp(0, n_k).expand(b, hq, -1)
+    kept_before = torch.nn.functional.pad(torch.cumsum(offsets_kept, -1, dtype=torch.int32), (1, 0))
+    rel_set = (kept_before.gather(-1, hi) > kept_before.gather(-1, lo)).to(torch.int8)
     # Pair (i, j) is selected when its block diagonal j - i is in rel_set: lists straight from it.
     limits = block_limits(q_pos, k_pos, key_ok, block_m, block_n)
     blocks = diagonal_block_lists(rel_set, *limits, base, causal, window)
@@ -160,21 +168,10 @@ def _vertical_columns(cols_kept, most, rel_set, base, n_qb, n_k, shift, block_m,
     """Per query block, the kept columns it may see (ascending, a prefix) with those inside one of
     its selected blocks (block diagonal in ``rel_set``) replaced by Nk (skipped by the kernel):
     (B, Hq, nQB, ``most``)."""
-    b, hq = cols_kept.shape[:2]
     width = max(1, most)
-    ids, _ = compact(cols_kept, width)  # ascending kept columns; tail slots hold 0
-    n_cols = cols_kept.sum(-1, keepdim=True)  # (B, Hq, 1)
-    slot = torch.arange(width, device=ids.device)
-    ids = torch.where(slot < n_cols, ids, n_k)
-    query_blocks = torch.arange(n_qb, device=ids.device)
-    row_end = ((query_blocks + 1) * block_m + shift).clamp_max(n_k)
-    count = torch.searchsorted(ids.to(torch.int64), row_end[None, None, :].expand(b, hq, n_qb).contiguous())
-    per_row = ids[:, :, None, :].expand(b, hq, n_qb, width)
-    n_kb = -(-n_k // block_n)
-    rel = ((per_row // block_n).clamp_max(n_kb - 1) - query_blocks[:, None] + base).to(torch.int64)
-    inside = (rel_set.gather(-1, rel.reshape(b, hq, -1)).view(b, hq, n_qb, width) != 0) & (per_row < n_k)
-    per_row = torch.where(inside, n_k, per_row).to(torch.int32).contiguous()
-    return per_row, count.to(torch.int32)
+    ids, n_cols = compact(cols_kept, width)  # ascending kept columns; tail slots hold 0
+    ids = torch.where(torch.arange(width, device=ids.device) < n_cols[..., None], ids, n_k)
+    return diagonal_column_lists(ids, rel_set, base, n_qb, n_k, shift, block_m, block_n)
 
 
 # ---- SampleAttention -------------------------------------------------------------------------------
@@ -208,8 +205,7 @@ def sample_index(
     # Fewest top columns reaching alpha of the total: sort descending, keep while the mass before
     # a column is still short of alpha.
     ordered, order = score.sort(-1, descending=True)
-    before = torch.cumsum(ordered, -1) - ordered
-    total = ordered.sum(-1, keepdim=True)
+    before, total = _mass_before(ordered)
     take = (before < alphas * total) & (ordered > 0)
     cols_kept = torch.zeros_like(take).scatter_(-1, order, take)
     # Local band of whole blocks: rel = j - i from floor((s - w) / b) up to the diagonal.
@@ -294,7 +290,7 @@ def block_topk_index(
     if coverage > 0:
         prob = torch.softmax(score, -1).nan_to_num(0.0)
         ordered, order = prob.sort(-1, descending=True)
-        take = ((torch.cumsum(ordered, -1) - ordered) < coverage) & (ordered > 0)
+        take = (_mass_before(ordered)[0] < coverage) & (ordered > 0)
         chosen = torch.zeros_like(take).scatter_(-1, order, take)
     else:
         kmax = max(1, min(max(kk), n_kb))

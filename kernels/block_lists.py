@@ -17,6 +17,13 @@ zeros past the count, counts (B, Hq, nQB) int32.
 walks each query block's key blocks in chunks and appends in place (no nQB x nKB matrix in memory:
 at 128K tokens and 32 heads that matrix is 33M entries, built, masked and compacted twice); the
 reference builds the selection matrix and compacts it.
+
+``diagonal_column_lists`` gives each query block i the kept single columns ``ids`` (B, Hq, W),
+ascending, Nk in unused slots: ids[w] as it is, or Nk (skipped by the attention kernel) where the
+column's key block j lies on a selected diagonal (``rel_set[b, h, j - i + base]``: already computed
+as a block); the count is the number of ids below the block's last row's key index + 1. A Triton
+kernel on CUDA (one program per query block and head: the (B, Hq, nQB, W) output written once);
+the reference computes the same with broadcast tensors.
 """
 
 from __future__ import annotations
@@ -175,3 +182,85 @@ def _diagonal_block_lists_fake(rel_set, q_lo, q_hi, k_lo, k_hi, k_all, base, cau
     lists = [rel_set.new_empty(b, hq, n_qb, n_kb, dtype=torch.int32) for _ in range(2)]
     counts = [rel_set.new_empty(b, hq, n_qb, dtype=torch.int32) for _ in range(2)]
     return lists[0], counts[0], lists[1], counts[1]
+
+
+# fmt: off
+@triton.jit
+def _column_lists_kernel(
+    Ids, RelSet, Columns, Count,
+    stride_ib, stride_ih, stride_rb, stride_rh,
+    n_heads, n_qb, n_kb, width, n_k, shift, base,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program per (query block, batch x head): its copy of the head's kept columns, those on a
+    selected block diagonal replaced by Nk, and how many lie below its rows' end."""
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    row_end = tl.minimum((i + 1) * BLOCK_M + shift, n_k)
+    rel_base = b * stride_rb + h * stride_rh + base - i
+    out_base = (pid_bh * n_qb + i).to(tl.int64) * width
+    count = tl.full((), 0, tl.int32)
+    for w0 in range(0, width, CHUNK):
+        w = w0 + tl.arange(0, CHUNK)
+        in_range = w < width
+        ids = tl.load(Ids + b * stride_ib + h * stride_ih + w, mask=in_range, other=n_k)
+        key_block = tl.minimum(ids // BLOCK_N, n_kb - 1)
+        on_diagonal = tl.load(RelSet + rel_base + key_block, mask=in_range, other=0) != 0
+        tl.store(Columns + out_base + w, tl.where(on_diagonal, n_k, ids), mask=in_range)
+        count += tl.sum((ids < row_end).to(tl.int32), 0)
+    tl.store(Count + pid_bh * n_qb + i, count)
+# fmt: on
+
+
+def column_lists_triton(ids, rel_set, base, n_qb, n_k, shift, block_m, block_n, *, chunk=256, launch=None):
+    b, hq, width = ids.shape
+    ids, rel_set = ids.to(torch.int32).contiguous(), rel_set.contiguous()
+    columns = torch.empty(b, hq, n_qb, width, dtype=torch.int32, device=ids.device)
+    count = torch.empty(b, hq, n_qb, dtype=torch.int32, device=ids.device)
+    wrap = launch or (lambda f: f)
+    wrap(_column_lists_kernel)[(n_qb, b * hq)](
+        ids, rel_set, columns, count,
+        ids.stride(0), ids.stride(1), rel_set.stride(0), rel_set.stride(1),
+        hq, n_qb, -(-n_k // block_n), width, n_k, shift, base,
+        BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk,
+    )  # fmt: skip
+    return columns, count
+
+
+def column_lists_reference(ids, rel_set, base, n_qb, n_k, shift, block_m, block_n):
+    b, hq, width = ids.shape
+    query_blocks = torch.arange(n_qb, device=ids.device)
+    row_end = ((query_blocks + 1) * block_m + shift).clamp_max(n_k)
+    count = (ids[:, :, None, :] < row_end[:, None]).sum(-1, dtype=torch.int32)
+    key_block = (ids.long() // block_n).clamp_max(-(-n_k // block_n) - 1)
+    rel = key_block[:, :, None, :] - query_blocks[:, None] + base
+    on_diagonal = rel_set[:, :, None, :].expand(b, hq, n_qb, rel_set.shape[-1]).gather(-1, rel) != 0
+    return torch.where(on_diagonal, n_k, ids[:, :, None, :]).to(torch.int32), count
+
+
+@torch.library.triton_op("sparsecomp::diagonal_column_lists", mutates_args=())
+def diagonal_column_lists(
+    ids: torch.Tensor,
+    rel_set: torch.Tensor,
+    base: int,
+    n_qb: int,
+    n_k: int,
+    shift: int,
+    block_m: int,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns, column_count) per query block (see the module notes): the Triton kernel on CUDA,
+    the reference elsewhere."""
+    if ids.is_cuda:
+        return column_lists_triton(
+            ids, rel_set, base, n_qb, n_k, shift, block_m, block_n, launch=torch.library.wrap_triton
+        )
+    return column_lists_reference(ids, rel_set, base, n_qb, n_k, shift, block_m, block_n)
+
+
+@diagonal_column_lists.register_fake
+def _diagonal_column_lists_fake(ids, rel_set, base, n_qb, n_k, shift, block_m, block_n):
+    b, hq, width = ids.shape
+    return ids.new_empty(b, hq, n_qb, width, dtype=torch.int32), ids.new_empty(b, hq, n_qb, dtype=torch.int32)

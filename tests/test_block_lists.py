@@ -1,10 +1,16 @@
-"""Block lists of selected block diagonals: the Triton kernel (interpreter on CPU) equals the
-reference (selection matrix, then compaction) exactly, lists and counts."""
+"""Block and column lists of selected block diagonals: the Triton kernels (interpreter on CPU) equal
+the references (selection matrix, then compaction; broadcast tensors) exactly, lists and counts."""
 
 import pytest
 import torch
 
-from sparsecomp.kernels.block_lists import block_limits, diagonal_lists_reference, diagonal_lists_triton
+from sparsecomp.kernels.block_lists import (
+    block_limits,
+    column_lists_reference,
+    column_lists_triton,
+    diagonal_lists_reference,
+    diagonal_lists_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -37,5 +43,27 @@ def test_diagonal_lists_kernel_equals_reference(case):
     got = diagonal_lists_triton(rel_set, *limits, base, causal, window, chunk=16)
     want = diagonal_lists_reference(rel_set, *limits, base, causal, window)
     assert want[1].sum() + want[3].sum() > 0
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and torch.equal(g.cpu(), w.cpu())
+
+
+@pytest.mark.parametrize("n_q, n_k, width", [(1, 1, 1), (150, 150, 40), (100, 260, 300), (97, 97, 5)])
+def test_column_lists_kernel_equals_reference(n_q, n_k, width):
+    """Random ascending kept columns (Nk in the unused slots), random selected diagonals; several
+    chunks per query block; a chunk after cached keys (Nq < Nk)."""
+    b, hq, block = 2, 3, 16
+    torch.manual_seed(n_k + width)
+    n_kb = -(-n_k // block)
+    base = n_kb + 1
+    rel_set = (torch.rand(b, hq, 2 * base + 1, device=DEVICE) < 0.3).to(torch.int8)
+    kept = torch.rand(b, hq, n_k, device=DEVICE) < 0.2
+    ids = torch.where(kept, torch.arange(n_k, device=DEVICE), n_k).sort(-1).values[..., :width]
+    ids = torch.nn.functional.pad(ids, (0, width - ids.shape[-1]), value=n_k).to(torch.int32)
+    args = (ids, rel_set, base, -(-n_q // block), n_k, n_k - n_q, block, block)
+    got = column_lists_triton(*args, chunk=16)
+    want = column_lists_reference(*args)
+    if n_k > 1:  # some columns stay, some are replaced (their block is computed whole)
+        kept_per_block = (want[0] < n_k).sum()
+        assert 0 < kept_per_block < (ids < n_k).sum() * want[0].shape[2]
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and torch.equal(g.cpu(), w.cpu())
