@@ -151,20 +151,24 @@ def run_length(n: int, patterns: list[str], locality: str, recall_max: int, eage
     return rows
 
 
-def profile_index(n: int, patterns: list[str], out: Path) -> None:
-    """Where the index building time goes: the CUDA kernels of one build per pattern, by total time."""
-    q, k, _ = structured_qkv(n, seed=n)
+def profile_index(n: int, patterns: list[str], locality: str, out: Path) -> None:
+    """Where the index building time goes: device time per CUDA kernel over five builds per pattern."""
+    q, k, _ = structured_qkv(n, seed=n, locality=locality)
     pos = index_positions(q, 2)
     lines = []
     for name in patterns:
         build = builders(n)[name]
-        build(q, k, pos)  # warm up (compiles the Triton kernels)
+        build(q, k, pos)  # warm up (compiles the builder and its Triton kernels)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            build(q, k, pos)
+            for _ in range(5):
+                build(q, k, pos)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
-        lines += [f"## {name} index at N={n}", table, ""]
+        events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        total = sum(e.device_time_total for e in events) / 5
+        lines.append(f"## {name} index at N={n} ({locality} inputs): {total / 1000:.3f} ms of device time per build")
+        lines += [f"  {e.device_time_total / 5000:7.3f} ms  x{e.count // 5:<3d} {e.key[:110]}" for e in events[:12]]
+        lines.append("")
     (out / "prefill_patterns_index_profile.txt").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -180,7 +184,7 @@ def main(argv=None):
     p.add_argument("--profile", type=int, default=0, help="also profile the index builders at this length")
     args = p.parse_args(argv)
     if args.profile:
-        profile_index(args.profile, args.patterns, Path(args.out))
+        profile_index(args.profile, args.patterns, args.inputs, Path(args.out))
     columns = [
         ("N", "N", ""),
         ("inputs", "inputs", ""),
