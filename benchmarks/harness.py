@@ -13,6 +13,18 @@ import triton
 from sparsecomp.timing import GRAPH_BELOW_MS, median_ms  # noqa: F401  (the benchmarks import them from here)
 
 
+def compiled_flex():
+    """FlexAttention compiled with static shapes, recompiling once per length and mask (a mask
+    function that reads a pattern's tensors is a new function per pattern); hitting the limit is an
+    error, never a silent fall back to eager Flex (N x N scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def environment() -> dict:
     import transformers  # noqa: F401  (optional: only its version is recorded)
 

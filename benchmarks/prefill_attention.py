@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import environment, markdown_table, median_ms, write_results  # noqa: E402
+from harness import compiled_flex, environment, markdown_table, median_ms, write_results  # noqa: E402
 
 from sparsecomp.kernels import SparseIndex, build_block_index, index_positions  # noqa: E402
 
@@ -220,11 +220,7 @@ def main(argv=None):
     p.add_argument("--tune-at", type=int, default=32768, help="sweep launch configs at this length (0: off)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    # One compiled Flex per length and mask: allow the recompiles (a script may set Dynamo config).
-    torch._dynamo.config.recompile_limit = 256
-    torch._dynamo.config.accumulated_recompile_limit = 4096
-    torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager math (N x N)
-    flex = None if args.no_flex else torch.compile(flex_attention, dynamic=False)
+    flex = None if args.no_flex else compiled_flex()
     tuned = {p: tune(p, args.tune_at) for p in args.patterns} if args.tune_at else {}
     rows, env = [], environment()
     columns = [

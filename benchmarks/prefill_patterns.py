@@ -1,4 +1,6 @@
-"""Adaptive prefill patterns on the GPU: index building + kernel vs SDPA (cuDNN).
+"""Adaptive prefill patterns on the GPU: index building + kernel vs SDPA (cuDNN and FA2), and our
+kernel vs FlexAttention on the same pattern (``flex_index.py``: Flex given our index as its block
+mask, both prebuilt; ``--no-flex`` to skip).
 
 B=1, 32 query / 8 KV heads, head_dim 128, bf16. Random Q/K have no attention structure (every
 pattern would select everything or noise), so the inputs are synthetic but structured the way
@@ -7,7 +9,7 @@ distance: a local band of slashes), plus a few heavy keys every query attends to
 stripes). Patterns: vertical-slash with MInference's default budget (1000 verticals, 6096 slashes,
 last 64 queries), the same under FlexPrefill's cumulative cut at 95% of the estimated attention
 (``vertical_slash_mass95``), SampleAttention (alpha 0.95), block top-k at ~10% of the causal blocks.
-Medians over >= 5 runs (benchmarks/harness.py); SDPA measured in the same run. ``--inputs``
+Medians over >= 5 runs (benchmarks/harness.py); SDPA and Flex measured in the same run. ``--inputs``
 picks the inputs' locality (``LOCALITY``: "strong", or "smollm2", matched to the real model's);
 up to ``--recall-max`` tokens each pattern's attention kept and output error are measured too.
 Index builders are compiled as the sparsecomp backend compiles them in a model (``--eager-index``:
@@ -25,9 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import environment, markdown_table, median_ms, write_results  # noqa: E402
+from flex_index import index_block_mask  # noqa: E402
+from harness import compiled_flex, environment, markdown_table, median_ms, write_results  # noqa: E402
 
 from sparsecomp.backend import inductor_with_opaque_ops  # noqa: E402
 from sparsecomp.kernels import index_positions  # noqa: E402
@@ -109,19 +113,21 @@ def computed_density(index, n: int) -> float:
     return (blocks + cols) / causal_blocks
 
 
-def sdpa_causal_ms(q, k, v) -> float:
+def sdpa_causal_ms(q, k, v, backend: SDPBackend) -> float:
     k_rep, v_rep = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
-    return median_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True), min_runs=5)
+    with sdpa_kernel([backend]):
+        return median_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True), min_runs=5)
 
 
-def run_length(n: int, patterns: list[str], locality: str, recall_max: int, eager: bool) -> list[dict]:
+def run_length(n: int, patterns: list[str], locality: str, recall_max: int, eager: bool, flex) -> list[dict]:
     q, k, v = structured_qkv(n, seed=n, locality=locality)
     pos = index_positions(q, 2)
     zeros = torch.zeros(HQ, dtype=torch.int32, device="cuda")
-    sdpa_ms = sdpa_causal_ms(q, k, v)
+    sdpa_ms = sdpa_causal_ms(q, k, v, SDPBackend.CUDNN_ATTENTION)
+    fa2_ms = sdpa_causal_ms(q, k, v, SDPBackend.FLASH_ATTENTION)
     rows = []
     for name in patterns:
-        row = {"N": n, "inputs": locality, "pattern": name, "sdpa_ms": sdpa_ms}
+        row = {"N": n, "inputs": locality, "pattern": name, "sdpa_ms": sdpa_ms, "fa2_ms": fa2_ms}
         try:
             build = builders(n, eager)[name]
 
@@ -140,7 +146,10 @@ def run_length(n: int, patterns: list[str], locality: str, recall_max: int, eage
             row["kernel_ms"] = median_ms(lambda index=index: op(index), min_runs=5)
             row["total_ms"] = median_ms(lambda build=build: op(build(q, k, pos)), min_runs=5)
             row["vs_sdpa"] = sdpa_ms / row["total_ms"]
+            row["vs_fa2"] = fa2_ms / row["total_ms"]
             row["index_share"] = row["index_ms"] / row["total_ms"]
+            if flex is not None:
+                row.update(flex_timing(flex, q, k, v, index, n, row["kernel_ms"]))
             del index
         except Exception as e:  # one failure must not lose the others
             row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
@@ -149,6 +158,16 @@ def run_length(n: int, patterns: list[str], locality: str, recall_max: int, eage
         print({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
         rows.append(row)
     return rows
+
+
+def flex_timing(flex, q, k, v, index, n: int, kernel_ms: float) -> dict:
+    """Flex on our pattern (its block mask from our index, prebuilt) vs our kernel alone."""
+    try:
+        mask = index_block_mask(index, n, n, BLOCK)
+        flex_ms = median_ms(lambda: flex(q, k, v, block_mask=mask, scale=SCALE, enable_gqa=True), min_runs=5)
+        return {"flex_ms": flex_ms, "vs_flex": flex_ms / kernel_ms}
+    except Exception as e:  # Flex failing must not hide our numbers
+        return {"error": f"flex: {type(e).__name__}: {str(e)[:120]}"}
 
 
 def profile_index(n: int, patterns: list[str], locality: str, out: Path) -> None:
@@ -182,6 +201,7 @@ def main(argv=None):
     p.add_argument("--eager-index", action="store_true", help="build indexes eagerly (default: compiled)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--profile", type=int, default=0, help="also profile the index builders at this length")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     args = p.parse_args(argv)
     if args.profile:
         profile_index(args.profile, args.patterns, args.inputs, Path(args.out))
@@ -193,16 +213,21 @@ def main(argv=None):
         ("cra", "attention kept", ".3f"),
         ("out_err", "output rel. error", ".3f"),
         ("sdpa_ms", "SDPA cuDNN ms", ".2f"),
+        ("fa2_ms", "SDPA FA2 ms", ".2f"),
         ("index_ms", "index ms", ".2f"),
         ("kernel_ms", "kernel ms", ".2f"),
         ("total_ms", "index+kernel ms", ".2f"),
         ("vs_sdpa", "x SDPA", ".2f"),
+        ("vs_fa2", "x FA2", ".2f"),
+        ("flex_ms", "Flex ms (same pattern)", ".2f"),
+        ("vs_flex", "kernel x Flex", ".2f"),
         ("index_share", "index share", ".2f"),
         ("error", "error", ""),
     ]
+    flex = None if args.no_flex else compiled_flex()
     rows, env = [], environment()
     for n in args.lengths:
-        rows += run_length(n, args.patterns, args.inputs, args.recall_max, args.eager_index)
+        rows += run_length(n, args.patterns, args.inputs, args.recall_max, args.eager_index, flex)
         write_results(Path(args.out), "prefill_patterns", env, rows, markdown_table(rows, columns))
     print(markdown_table(rows, columns))
 
