@@ -139,9 +139,9 @@ def vertical_slash_index(
     n_k, dev = k.shape[2], q.device
     nv, ns = _per_head(n_vertical, hq), _per_head(n_slash, hq)
     shift = n_k - n_q
-    start = max(0, n_q - last_q)  # the scoring rows: the last ones, consecutive
-    q_rows, row_pos = q[:, :, start:], q_pos[:, start:]
-    vertical, slash = column_slash_mass(q_rows, k, row_pos, k_pos, key_ok, start + shift, scale, causal, window)
+    first = max(0, n_q - last_q)  # the scoring rows: the last ones, consecutive
+    q_rows, row_pos = q[:, :, first:], q_pos[:, first:]
+    vertical, slash = column_slash_mass(q_rows, k, row_pos, k_pos, key_ok, first + shift, scale, causal, window)
     key_idx = torch.arange(n_k, device=dev)
     start = first_valid_key(key_ok, dev)[:, None, None]
     sinks = (key_idx - start < sink) & (key_idx - start >= 0)
