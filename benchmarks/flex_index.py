@@ -18,14 +18,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from sparsecomp.kernels.block_lists import compact
-
-
-def _listed(blocks: torch.Tensor, count: torch.Tensor, n_kb: int) -> torch.Tensor:
-    """(B, H, nQB, L) lists with counts -> (B, H, nQB, nKB) membership."""
-    slot = torch.arange(blocks.shape[-1], device=blocks.device)
-    ids = torch.where(slot < count[..., None], blocks.long(), n_kb)
-    member = torch.zeros(*blocks.shape[:-1], n_kb + 1, dtype=torch.bool, device=blocks.device)
-    return member.scatter_(-1, ids, True)[..., :n_kb]
+from sparsecomp.kernels.block_sparse_attention import _listed
 
 
 def _column_set(columns: torch.Tensor, column_count: torch.Tensor, n_k: int) -> torch.Tensor:

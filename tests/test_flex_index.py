@@ -11,10 +11,10 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from sparsecomp.kernels import index_positions, sparse_attention_reference
 from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index
-from sparsecomp.kernels.block_sparse_attention import index_pairs
+from sparsecomp.kernels.block_sparse_attention import _listed, index_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from flex_index import _listed, index_block_mask  # noqa: E402
+from flex_index import index_block_mask  # noqa: E402
 
 B, HQ, HKV, N, D, BLOCK = 1, 4, 2, 300, 16, 32
 
