@@ -156,29 +156,33 @@ def _column_mass_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr, IEEE: tl.constexpr,
     SLASH: tl.constexpr,
 ):
+    """Column (and slash) sums of p over the rows for one key tile and every query head of one KV
+    head: the tile is loaded once for the group (GQA)."""
     scale2 = tl.cast(scale2, tl.float32)
-    pid_bh = tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
-    k, k_pos, ok, offs_n, valid_n = _load_keys(K, KPos, KeyOk, b, h // groups, tl.program_id(0) * BLOCK_N, n_k,
+    n_kv = n_heads // groups
+    b, kvh = tl.program_id(1) // n_kv, tl.program_id(1) % n_kv
+    k, k_pos, ok, offs_n, valid_n = _load_keys(K, KPos, KeyOk, b, kvh, tl.program_id(0) * BLOCK_N, n_k,
                                                stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kob,
                                                HEAD_DIM, BLOCK_D, BLOCK_N, HAS_KEY_OK)
     k_lo = tl.min(tl.where(valid_n, k_pos, 2147483647))
     k_hi = tl.max(tl.where(valid_n, k_pos, -2147483647))
-    mass = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for m0 in range(0, n_rows, BLOCK_M):
-        q, q_pos, offs_m, valid_m = _load_rows(Q, QPos, b, h, m0, n_rows, stride_qb, stride_qh, stride_qm,
-                                               stride_qd, stride_qpb, HEAD_DIM, BLOCK_D, BLOCK_M)
-        q_lo = tl.min(tl.where(valid_m, q_pos, 2147483647))
-        q_hi = tl.max(tl.where(valid_m, q_pos, -2147483647))
-        if _may_meet(q_lo, q_hi, k_lo, k_hi, window, CAUSAL, HAS_WINDOW):
-            s = _scores(q, k, q_pos, k_pos, ok, valid_m, valid_n, scale2, window, CAUSAL, HAS_WINDOW, IEEE)
-            lse = tl.load(Lse + pid_bh * n_rows + offs_m, mask=valid_m, other=float("inf"))
-            p = tl.math.exp2(s - lse[:, None])
-            mass += tl.sum(p, 0)
-            if SLASH:
-                _credit_diagonals(p, Slash + pid_bh * n_k, first_row + m0 - tl.program_id(0) * BLOCK_N,
-                                  BLOCK_M, BLOCK_N)
-    tl.store(Mass + pid_bh * n_k + offs_n, mass, mask=valid_n)
+    for g in range(0, groups):
+        pid_bh = b * n_heads + kvh * groups + g
+        mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for m0 in range(0, n_rows, BLOCK_M):
+            q, q_pos, offs_m, valid_m = _load_rows(Q, QPos, b, kvh * groups + g, m0, n_rows, stride_qb, stride_qh,
+                                                   stride_qm, stride_qd, stride_qpb, HEAD_DIM, BLOCK_D, BLOCK_M)
+            q_lo = tl.min(tl.where(valid_m, q_pos, 2147483647))
+            q_hi = tl.max(tl.where(valid_m, q_pos, -2147483647))
+            if _may_meet(q_lo, q_hi, k_lo, k_hi, window, CAUSAL, HAS_WINDOW):
+                s = _scores(q, k, q_pos, k_pos, ok, valid_m, valid_n, scale2, window, CAUSAL, HAS_WINDOW, IEEE)
+                lse = tl.load(Lse + pid_bh * n_rows + offs_m, mask=valid_m, other=float("inf"))
+                p = tl.math.exp2(s - lse[:, None])
+                mass += tl.sum(p, 0)
+                if SLASH:
+                    _credit_diagonals(p, Slash + pid_bh * n_k, first_row + m0 - tl.program_id(0) * BLOCK_N,
+                                      BLOCK_M, BLOCK_N)
+        tl.store(Mass + pid_bh * n_k + offs_n, mass, mask=valid_n)
 # fmt: on
 
 
@@ -246,7 +250,7 @@ def column_mass_triton(
     # log2 sum over the splits; a row that sees no key gets +inf (2^(s - inf) = 0 credits nothing)
     lse = torch.logsumexp(partial * math.log(2), dim=2) / math.log(2)
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    wrap(_column_mass_kernel)[(triton.cdiv(n_k, block_n), b * hq)](*inputs, lse, mass, slash, *common, **flags)
+    wrap(_column_mass_kernel)[(triton.cdiv(n_k, block_n), b * hkv)](*inputs, lse, mass, slash, *common, **flags)
     return (mass, slash) if slash is not mass else mass
 
 
