@@ -127,26 +127,41 @@ def _keep_top(scores: torch.Tensor, forced: torch.Tensor, budget: list[int], mas
 # ---- vertical-slash --------------------------------------------------------------------------------
 
 
+def vertical_slash_selection(
+    q, k, q_pos, k_pos, key_ok, n_vertical, n_slash, *, last_q: int, sink: int, local: int, scale: float,
+    causal: bool, window: int, mass: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The kept key columns and slash offsets (q_index - k_index), each (B, Hq, Nk) bool: what the
+    vertical-slash index lowers to blocks and columns (also read by the granularity benchmark)."""
+    if not causal:
+        raise ValueError("vertical_slash needs a causal site (slash offsets are q_index - k_index >= 0)")
+    hq, n_q, n_k, dev = q.shape[1], q.shape[2], k.shape[2], q.device
+    nv, ns = _per_head(n_vertical, hq), _per_head(n_slash, hq)
+    first = max(0, n_q - last_q)  # the scoring rows: the last ones, consecutive
+    q_rows, row_pos = q[:, :, first:], q_pos[:, first:]
+    vertical, slash = column_slash_mass(q_rows, k, row_pos, k_pos, key_ok, first + n_k - n_q, scale, causal, window)
+    key_idx = torch.arange(n_k, device=dev)
+    start = first_valid_key(key_ok, dev)[:, None, None]
+    sinks = (key_idx - start < sink) & (key_idx - start >= 0)
+    cols_kept = _keep_top(vertical, sinks.expand_as(vertical), nv, mass)
+    offsets_kept = _keep_top(slash, (key_idx < local).expand_as(slash), ns, mass)
+    return cols_kept, offsets_kept
+
+
 def vertical_slash_index(
     q, k, q_pos, k_pos, key_ok, n_vertical, n_slash, *, last_q: int, sink: int, local: int, scale: float,
     causal: bool, window: int, block_m: int, block_n: int, mass: float = 1.0,
 ) -> SparseIndex:  # fmt: skip
     """MInference's vertical-slash pattern (see the module notes); budgets per query head."""
     _check_blocks(block_m, block_n, "vertical_slash")
-    if not causal:
-        raise ValueError("vertical_slash needs a causal site (slash offsets are q_index - k_index >= 0)")
+    cols_kept, offsets_kept = vertical_slash_selection(
+        q, k, q_pos, k_pos, key_ok, n_vertical, n_slash, last_q=last_q, sink=sink, local=local, scale=scale,
+        causal=causal, window=window, mass=mass,
+    )  # fmt: skip
     b, hq, n_q, _ = q.shape
     n_k, dev = k.shape[2], q.device
-    nv, ns = _per_head(n_vertical, hq), _per_head(n_slash, hq)
+    nv = _per_head(n_vertical, hq)
     shift = n_k - n_q
-    first = max(0, n_q - last_q)  # the scoring rows: the last ones, consecutive
-    q_rows, row_pos = q[:, :, first:], q_pos[:, first:]
-    vertical, slash = column_slash_mass(q_rows, k, row_pos, k_pos, key_ok, first + shift, scale, causal, window)
-    key_idx = torch.arange(n_k, device=dev)
-    start = first_valid_key(key_ok, dev)[:, None, None]
-    sinks = (key_idx - start < sink) & (key_idx - start >= 0)
-    cols_kept = _keep_top(vertical, sinks.expand_as(vertical), nv, mass)
-    offsets_kept = _keep_top(slash, (key_idx < local).expand_as(slash), ns, mass)
     # Offset o meets block (i, j) where j - i is floor((s - o) / b) or floor((s - o + b - 1) / b):
     # block diagonal t = j - i holds the offsets in [s - t b - b + 1, s - t b + b - 1]. It is selected
     # when that range holds a kept offset: a difference of prefix counts (no scatter).
