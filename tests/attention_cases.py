@@ -91,3 +91,16 @@ def case_setup(case, dtype=torch.float32, max_blocks=None):
     start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
     keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=causal, window=window).expand(b, hq, nq, nk)
     return (q, k, v, q_pos, k_pos, key_ok, sink, win), index, keep
+
+
+def assert_same_lists(got, want):
+    """Equal (full_blocks, full_count, part_blocks, part_count, ...): counts equal and each block list
+    equal up to its count (the slots past it are unused and may hold anything); other parts equal."""
+    got, want = list(got), list(want)
+    for lists, count in ((0, 1), (2, 3)):
+        assert torch.equal(got[count].cpu(), want[count].cpu())
+        used = torch.arange(want[lists].shape[-1], device=want[count].device) < want[count][..., None]
+        assert got[lists].shape == want[lists].shape
+        assert torch.equal(got[lists].cpu()[used.cpu()], want[lists].cpu()[used.cpu()])
+    for g, w in zip(got[4:], want[4:], strict=True):
+        assert (g is None and w is None) or torch.equal(g.cpu(), w.cpu())
