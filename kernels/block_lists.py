@@ -133,8 +133,7 @@ def diagonal_lists_triton(rel_set, q_lo, q_hi, k_lo, k_hi, k_all, base, causal, 
     rel_set = rel_set.contiguous()
     q_lo, q_hi, k_lo, k_hi = (t.contiguous() for t in (q_lo, q_hi, k_lo, k_hi))
     k_all = k_all.to(torch.int8).contiguous()
-    # Slots past the counts are unused (the SparseIndex contract): no fill (268 MB of lists at 128K).
-    full, part = (torch.empty(b, hq, n_qb, n_kb, dtype=torch.int32, device=rel_set.device) for _ in range(2))
+    full, part = (torch.zeros(b, hq, n_qb, n_kb, dtype=torch.int32, device=rel_set.device) for _ in range(2))
     full_count, part_count = (torch.empty(b, hq, n_qb, dtype=torch.int32, device=rel_set.device) for _ in range(2))
     wrap = launch or (lambda f: f)
     wrap(_diagonal_lists_kernel)[(n_qb, b * hq)](
