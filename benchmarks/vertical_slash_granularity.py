@@ -79,7 +79,7 @@ def index_density(index, n: int, block: int) -> torch.Tensor:
 
 
 def analyse(n: int, locality: str, budget=(1000, 6096), last_q: int = 64) -> list[dict]:
-    from prefill_patterns import HQ, SCALE, structured_qkv
+    from prefill_patterns import HQ, SCALE, structured_qkv  # here: the density formulas load without it
 
     q, k, _ = structured_qkv(n, seed=n, locality=locality)
     pos = index_positions(q, 2)
