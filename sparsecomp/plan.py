@@ -14,12 +14,23 @@ A rule is a kind and its parameters (defaults below):
 (the adaptive kinds are defined in ``sparsecomp.kernels.adaptive_index``). A site's entry is one
 rule for all heads, or a list with one rule per query head or per KV group. Sites the plan does
 not name get ``default``.
+
+Parameters are exact: an int parameter takes an integer (an integral float such as 8.0 is taken
+as 8, 8.7 is refused), a float parameter a finite number, ``pool`` one of its names; never a bool.
+Elastic's ``a`` is an integer number of keys: calibration fits it as a ceiling, the window is a
+whole number of keys, and ``b`` carries the fraction of the span (so ``a=4.5`` is refused rather
+than truncated, and plans keep writing ``a=-1024`` that every reader of schema 1 parses).
+Site names are spelled as ``named_modules()`` spells them (``canonical_site_name``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import numbers
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,20 +47,97 @@ RULE_KINDS = tuple(RULE_PARAMS)
 ADAPTIVE_KINDS = ("vertical_slash", "sample", "block_topk")
 
 
+@dataclass(frozen=True)
+class _Range:
+    """The numbers a parameter accepts: ``lo`` (open or closed) up to ``hi`` (closed); None: no bound."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        return above and (self.hi is None or v <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
+        return "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo}"
+
+
+_COUNT, _POSITIVE, _FRACTION, _SHARE = _Range(0), _Range(1), _Range(0, 1, lo_open=True), _Range(0, 1)
+# What each parameter accepts (its type is its default's in RULE_PARAMS); choices for strings.
+RULE_ACCEPTS: dict[str, dict[str, _Range | tuple[str, ...]]] = {
+    "dense": {},
+    "streaming": {"sink": _COUNT, "window": _POSITIVE},
+    "elastic": {"sink": _COUNT, "a": _Range(), "b": _COUNT},  # a < 0 is fine when b * N outgrows it
+    "vertical_slash": {
+        **dict.fromkeys(("n_vertical", "n_slash", "sink", "local"), _COUNT),
+        "last_q": _POSITIVE,
+        "mass": _FRACTION,
+    },
+    "sample": {"alpha": _FRACTION, "window_ratio": _SHARE, "sample_ratio": _FRACTION},
+    "block_topk": {"k": _COUNT, "coverage": _SHARE, "pool": ("mean", "minmax")},
+}
+
+
+def _accepted(kind: str, name: str) -> str:
+    """What ``kind``'s parameter ``name`` accepts, in words: ``an integer >= 1``."""
+    accepts, default = RULE_ACCEPTS[kind][name], RULE_PARAMS[kind][name]
+    if isinstance(accepts, tuple):
+        return f"one of {accepts}"
+    word = "an integer" if isinstance(default, int) else "a finite number"
+    return f"{word} {accepts}".rstrip()
+
+
+def _exact_number(value, integer: bool):
+    """``value`` as an int (``integer``) or a float when that is exact, else None. Bools are not
+    numbers here (``window=True`` is a mistake, not 1); numpy scalars register as numbers."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value) if integer else float(value)
+    value = float(value)
+    if not math.isfinite(value):
+        return None
+    if integer:
+        return int(value) if value.is_integer() else None
+    return value
+
+
+def _exact(kind: str, name: str, value):
+    """``value`` for ``kind``'s parameter ``name``, exactly, or None if it does not accept it."""
+    accepts, default = RULE_ACCEPTS[kind][name], RULE_PARAMS[kind][name]
+    if isinstance(default, str):
+        return value if isinstance(value, str) and value in accepts else None
+    exact = _exact_number(value, isinstance(default, int))
+    return exact if exact is not None and exact in accepts else None
+
+
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
+def _from_text(kind: str, name: str, text: str):
+    """A parameter's value from rule text (``Rule.parse``): an int literal for an int parameter,
+    a float literal for a float one (finiteness is checked with the rest), the text for a string."""
+    default = RULE_PARAMS[kind][name]
+    if isinstance(default, str):
+        return text
+    if isinstance(default, int):
+        if _INT_TEXT.fullmatch(text):
+            return int(text)
+    else:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    raise ValueError(f"{kind} {name} must be {_accepted(kind, name)}; got {text!r}")
+
+
 def _check_rule(kind: str, p: dict) -> str | None:
-    """Why these parameters are invalid, or None."""
-    if kind == "streaming" and (p["window"] <= 0 or p["sink"] < 0):
-        return "streaming needs window > 0 and sink >= 0"
-    if kind == "elastic" and (p["sink"] < 0 or p["b"] < 0 or (p["a"] <= 0 and p["b"] == 0)):
-        return "elastic needs sink >= 0, b >= 0 and a window that grows past 0 (a > 0 or b > 0)"
-    if kind == "vertical_slash" and (
-        min(p["n_vertical"], p["n_slash"], p["sink"], p["local"]) < 0 or p["last_q"] < 1 or not 0 < p["mass"] <= 1
-    ):
-        return "vertical_slash needs budgets >= 0, last_q >= 1 and 0 < mass <= 1"
-    if kind == "sample" and not (0 < p["alpha"] <= 1 and 0 <= p["window_ratio"] <= 1 and 0 < p["sample_ratio"] <= 1):
-        return "sample needs 0 < alpha <= 1, 0 <= window_ratio <= 1, 0 < sample_ratio <= 1"
-    if kind == "block_topk" and (p["k"] < 0 or not 0 <= p["coverage"] <= 1 or p["pool"] not in ("mean", "minmax")):
-        return "block_topk needs k >= 0, 0 <= coverage <= 1, pool 'mean' or 'minmax'"
+    """Why these parameters are invalid together, or None (each one alone is checked already)."""
+    if kind == "elastic" and p["a"] <= 0 and p["b"] == 0:
+        return "elastic needs a window that grows past 0 (a > 0 or b > 0)"
     if kind == "block_topk" and p["k"] == 0 and p["coverage"] == 0:
         return "block_topk needs k > 0 or coverage > 0"
     return None
@@ -62,7 +150,7 @@ class Rule:
     __slots__ = ("kind", "params")
 
     def __init__(self, kind: str = "dense", *args, **params):
-        if kind not in RULE_PARAMS:
+        if not isinstance(kind, str) or kind not in RULE_PARAMS:
             raise ValueError(f"unknown rule kind {kind!r}; known: {RULE_KINDS}")
         schema = RULE_PARAMS[kind]
         if len(args) > len(schema):
@@ -70,8 +158,17 @@ class Rule:
         given = dict(zip(schema, args, strict=False))
         if unknown := set(params) - set(schema):
             raise ValueError(f"unknown parameter(s) {sorted(unknown)} for {kind}; known: {tuple(schema)}")
+        if twice := set(given) & set(params):
+            raise ValueError(f"{kind} got {sorted(twice)} both by position and by name")
         given.update(params)
-        values = {name: type(default)(given.get(name, default)) for name, default in schema.items()}
+        values = {}
+        for name, default in schema.items():
+            value = given.get(name, default)
+            values[name] = _exact(kind, name, value)
+            if values[name] is None and name not in given:  # the default is a placeholder (streaming's window)
+                raise ValueError(f"{kind} needs {name}, {_accepted(kind, name)}")
+            if values[name] is None:
+                raise ValueError(f"{kind} {name} must be {_accepted(kind, name)}; got {value!r}")
         if (reason := _check_rule(kind, values)) is not None:
             raise ValueError(f"{reason}; got {values}")
         object.__setattr__(self, "kind", kind)
@@ -98,16 +195,22 @@ class Rule:
     @classmethod
     def parse(cls, text: str) -> Rule:
         """``dense``, ``streaming:sink=64,window=1024``, ``vertical_slash:n_vertical=500``, ..."""
-        kind, _, params = text.strip().partition(":")
+        if not isinstance(text, str):
+            raise TypeError(f"a rule spec is a string such as 'streaming:sink=64,window=1024'; got {text!r}")
+        kind, _, body = text.strip().partition(":")
         kind = kind.strip()
-        values = {}
-        for item in filter(None, params.split(",")):
-            key, _, value = item.partition("=")
-            key = key.strip()
-            if key not in RULE_PARAMS.get(kind, {}):
-                known = tuple(RULE_PARAMS.get(kind, {}))
-                raise ValueError(f"unknown parameter {key!r} in rule {text!r}; known: {known}")
-            values[key] = value.strip()
+        if kind not in RULE_PARAMS:  # before the parameters: a misspelled kind knows none of them
+            raise ValueError(f"unknown rule kind {kind!r}; known: {RULE_KINDS}")
+        schema, values = RULE_PARAMS[kind], {}
+        for item in filter(None, (item.strip() for item in body.split(","))):
+            key, eq, value = (part.strip() for part in item.partition("="))
+            if not eq or not key:
+                raise ValueError(f"rule {text!r}: {item!r} is not name=value; {kind} takes {tuple(schema)}")
+            if key not in schema:
+                raise ValueError(f"unknown parameter {key!r} in rule {text!r}; known: {tuple(schema)}")
+            if key in values:
+                raise ValueError(f"rule {text!r} gives {key} twice")
+            values[key] = _from_text(kind, key, value)
         return cls(kind, **values)
 
     def __str__(self) -> str:
@@ -137,8 +240,56 @@ class Rule:
         return (self.sink, self.window) if self.kind == "streaming" else (0, 0)
 
 
-def _rule_from_json(obj) -> Rule:
-    return Rule.parse(obj) if isinstance(obj, str) else Rule(**obj)
+# The root of a site name as older naming spelled Dynamo's source path (``L['args'][0].model...``
+# became ``L.args.0.model...``): ``L`` then a local of the compiled frame, namely ``self``, a
+# ``*args`` position, a ``**kwargs`` key, or a module passed to a function under one of the usual
+# names. Only this exact, leading prefix is stripped: later indices are module names
+# (``L.self.0.attn`` of a Sequential is ``0.attn``).
+_DYNAMO_ROOT = re.compile(r"L\.(?:args\.[0-9]+|kwargs\.[A-Za-z_][A-Za-z_0-9]*|self|fn|mod|model|module)(?:\.|$)")
+
+
+def canonical_site_name(name: str) -> str:
+    """``name`` as ``named_modules()`` spells it: ``L.args.0.model.layers.0.self_attn`` (a Dynamo
+    root prefix, as torch.compile under transformers >= 5.2 produced it) is
+    ``model.layers.0.self_attn``; any other name is returned as it is."""
+    if not isinstance(name, str):
+        raise TypeError(f"a site name is a string; got {name!r}")
+    root = _DYNAMO_ROOT.match(name)
+    return name[root.end() :] if root else name
+
+
+def _json_kind(obj) -> str:
+    """How JSON calls ``obj``'s type, for messages: a list, an object, a number, ..."""
+    for types, word in ((bool, "a boolean"), (dict, "an object"), (list, "a list"), (str, "a string")):
+        if isinstance(obj, types):
+            return word
+    return "null" if obj is None else "a number" if isinstance(obj, (int, float)) else type(obj).__name__
+
+
+def _rule_from_json(obj, where: str) -> Rule:
+    """A rule as plans store it: its spec string, or (session 2's plans) an object with its kind."""
+    if not isinstance(obj, (str, dict)):
+        raise ValueError(
+            f"{where}: a rule is a spec string such as 'streaming:sink=64,window=1024' or an object "
+            f"with 'kind'; got {_json_kind(obj)} ({obj!r})"
+        )
+    if isinstance(obj, dict) and "kind" not in obj:
+        raise ValueError(f"{where}: a rule object needs 'kind' (one of {RULE_KINDS}); got {obj!r}")
+    try:
+        return Rule.parse(obj) if isinstance(obj, str) else Rule(**obj)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _entry_from_json(obj, where: str) -> Rule | list[Rule]:
+    if isinstance(obj, list):
+        if not obj:
+            raise ValueError(f"{where}: an empty list of rules (give one rule, or one per head or KV group)")
+        return [_rule_from_json(r, f"{where} rule {i}") for i, r in enumerate(obj)]
+    return _rule_from_json(obj, where)
+
+
+_PLAN_FIELDS = ("version", "fingerprint", "default", "sites", "info")
 
 
 @dataclass
@@ -149,6 +300,19 @@ class Plan:
     info: dict = field(default_factory=dict)  # how it was made: target, data, tool version
     version: int = SCHEMA_VERSION
 
+    def __post_init__(self):
+        # Check the types here, once, so that a bad plan fails where it is made, not at compile time.
+        if not isinstance(self.default, Rule):
+            raise TypeError(f"plan default must be a Rule; got {self.default!r}")
+        if not isinstance(self.sites, dict):
+            raise TypeError(f"plan sites must be a dict of site name -> Rule or list of Rules; got {self.sites!r}")
+        for name, entry in self.sites.items():
+            if not (isinstance(entry, Rule) or (entry and isinstance(entry, (list, tuple)) and _all_rules(entry))):
+                raise TypeError(f"plan site {name!r} must have a Rule or a non-empty list of Rules; got {entry!r}")
+        self.sites = _by_site_name({k: v if isinstance(v, Rule) else list(v) for k, v in self.sites.items()}, "sites")
+        if isinstance(self.info, dict) and isinstance(self.info.get("measured"), dict):  # calibration's, per site
+            self.info = {**self.info, "measured": _by_site_name(self.info["measured"], "info.measured")}
+
     @classmethod
     def from_any(cls, plan) -> Plan:
         """A Plan, a preset string (``"dense"``, ``"streaming:sink=64,window=1024"``), or a path."""
@@ -156,15 +320,23 @@ class Plan:
             return cls()
         if isinstance(plan, Plan):
             return plan
-        if isinstance(plan, Path) or (isinstance(plan, str) and plan.endswith(".json")):
+        if isinstance(plan, os.PathLike) or (isinstance(plan, str) and plan.endswith(".json")):
             return cls.load(plan)
-        if isinstance(plan, str):
+        if not isinstance(plan, str):
+            raise TypeError(f"plan must be a Plan, a preset string or a .json path; got {type(plan).__name__}")
+        if (kind := plan.partition(":")[0].strip()) not in RULE_PARAMS:
+            raise ValueError(
+                f"plan {plan!r} is neither a .json plan file nor a preset (a rule such as "
+                f"'streaming:sink=64,window=1024'): unknown rule kind {kind!r}; known: {RULE_KINDS}"
+            )
+        try:
             return cls(default=Rule.parse(plan), info={"preset": plan})
-        raise TypeError(f"plan must be a Plan, a preset string or a .json path; got {type(plan).__name__}")
+        except ValueError as e:
+            raise ValueError(f"plan preset {plan!r}: {e}") from None
 
     def rules_for(self, site: str, q_heads: int, kv_heads: int) -> list[Rule]:
         """One rule per query head for ``site``."""
-        entry = self.sites.get(site, self.default)
+        entry = self.sites.get(canonical_site_name(site), self.default)
         if isinstance(entry, Rule):
             return [entry] * q_heads
         if len(entry) == q_heads:
@@ -197,18 +369,27 @@ class Plan:
 
     @classmethod
     def from_json(cls, obj: dict) -> Plan:
+        if not isinstance(obj, dict):
+            raise ValueError(f"a plan is a JSON object with {_PLAN_FIELDS}; got {_json_kind(obj)}")
+        if unknown := set(obj) - set(_PLAN_FIELDS):  # a misspelled field would silently mean "all default"
+            raise ValueError(f"unknown plan field(s) {sorted(unknown)}; known: {_PLAN_FIELDS}")
         version = obj.get("version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise ValueError(f"plan schema version {version!r}; this sparsecomp reads version {SCHEMA_VERSION}")
-        sites = {
-            k: [_rule_from_json(r) for r in v] if isinstance(v, list) else _rule_from_json(v)
-            for k, v in obj.get("sites", {}).items()
-        }
+        sites, fingerprint, info = obj.get("sites", {}), obj.get("fingerprint"), obj.get("info", {})
+        for what, value in (
+            ("sites", sites),
+            ("fingerprint", {} if fingerprint is None else fingerprint),
+            ("info", info),
+        ):
+            if not isinstance(value, dict):
+                detail = " {site name: rule or list of rules}" if what == "sites" else ""
+                raise ValueError(f"plan {what!r} must be an object{detail}; got {_json_kind(value)}")
         return cls(
-            default=_rule_from_json(obj.get("default", "dense")),
-            sites=sites,
-            fingerprint=obj.get("fingerprint"),
-            info=obj.get("info", {}),
+            default=_rule_from_json(obj.get("default", "dense"), "plan default"),
+            sites={k: _entry_from_json(v, f"plan site {k!r}") for k, v in sites.items()},
+            fingerprint=fingerprint,
+            info=info,
             version=version,
         )
 
@@ -217,7 +398,43 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> Plan:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        """The plan saved at ``path``; errors name the path and what is wrong with the file."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "plan file not found", str(path)) from None
+        except IsADirectoryError:
+            raise ValueError(f"plan file {path} is a directory") from None
+        if not data.strip():
+            raise ValueError(f"plan file {path} is empty; a plan is a JSON object (see Plan.save)")
+        try:
+            obj = json.loads(data.decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            raise ValueError(f"plan file {path} is not UTF-8 text (a binary file?); a plan is a JSON object") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"plan file {path} is not valid JSON (truncated?): {e.msg} at line {e.lineno} column {e.colno}"
+            ) from None
+        try:
+            return cls.from_json(obj)
+        except ValueError as e:
+            raise ValueError(f"plan file {path}: {e}") from None
+
+
+def _all_rules(entries: list) -> bool:
+    return all(isinstance(r, Rule) for r in entries)
+
+
+def _by_site_name(entries: dict, what: str) -> dict:
+    """``entries`` keyed by ``canonical_site_name``; two keys for one site are an error, not a pick."""
+    out, given_as = {}, {}
+    for name, entry in entries.items():
+        key = canonical_site_name(name)
+        if key in out:
+            raise ValueError(f"plan {what} {given_as[key]!r} and {name!r} both name site {key!r}")
+        out[key], given_as[key] = entry, name
+    return out
 
 
 def model_fingerprint(model) -> dict:
