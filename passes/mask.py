@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from .fxutil import canonical_target
 
@@ -61,9 +61,13 @@ class Bound:
     upper: bool
     k_source: fx.Node | None
     q_source: fx.Node | None
-    limit: int
-    k_len: object = field(compare=False)  # lengths may be SymInts, which do not hash
+    limit: object = field(compare=False)  # an int, or a SymInt (which does not hash) under dynamic shapes
+    k_len: object = field(compare=False)  # lengths may be SymInts too
     q_len: object = field(compare=False)
+    limit_key: str = ""  # the limit's text: what equality and hashing compare
+
+    def __post_init__(self):
+        object.__setattr__(self, "limit_key", str(self.limit))
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class MaskStructure:
     q_source: fx.Node | None = None  # None: positions are indices
     q_offset: int = 0
     k_source: fx.Node | None = None
+    # Query i sits at position Nk - Nq + i: the queries follow a KV cache whose length is only known
+    # at run time (a decode step under dynamic shapes); q_offset is then 0.
+    q_at_end: bool = False
 
     @property
     def positions_are_indices(self) -> bool:
@@ -102,6 +109,8 @@ class MaskStructure:
             parts.append("key padding")
         if not self.positions_are_indices:
             parts.append("positions from a tensor")
+        elif self.q_at_end:
+            parts.append("queries after the KV cache")
         elif self.q_offset:
             parts.append(f"query offset {self.q_offset}")
         return " + ".join(parts)
@@ -127,6 +136,11 @@ def _shape(node):
 
 def _same(a, b) -> bool:
     return statically_known_true(a == b)
+
+
+def _may_equal(a, b) -> bool:
+    """Equal, or sizes of different symbols that the graph does not relate (not provably unequal)."""
+    return not statically_known_true(a != b)
 
 
 class MaskInterpreter:
@@ -159,6 +173,8 @@ class MaskInterpreter:
             self.values[n] = self._eval(n)
 
     def _eval(self, node: fx.Node):
+        if node.op == "placeholder" and isinstance(meta := node.meta.get("example_value"), torch.SymInt):
+            return Const(meta)  # a length under dynamic shapes (e.g. the KV cache's): a symbolic number
         if node.op not in ("call_function", "call_method"):
             return Leaf(node)
         target = canonical_target(node)
@@ -217,13 +233,24 @@ def _scalar_ones(interp, node):
     raise _NotUnderstood("non-scalar ones")
 
 
+def _is_integer(x) -> bool:
+    return isinstance(x, int | torch.SymInt) and not isinstance(x, bool)
+
+
+def _static_int(x) -> int | None:
+    """``x`` as a plain int when it is one or a symbolic expression that simplified to a number."""
+    if isinstance(x, int):
+        return x
+    return int(x) if is_concrete_int(x) else None
+
+
 def _shift(interp, node, sign):
     a, b = interp.value(node.args[0]), interp.value(node.args[1])
     if isinstance(a, Const) and isinstance(b, Const):
         return Const(a.value + sign * b.value)
-    if isinstance(a, Indexed) and isinstance(b, Const) and isinstance(b.value, int):
+    if isinstance(a, Indexed) and isinstance(b, Const) and _is_integer(b.value):
         return replace(a, offset=a.offset + sign * b.value)
-    if sign == 1 and isinstance(b, Indexed) and isinstance(a, Const) and isinstance(a.value, int):
+    if sign == 1 and isinstance(b, Indexed) and isinstance(a, Const) and _is_integer(a.value):
         return replace(b, offset=b.offset + a.value)
     raise _NotUnderstood("only index + constant is understood")
 
@@ -331,7 +358,9 @@ def _gather(interp, node, val, index):
         return replace(picked, offset=picked.offset + val.offset, rank=rank)
     if isinstance(val, Leaf):
         shape = _shape(val.node)
-        if shape is None or len(shape) != 2 or n_idx.offset != 0 or not _same(shape[1], n_idx.length):
+        # Under dynamic shapes the padding mask and the keys have lengths of their own symbols: its
+        # first N columns are read (the rewrite reads the same prefix; a shorter mask fails there too).
+        if shape is None or len(shape) != 2 or n_idx.offset != 0 or not _may_equal(shape[1], n_idx.length):
             raise _NotUnderstood("reading a tensor that is not (B, N) at [b, 0..N)")
         return Indexed(dim=n_idx.dim, rank=rank, length=n_idx.length, source=val.node, batch_dim=_BATCH_DIM)
     raise _NotUnderstood("advanced indexing of an unsupported value")
@@ -538,13 +567,26 @@ def structure_from_value(value, n_q, n_k) -> MaskStructure | str:
     for src, n in ((s.k_source, n_k), (s.q_source, n_q)):
         if src is not None and (_shape(src) is None or not _same(_shape(src)[-1], n)):
             return "position tensor does not match the sequence length"
+    q_offset = 0
     if uppers:
-        s.causal, s.q_offset = True, min(a.limit for a in uppers)
+        if len(uppers) > 1 and not all(_static_int(a.limit) is not None for a in uppers):
+            return "several causal conditions with symbolic offsets"
+        s.causal, q_offset = True, min(a.limit for a in uppers)
     if lowers:
         # q - k <= low, with q' = q + q_offset:  q' - k <= low + q_offset  <=>  q' - k < W
-        s.window = min(a.limit for a in lowers) + s.q_offset + 1
+        if len(lowers) > 1 and not all(_static_int(a.limit) is not None for a in lowers):
+            return "several window conditions with symbolic offsets"
+        s.window = _static_int(min(a.limit for a in lowers) + q_offset + 1)
+        if s.window is None:
+            return "the window's width is not a constant"
         if s.window <= 0:
             return "window keeps no key"
+    if (offset := _static_int(q_offset)) is not None:
+        s.q_offset = offset
+    elif s.q_source is None and s.k_source is None and _same(q_offset, n_k - n_q):
+        s.q_at_end = True  # a decode step: the queries are the last Nq of Nk positions
+    else:
+        return "the query offset is symbolic and not the KV cache's length"
     s.key_ok = keys[0] if keys else None
     return s
 

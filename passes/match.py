@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .fxutil import canonical_target, meta_val
-from .site import AttentionSite, module_path, unique_names
+from .site import AttentionSite, module_key, module_path, named_module_path, unique_names
 
 _SDPA = {
     F.scaled_dot_product_attention,
@@ -136,6 +136,7 @@ def match_sdpa(node: fx.Node) -> AttentionSite | None:
         return None
     site = AttentionSite(
         name=module_path(node),
+        module_key=module_key(node),
         form="sdpa",
         output=node,
         q=q,
@@ -311,6 +312,7 @@ def match_handwritten(node: fx.Node) -> AttentionSite | None:
         return None
     site = AttentionSite(
         name=module_path(node),
+        module_key=module_key(node),
         form="matmul_softmax_matmul",
         output=out,
         q=q,
@@ -339,14 +341,18 @@ SITE_RULES = [
 ]
 
 
-def find_sites(gm: fx.GraphModule) -> list[AttentionSite]:
-    """Every attention in the graph, in graph order, GQA repeats folded, with unique names."""
+def find_sites(gm: fx.GraphModule, names_by_id: dict[int, str] | None = None) -> list[AttentionSite]:
+    """Every attention in the graph, in graph order, GQA repeats folded, with unique names.
+    ``names_by_id`` (``site.module_names_by_id(model)``) gives the exact ``named_modules()`` names;
+    without it they are read from Dynamo's source paths."""
     sites = []
     for node in gm.graph.nodes:
         for rule in SITE_RULES:
             site = rule.matcher(node)
             if site is not None:
                 _fold_gqa(site)
+                if names_by_id and (exact := named_module_path(site.module_key, names_by_id)) is not None:
+                    site.name = exact
                 sites.append(site)
                 break
     unique_names(sites)

@@ -39,6 +39,48 @@ class KernelOptions:
     tma: int = -1
     tile_m: int = 0
 
+    def __post_init__(self):
+        """Refuse, on any device, what the Triton launcher would refuse (one check serves both):
+        ValueError naming the field, its value and the accepted range. Integers of other types
+        (NumPy's) are taken as Python ints; bools, floats and strings are refused."""
+        from numbers import Integral
+
+        from sparsecomp.kernels.block_sparse_attention import check_kernel_options
+
+        names = ("block_m", "block_n", "tile_n", "num_warps", "num_stages", "tma", "tile_m")
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, Integral) and not isinstance(value, bool | int):
+                object.__setattr__(self, name, int(value))
+        check_kernel_options(*(getattr(self, name) for name in names), owner="KernelOptions.")
+
+
+def trailing_positions(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Positions of queries that follow a KV cache: ``Nk - Nq + arange(Nq)`` as a (1, Nq) tensor."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    return (torch.arange(n_q, device=q.device) + (n_k - n_q)).unsqueeze(0)
+
+
+def key_prefix(key_ok: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The padding mask's first Nk columns as (B, Nk): what the original mask read (under dynamic
+    shapes the mask and the keys have lengths of their own symbols, equal at run time)."""
+    if key_ok.dim() == 4:  # a (B, 1, 1, Nk) mask of one query row (see backend._structure)
+        key_ok = key_ok[:, 0, 0, :]
+    torch._check(key_ok.shape[-1] >= k.shape[2], lambda: "the padding mask is shorter than the keys")
+    return key_ok[:, : k.shape[2]]
+
+
+def _query_positions(graph, site: AttentionSite):
+    s = site.structure
+    if s.q_at_end:
+        return graph.call_function(trailing_positions, (site.q, site.k))
+    return _positions(graph, s.q_source, site.q, 2, s.q_offset)
+
+
+def _key_ok(graph, site: AttentionSite):
+    key_ok = site.structure.key_ok  # a bool (B, Nk) tensor: the mask pass only accepts those
+    return None if key_ok is None else graph.call_function(key_prefix, (key_ok, site.k))
+
 
 def _positions(graph, source, like, dim, offset):
     if source is None:
@@ -121,6 +163,7 @@ def rewrite_site(
         s.k_source,
         s.key_ok,
         s.q_offset,
+        s.q_at_end,
         s.causal,
         s.window,
         tuple(head_sink),
@@ -130,9 +173,9 @@ def rewrite_site(
     )
     with graph.inserting_before(site.output):
         if key not in shared:
-            q_pos = _positions(graph, s.q_source, site.q, 2, s.q_offset)
+            q_pos = _query_positions(graph, site)
             k_pos = _positions(graph, s.k_source, site.k, 2, 0)
-            key_ok = s.key_ok  # a bool (B, Nk) tensor: the mask pass only accepts those
+            key_ok = _key_ok(graph, site)
             sink = graph.call_function(head_values, (tuple(head_sink), site.q))
             window = graph.call_function(head_values, (tuple(head_window), site.q))
             # Heads with one shared rule share one index (head dimension 1, read with stride 0).
@@ -203,15 +246,49 @@ def rewrite_site(
     return out
 
 
+def is_plain_causal(site: AttentionSite) -> bool:
+    """The site computes causal attention over a whole sequence: no padding, window, offset, softcap."""
+    s, sh = site.structure, site.shape
+    return (
+        s.causal
+        and not s.window
+        and s.key_ok is None
+        and s.positions_are_indices
+        and not s.q_at_end
+        and s.q_offset == 0
+        and str(sh["q_len"]) == str(sh["kv_len"])
+        and not site.softcap
+    )
+
+
+def rewrite_dense_causal(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
+    """Replace a plain causal site (``is_plain_causal``) by SDPA with ``is_causal=True`` and no mask:
+    the fused causal kernels (cuDNN / FlashAttention on the GPU) that a materialized mask rules out."""
+    graph = gm.graph
+    with graph.inserting_before(site.output):
+        out = graph.call_function(
+            torch.nn.functional.scaled_dot_product_attention,
+            (site.q, site.k, site.v),
+            dict(is_causal=True, scale=float(default_scale(site)), enable_gqa=site.kv_groups > 1),
+        )
+        old = meta_val(site.output)
+        if old is not None and old.dtype != site.dtype:
+            out = graph.call_method("to", (out, old.dtype))
+    site.output.replace_all_uses_with(out)
+    return out
+
+
 def observe_site(gm: fx.GraphModule, site: AttentionSite, observer) -> fx.Node:
     """Route the site's (kept, exact) output through ``observer(out, q, k, v, q_pos, k_pos, key_ok,
     site=, scale=, causal=, window=)``, which sees the real tensors at run time and returns ``out``
     (calibration; the graph must run eagerly: Python calls inside it stay as they are)."""
     graph, s = gm.graph, site.structure
     with graph.inserting_before(site.output.next):  # new nodes in creation order, after the output
-        q_pos = _positions(graph, s.q_source, site.q, 2, s.q_offset)
+        q_pos = _query_positions(graph, site)
         k_pos = _positions(graph, s.k_source, site.k, 2, 0)
         kwargs = dict(site=site.name, scale=float(default_scale(site)), causal=s.causal, window=s.window)
-        node = graph.call_function(observer, (site.output, site.q, site.k, site.v, q_pos, k_pos, s.key_ok), kwargs)
+        node = graph.call_function(
+            observer, (site.output, site.q, site.k, site.v, q_pos, k_pos, _key_ok(graph, site)), kwargs
+        )
     site.output.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
     return node

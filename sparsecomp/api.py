@@ -2,51 +2,93 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from .backend import BackendOptions, SparsecompBackend, last_backend
-from .plan import Plan, model_fingerprint
+from .passes.site import module_names_by_id
+from .plan import model_fingerprint
 from .report import InspectReport
 
 
 def compile(
-    model: torch.nn.Module,
+    model,
     plan=None,
     *,
     kernel_options=None,
     inner: str = "inductor",
     cost_model="auto",
     tuning_cache=None,
+    strict: bool = True,
     **torch_compile_kwargs,
 ):
     """``torch.compile`` with every attention rewritten by ``plan`` (a Plan, preset or .json path).
 
-    Per site, the cost model (``cost_model="auto"``: fitted on this GPU by ``sparsecomp.autotune``,
-    else the shipped H100 fit) keeps the dense attention where it is predicted faster and picks the
-    kernel config; stored autotune times (``tuning_cache``, default: this GPU's cache) replace its
-    predictions. ``cost_model=False`` follows the plan everywhere. ``kernel_options`` forces one
-    config (block sizes, warps...); ``inner`` picks what compiles the rewritten graph
-    (``"inductor"``; ``"aot_eager"`` or ``"eager"`` for debugging). Other keyword arguments go to
-    ``torch.compile`` (``dynamic``, ``fullgraph``, ``mode``...).
+    ``model`` is a module (the result's ``generate`` runs the compiled forward too) or a function
+    such as ``model.forward``. Per site, the cost model (``cost_model="auto"``: fitted on this GPU
+    by ``sparsecomp.autotune``, else the shipped fit for this GPU) keeps the dense attention where
+    it is predicted faster and picks the kernel config; stored autotune times (``tuning_cache``,
+    default: this GPU's cache) replace its predictions. ``cost_model=False`` follows the plan
+    everywhere. ``kernel_options`` forces one config (block sizes, warps...); ``inner`` picks what
+    compiles the rewritten graph (``"inductor"``; ``"aot_eager"`` or ``"eager"`` for debugging).
+    A plan naming a site the traced graph does not have is an error (``strict=False``: a warning
+    in the report). Other keyword arguments go to ``torch.compile`` (``dynamic``, ``mode``...).
     """
-    plan = Plan.from_any(plan)
-    plan.check_fingerprint(model_fingerprint(model))
-    backend = SparsecompBackend(
-        BackendOptions.from_any(
-            {
-                "plan": plan,
-                "kernel_options": kernel_options,
-                "inner": inner,
-                "cost_model": cost_model,
-                "tuning_cache": tuning_cache,
-            }
-        )
+    root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
+    root = root if isinstance(root, torch.nn.Module) else None
+    options = BackendOptions.from_any(
+        {
+            "plan": plan,
+            "kernel_options": kernel_options,
+            "inner": inner,
+            "cost_model": cost_model,
+            "tuning_cache": tuning_cache,
+            "strict": strict,
+        }
     )
+    if root is not None:
+        options.plan.check_fingerprint(model_fingerprint(root))
+    backend = SparsecompBackend(options, names_by_id=module_names_by_id(root) if root is not None else None)
     compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
     # On the wrapper itself: torch's OptimizedModule forwards attribute writes to the wrapped model,
     # so two compiles of one model would share (and overwrite) one report.
     object.__setattr__(compiled, "_sparsecomp_backend", backend)
+    if isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
+        forward = torch.compile(type(model).forward.__get__(model), backend=backend, **torch_compile_kwargs)
+        object.__setattr__(compiled, "generate", _compiled_generate(model, forward))
     return compiled
+
+
+def _compiled_generate(model: torch.nn.Module, compiled_forward):
+    """``model.generate`` whose every forward (prefill and each decode step) is ``compiled_forward``.
+
+    ``generate`` calls ``model(...)``, never the torch.compile wrapper, so the model's own forward is
+    swapped for the call. Transformers' own auto-compile of static-cache decoding is turned off: it
+    would compile the decode steps again with plain Inductor, around ours."""
+
+    @functools.wraps(model.generate)
+    def generate(*args, **kwargs):
+        kwargs.setdefault("disable_compile", True)
+        with _forward_replaced(model, compiled_forward):
+            return model.generate(*args, **kwargs)
+
+    return generate
+
+
+@contextlib.contextmanager
+def _forward_replaced(model: torch.nn.Module, forward):
+    had_own = "forward" in model.__dict__
+    previous = model.__dict__.get("forward")
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            model.forward = previous
+        else:
+            del model.forward
 
 
 def inspect(compiled=None) -> InspectReport:

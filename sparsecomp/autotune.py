@@ -25,9 +25,11 @@ from sparsecomp.kernels.adaptive_index import (
     vertical_slash_index,
 )
 from sparsecomp.kernels.block_sparse_attention import structure_pairs
+from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.mask import MaskInterpreter
 from sparsecomp.passes.match import find_sites
 from sparsecomp.passes.rewrite import KernelOptions, adaptive_call, observe_site
+from sparsecomp.passes.site import module_names_by_id
 
 from .backend import (
     _calibrated_densities,
@@ -271,9 +273,11 @@ def capture_sites(model, example_inputs, plan: Plan) -> dict[str, CapturedSite]:
             captured[bucket] = CapturedSite([site], w, rules, densities, (q, k, v, q_pos, k_pos, key_ok), structure)
         return out
 
+    names_by_id = module_names_by_id(model)
+
     def backend(gm, example):
         interp = MaskInterpreter()
-        for site in find_sites(gm):
+        for site in find_sites(gm, names_by_id):
             reason = _fallback_reason(site)
             structure = _structure(site, interp) if reason is None else reason
             if isinstance(structure, str):
@@ -283,7 +287,7 @@ def capture_sites(model, example_inputs, plan: Plan) -> dict[str, CapturedSite]:
             w = _workload(site)
             pending[site.name] = (shape_bucket(w, rules), w, rules, _calibrated_densities(plan, site))
             observe_site(gm, site, observer)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)  # keeps in-place KV-cache writes
         gm.recompile()
         return gm.forward
 

@@ -10,9 +10,17 @@ import torch
 import torch.fx as fx
 
 from sparsecomp.kernels import SUPPORTED_DTYPES, check_head_dim
+from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.mask import MaskInterpreter, MaskStructure, canonicalize_mask
 from sparsecomp.passes.match import find_sites
-from sparsecomp.passes.rewrite import ADAPTIVE_BUILDERS, AdaptiveGroup, KernelOptions, rewrite_site
+from sparsecomp.passes.rewrite import (
+    ADAPTIVE_BUILDERS,
+    AdaptiveGroup,
+    KernelOptions,
+    is_plain_causal,
+    rewrite_dense_causal,
+    rewrite_site,
+)
 from sparsecomp.passes.site import AttentionSite, meta_val
 
 from .cost_model import DEFAULT_CONFIG, Workload
@@ -32,6 +40,7 @@ class BackendOptions:
     inner: str = "inductor"  # what compiles the rewritten graph
     cost_model: object = "auto"  # "auto", False (follow the plan) or a CostModel (see decide.load_cost_model)
     tuning_cache: object = None  # a TuningCache; None: this GPU's default cache; False: none
+    strict: bool = True  # a plan naming a site the graph does not have is an error (else a warning)
 
     @classmethod
     def from_any(cls, options) -> BackendOptions:
@@ -45,12 +54,15 @@ class BackendOptions:
             inner=options.pop("inner", "inductor"),
             cost_model=options.pop("cost_model", "auto"),
             tuning_cache=options.pop("tuning_cache", None),
+            strict=options.pop("strict", True),
         )
         if options:
-            known = "plan, kernel_options, inner, cost_model, tuning_cache"
+            known = "plan, kernel_options, inner, cost_model, tuning_cache, strict"
             raise ValueError(f"unknown sparsecomp options {sorted(options)}; known: {known}")
         if opts.inner not in INNER_COMPILERS:
             raise ValueError(f"inner={opts.inner!r}; known: {INNER_COMPILERS}")
+        if not isinstance(opts.strict, bool):
+            raise ValueError(f"strict={opts.strict!r}; give True or False")
         return opts
 
 
@@ -81,8 +93,18 @@ def _fallback_reason(site: AttentionSite) -> str | None:
 def _structure(site: AttentionSite, interp: MaskInterpreter) -> MaskStructure | str:
     n_q, n_k = site.shape["q_len"], site.shape["kv_len"]
     if site.mask is None:
+        if not site.causal and n_q == 1:
+            # One query row seeing every key: a decode step after a KV cache (causal, query at the end).
+            return MaskStructure(causal=True, q_at_end=True)
         return MaskStructure(causal=site.causal)
-    return canonicalize_mask(interp, site.mask, n_q, n_k)
+    structure = canonicalize_mask(interp, site.mask, n_q, n_k)
+    mask = meta_val(site.mask)
+    if isinstance(structure, str) and n_q == 1 and mask is not None and mask.dtype == torch.bool:
+        if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+            # A mask over one query row is a key mask whatever built it (transformers builds the
+            # static cache's decode mask outside the model): causal with the query at the end.
+            return MaskStructure(causal=True, q_at_end=True, key_ok=site.mask)
+    return structure
 
 
 def _head_rules(site: AttentionSite, plan: Plan, options: KernelOptions) -> tuple[list[Rule], list[str]]:
@@ -131,6 +153,12 @@ def _density(site: AttentionSite, rules: list[Rule]) -> float | None:
     return sum(per_head) / len(per_head)
 
 
+def _is_decode_step(site: AttentionSite) -> bool:
+    """A few query rows against a longer KV cache (decoding): dense rules keep the original attention."""
+    s, sh = site.structure, site.shape
+    return s.q_at_end or (isinstance(sh["q_len"], int) and sh["q_len"] == 1 and str(sh["kv_len"]) != "1")
+
+
 def graph_fingerprint(sites: list[AttentionSite]) -> dict:
     """The attention shape a graph shows; compared with a plan's fingerprint."""
     sh = next((s.shape for s in sites if meta_val(s.q) is not None), None)
@@ -176,10 +204,44 @@ def _decide(site: AttentionSite, rules: list[Rule], options: BackendOptions, dec
     )  # fmt: skip
 
 
-def rewrite_graph(gm: fx.GraphModule, options: BackendOptions, decider: SiteDecider | None = None) -> list[SiteReport]:
-    """Run the passes on a Dynamo graph in place; return one report row per site."""
-    sites = find_sites(gm)
+def unmatched_plan_sites(plan: Plan, sites: list[AttentionSite]) -> list[str]:
+    """The site names the plan gives rules for that the graph does not have (a graph with no
+    attention at all, such as a piece split off by a graph break, is not checked)."""
+    found = {s.name for s in sites}
+    return [name for name in plan.sites if found and name not in found]
+
+
+def check_plan_sites(plan: Plan, sites: list[AttentionSite], strict: bool) -> list[str]:
+    """Refuse (``strict``) or return as warnings the plan's site names this graph does not have:
+    a plan keyed by names the graph spells otherwise would silently give every site the default."""
+    unknown = unmatched_plan_sites(plan, sites)
+    if not unknown:
+        return []
+    found = sorted({s.name for s in sites})
+    message = (
+        f"the plan names {len(unknown)} site(s) the traced graph does not have: {unknown[:8]}"
+        f"{' ...' if len(unknown) > 8 else ''}; the graph's sites: {found[:8]}{' ...' if len(found) > 8 else ''}"
+    )
+    if strict:
+        raise ValueError(message + " (strict=False makes this a warning in the report)")
+    counters["plan_sites_unmatched"] += len(unknown)
+    return [message]
+
+
+def rewrite_graph(
+    gm: fx.GraphModule,
+    options: BackendOptions,
+    decider: SiteDecider | None = None,
+    names_by_id: dict[int, str] | None = None,
+    warnings: list[str] | None = None,
+) -> list[SiteReport]:
+    """Run the passes on a Dynamo graph in place; return one report row per site (and append the
+    plan-matching warnings of a non-strict compile to ``warnings``)."""
+    sites = find_sites(gm, names_by_id)
     options.plan.check_fingerprint(graph_fingerprint(sites))
+    found = check_plan_sites(options.plan, sites, options.strict)
+    if warnings is not None:
+        warnings.extend(found)
     decider = decider or SiteDecider(options.cost_model, options.tuning_cache)
     # Sites of one shape and static rules share one static index (its cost is split between them).
     share = collections.Counter(
@@ -213,8 +275,22 @@ def rewrite_graph(gm: fx.GraphModule, options: BackendOptions, decider: SiteDeci
             continue
         rules, notes = _head_rules(site, options.plan, options.kernel_options or KernelOptions())
         row.rules = [str(r) for r in rules]
+        row.mask = site.structure.describe() + "".join(f"; {n}" for n in notes)
+        all_dense = all(r.kind == "dense" for r in rules)
+        if all_dense and _is_decode_step(site):
+            counters["kept_decode"] += 1
+            row.reason = "dense decode step: the original attention (its mask is one query row)"
+            continue
         decision = _decide(site, rules, options, decider, share[_share_key(site, rules)])
         row.decision = decision
+        if (all_dense or decision.dense) and is_plain_causal(site):
+            out = rewrite_dense_causal(gm, site)
+            out.meta["sparsecomp_site"] = site.name
+            counters["dense_sdpa"] += 1
+            why = "plan" if all_dense else f"dense is faster here ({decision.source})"
+            row.became, row.density = "sdpa_causal", 1.0
+            row.reason = f"dense ({why}); mask proven causal: SDPA's fused causal kernels (no N x N mask)"
+            continue
         if decision.dense:
             counters["kept_dense_faster"] += 1
             row.reason = f"dense is faster here ({decision.source})"
@@ -225,15 +301,17 @@ def rewrite_graph(gm: fx.GraphModule, options: BackendOptions, decider: SiteDeci
         adaptive = adaptive_groups(rules)
         out = rewrite_site(gm, site, list(sink), list(window), decision.options, shared, adaptive)
         out.meta["sparsecomp_site"] = site.name
-        counters["rewritten"] += 1
+        # Only a site with a sparse head is a sparse rewrite; an all-dense one runs the kernel dense
+        # (the mask made structure: no N x N tensor).
+        counters["dense_kernel" if all_dense else "rewritten"] += 1
         counters["gqa_folded"] += site.gqa_folded
         counters["mask_structured"] += site.mask is not None
-        row.became, row.density = "sparse_attention", _density(site, rules)
-        row.mask = site.structure.describe() + "".join(f"; {n}" for n in notes)
-        row.reason = "rewritten" + (
+        row.became = "dense_attention" if all_dense else "sparse_attention"
+        row.density = _density(site, rules)
+        row.reason = ("dense rules, mask made structure" if all_dense else "rewritten") + (
             f" (GQA folded, {site.kv_groups} query heads per KV head)" if site.gqa_folded else ""
         )
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)  # keeps in-place KV-cache writes
     gm.recompile()
     return rows
 
@@ -267,14 +345,16 @@ def inductor_with_opaque_ops(gm: fx.GraphModule, example_inputs):
 class SparsecompBackend:
     """A Dynamo backend that remembers the reports of the graphs it compiled."""
 
-    def __init__(self, options=None):
+    def __init__(self, options=None, names_by_id: dict[int, str] | None = None):
         self.options = BackendOptions.from_any(options)
         self.decider = SiteDecider(self.options.cost_model, self.options.tuning_cache)
+        self.names_by_id = names_by_id  # the model's named_modules() names, when the model is known
         self.graphs: list[GraphReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        rows = rewrite_graph(gm, self.options, self.decider)
-        self.graphs.append(GraphReport(gm, rows))
+        warnings: list[str] = []
+        rows = rewrite_graph(gm, self.options, self.decider, self.names_by_id, warnings)
+        self.graphs.append(GraphReport(gm, rows, warnings))
         return _inner_compile(gm, example_inputs, self.options.inner)
 
     def report(self) -> InspectReport:

@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from sparsecomp.kernels import build_block_index
+from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.mask import MaskInterpreter
 from sparsecomp.passes.match import find_sites
 from sparsecomp.passes.rewrite import ADAPTIVE_BUILDERS, observe_site
+from sparsecomp.passes.site import module_names_by_id
 
 from .backend import _fallback_reason, _structure
 from .calibration_data import CALIBRATION_FILES, default_calibration_ids
@@ -133,11 +135,12 @@ class Calibrator:
     block: int
     influence: bool = False  # measure kept loss influence (needs a backward pass) instead of CRA
     sites: dict[str, SiteStats] = field(default_factory=dict)
+    names_by_id: dict[int, str] | None = None  # the model's named_modules() names (exact site names)
 
     def backend(self, gm, example_inputs):
         """Dynamo backend: route each site that a sparse rule could serve through ``observe``."""
         interp = MaskInterpreter()
-        for site in find_sites(gm):
+        for site in find_sites(gm, self.names_by_id):
             with torch.no_grad():  # observing never replaces the attention: gradients are no reason to skip
                 reason = _fallback_reason(site)
             structure = _structure(site, interp) if reason is None else reason
@@ -153,7 +156,7 @@ class Calibrator:
             ]  # adaptive builders assume positions are token indices (as compile does)
             self.sites.setdefault(site.name, SiteStats(allowed))
             observe_site(gm, site, self.observe)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)  # keeps in-place KV-cache writes
         gm.recompile()
         return gm.forward
 
@@ -450,7 +453,7 @@ def observe(
     """Run the model on each input (token ids) with every site observed; the Calibrator holds the
     per-site, per-candidate, per-head CRA (or, with ``influence``, kept loss influence: each input
     also runs backward from its next-token loss), density and output error."""
-    calibrator = Calibrator(list(rules), block, influence=influence)
+    calibrator = Calibrator(list(rules), block, influence=influence, names_by_id=module_names_by_id(model))
     device = next(model.parameters()).device
     observed = torch.compile(model, backend=calibrator.backend, dynamic=False)
     for item in _progress(ids, progress, "calibrating"):

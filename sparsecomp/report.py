@@ -23,13 +23,18 @@ def streaming_density(n: int, sink: int, window: int) -> float:
     return kept / total
 
 
+# What a rewritten site became: the sparse kernel with sparse heads; the same kernel with every head
+# dense (the mask made structure); SDPA's fused causal kernels (a mask proven plain causal).
+REWRITTEN = ("sparse_attention", "dense_attention", "sdpa_causal")
+
+
 @dataclass
 class SiteReport:
     name: str
     form: str
     shape: dict
     dtype: str
-    became: str  # "sparse_attention" or "kept"
+    became: str  # one of REWRITTEN, or "kept" (the original attention, exactly)
     reason: str  # why (the fallback reason, or what the rewrite did)
     mask: str = "-"
     rules: list[str] = field(default_factory=list)
@@ -63,9 +68,16 @@ class SiteReport:
 class GraphReport:
     graph_module: fx.GraphModule
     sites: list[SiteReport]
+    warnings: list[str] = field(default_factory=list)  # e.g. plan sites this graph does not have
 
     def code(self) -> str:
         return self.graph_module.code
+
+    def phase(self) -> str:
+        """ "decode" when its sites read a few query rows against a longer KV cache, else "prefill"."""
+        if self.sites and all(str(s.shape["q_len"]) == "1" and str(s.shape["kv_len"]) != "1" for s in self.sites):
+            return "decode"
+        return "prefill"
 
 
 class InspectReport:
@@ -142,24 +154,37 @@ class InspectReport:
                 g.add_edge(inp.name, node.name)
         return g
 
-    def __str__(self) -> str:
-        if not self.sites:
-            return "sparsecomp: no compiled graph yet (run the compiled model once)"
+    def _table(self, sites: list[SiteReport]) -> list[str]:
         header = ("site", "form", "B,Hq/Hkv,Nq,Nk,D", "dtype", "became", "rules", "density", "calib. CRA / density",
                   "choice", "ms", "runner-up ms", "mask / reason")  # fmt: skip
         rows = []
-        for s in self.sites:
+        for s in sites:
             sh = s.shape
             shape = f"{sh['batch']},{sh['q_heads']}/{sh['kv_heads']},{sh['q_len']},{sh['kv_len']},{sh['head_dim']}"
             density = "-" if s.density is None else f"{s.density:.1%}"
-            why = s.mask if s.became == "sparse_attention" else s.reason
+            why = s.mask if s.became in REWRITTEN else s.reason
+            if s.became in REWRITTEN and s.reason:
+                why = f"{s.reason}; {why}"
             calib = self.calibrated(s.name)
             rows.append((s.name, s.form, shape, s.dtype, s.became, s.rules_summary(), density, calib, *s.choice(), why))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        counts = {b: sum(s.became == b for s in sites) for b in dict.fromkeys(s.became for s in sites)}
+        lines.append(f"{len(sites)} attention sites: " + ", ".join(f"{n} {b}" for b, n in counts.items()))
+        return lines
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return "sparsecomp: no compiled graph yet (run the compiled model once)"
+        lines = []
+        for i, graph in enumerate(self.graphs):
+            lines.append(f"graph {i} ({graph.phase()}):")
+            lines.extend(self._table(graph.sites) if graph.sites else ["no attention sites"])
+            lines.extend(f"warning: {w}" for w in graph.warnings)
+            lines.append("")
         n_sparse = sum(s.became == "sparse_attention" for s in self.sites)
-        lines.append(f"{len(self.sites)} attention sites: {n_sparse} rewritten, {len(self.sites) - n_sparse} kept")
+        lines.append(f"{len(self.sites)} attention sites: {n_sparse} with sparse heads")
         lines.append(self.plan_summary())
         sources = sorted({s.decision.source for s in self.sites if s.decision is not None})
         lines.extend(f"decided by: {source}" for source in sources)
