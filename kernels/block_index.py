@@ -7,7 +7,8 @@ Notation (shared with ``sparse_attention.py``):
     key_ok (B, Nk) bool or None: padding (False = the key does not exist).
     A head keeps key j for query i when (structure) key_ok[j], causal: k_pos[j] <= q_pos[i],
     window W > 0: q_pos[i] - k_pos[j] < W; and (local rule of head h) window_h <= 0, or
-    q_pos[i] - k_pos[j] < window_h, or j - first_valid_key < sink_h.
+    q_pos[i] - k_pos[j] < window_h, or 0 <= j - first_valid_key < sink_h (the keys before the
+    first valid one are padding: no sink, and no block listed for them).
 
 The index lists, per (batch, head, query block), the key blocks that hold at least one kept pair:
 ``full`` blocks keep every pair (the kernel computes them without a mask) and ``part`` blocks keep
@@ -40,10 +41,24 @@ def index_positions(x: torch.Tensor, dim: int, offset: int = 0) -> torch.Tensor:
     return (torch.arange(x.shape[dim], device=x.device) + offset).unsqueeze(0)
 
 
+def check_keys(n_k: int, key_ok: torch.Tensor | None) -> None:
+    """Raise ValueError for keys no index builder or kernel can take: none at all, or padding that
+    is not a (B or 1, Nk) bool mask (the kernel reads it as bytes, one per key)."""
+    if n_k == 0:
+        raise ValueError("got Nk=0 keys; attention needs at least one key")
+    if key_ok is None:
+        return
+    if key_ok.dtype != torch.bool:
+        raise ValueError(f"key_ok has dtype {key_ok.dtype}; supported: torch.bool (True = the key exists)")
+    if key_ok.dim() != 2 or key_ok.shape[-1] != n_k:
+        raise ValueError(f"key_ok has shape {tuple(key_ok.shape)}; expected (B or 1, Nk={n_k})")
+
+
 def first_valid_key(key_ok: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Index of each batch row's first existing key (sinks count from there), shape (B or 1,)."""
     if key_ok is None:
         return torch.zeros(1, dtype=torch.int64, device=device)
+    check_keys(key_ok.shape[-1], key_ok)
     return key_ok.to(torch.int8).argmax(dim=-1)
 
 
@@ -60,8 +75,10 @@ def block_index_bound(
     """A proven upper bound on the kept key blocks per query block (the index's list length L).
 
     When positions are plain indices and the site is causal, a row keeps at most its window of
-    keys, so a query block spans ``BM + W - 1`` keys (+1 block for misalignment) plus its sinks.
-    Otherwise nothing is bounded (None: L is the number of key blocks).
+    keys, so a query block spans ``BM + W - 1`` keys (+1 block for misalignment) plus its sinks:
+    ``sink`` consecutive keys from the first valid one, wherever padding puts it (+1 block for
+    misalignment). The builder lists no other block (padding makes no block a sink block), so its
+    counts never exceed this. Otherwise nothing is bounded (None: L is the number of key blocks).
     """
     if not (causal and positions_are_indices):
         return None
@@ -104,6 +121,42 @@ def _compact(keep: torch.Tensor, length) -> tuple[torch.Tensor, torch.Tensor]:
     return order[..., :length].to(torch.int32).contiguous(), count
 
 
+def _sink_bounds(k_pos, key_ok, start, head_sink, block_n: int, k_lo, k_hi, any_exist):
+    """Per (batch, head, key block), (B', H', 1, nKB): whether the block holds a sink key of the
+    head (an existing key j with start <= j < start + sink_h) and the (min, max) position of those.
+
+    Keys before ``start`` never exist (it is the first existing one), so a head's sinks are the
+    existing keys below ``end = start + sink_h``: every existing key of the blocks before end's
+    block (their bounds are the block's), and a prefix of end's block, gathered (B', H', BN). A
+    sink of 0 has none, whatever the padding. (Testing ``block_first - start < sink`` instead made
+    the block holding the first existing key a sink block for every query block when padding puts
+    start inside it: one block more than ``block_index_bound`` counts, so the diagonal was cut.)
+    The sinks' own positions, not their block's, then meet the structure (causal, site window).
+    """
+    n_k = k_pos.shape[-1]
+    sink = head_sink.to(torch.int64)[None, :]  # (1, H')
+    end = start.to(torch.int64)[:, None] + sink  # (B or 1, H'): first index past the sinks
+    end_block = (end - 1).clamp_min(0) // block_n
+    idx = end_block[..., None] * block_n + torch.arange(block_n, device=k_pos.device)  # (B*, H', BN)
+    taken = (idx < end[..., None]) & (idx < n_k)
+    idx = idx.clamp_max(n_k - 1)
+    pos = k_pos.to(torch.int64)
+    rows = max(pos.shape[0], idx.shape[0], key_ok.shape[0] if key_ok is not None else 1)
+    shape = (rows, idx.shape[1], block_n)
+    kp = torch.gather(pos[:, None, :].expand(rows, idx.shape[1], n_k), -1, idx.expand(shape))
+    if key_ok is not None:
+        ok = key_ok[:, None, :].expand(rows, idx.shape[1], n_k)
+        taken = taken & torch.gather(ok, -1, idx.expand(shape))
+    end_lo = torch.where(taken, kp, pos.max() + 1).amin(-1)[..., None, None]  # (B*, H', 1, 1)
+    end_hi = torch.where(taken, kp, pos.min() - 1).amax(-1)[..., None, None]
+    end_any = taken.any(-1)[..., None, None]
+    blk = torch.arange(k_lo.shape[-1], device=k_pos.device)[None, None, None, :]
+    before, at = blk < end_block[..., None, None], blk == end_block[..., None, None]
+    has = (sink > 0)[..., None, None]
+    sink_any = has & ((before & any_exist) | (at & end_any))
+    return sink_any, torch.where(at, end_lo, k_lo), torch.where(at, end_hi, k_hi)
+
+
 def build_block_index(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
@@ -119,6 +172,7 @@ def build_block_index(
 ) -> SparseIndex:
     """Block index of the structure (causal, window, padding) and the per-head local rules."""
     n_q, n_k = q_pos.shape[-1], k_pos.shape[-1]
+    check_keys(n_k, key_ok)
     n_qb, n_kb = -(-n_q // block_m), -(-n_k // block_n)
     q_lo, q_hi = _block_bounds(q_pos, None, block_m, n_qb)  # (Bq, nQB)
     k_lo, k_hi = _block_bounds(k_pos, key_ok, block_n, n_kb)  # (Bk or B, nKB)
@@ -139,15 +193,23 @@ def build_block_index(
     if window > 0:
         some, every = some & (q_lo - k_hi < window), every & (q_hi - k_lo < window)
 
-    # Local rule per head: sinks (counted from the first existing key) or the head's window.
+    # Local rule per head: the head's window, or sinks (counted from the first existing key).
     w = head_window.to(torch.int64)[None, :, None, None]
     s = head_sink.to(torch.int64)[None, :, None, None]
-    start = first_valid_key(key_ok, k_pos.device)[:, None, None, None]
-    blk_first = torch.arange(n_kb, device=k_pos.device)[None, None, None, :] * block_n
-    blk_last = torch.minimum(blk_first + block_n, torch.full_like(blk_first, n_k)) - 1
+    start = first_valid_key(key_ok, k_pos.device)
+    blk_last = torch.arange(1, n_kb + 1, device=k_pos.device) * block_n
+    blk_last = torch.minimum(blk_last, torch.full_like(blk_last, n_k))[None, None, None, :] - 1
+    sink_any, sink_lo, sink_hi = _sink_bounds(k_pos, key_ok, start, head_sink, block_n, k_lo, k_hi, any_exist)
+    sink_some = sink_any
+    if causal:
+        sink_some = sink_some & (sink_lo <= q_hi)
+    if window > 0:
+        sink_some = sink_some & (q_lo - sink_hi < window)
     unlimited = w <= 0
-    local_some = unlimited | (q_lo - k_hi < w) | (blk_first - start < s)
-    local_every = unlimited | (q_hi - k_lo < w) | (blk_last - start < s)
+    local_some = unlimited | (q_lo - k_hi < w) | sink_some
+    # Every key of the block a sink: keys before ``start`` are padding, so ``every`` already
+    # excludes blocks that hold any.
+    local_every = unlimited | (q_hi - k_lo < w) | (blk_last < start[:, None, None, None] + s)
 
     length = n_kb if max_blocks is None else torch.sym_min(n_kb, max_blocks)
     keep = some & local_some

@@ -28,8 +28,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
-from .block_index import first_valid_key
+from .block_index import check_keys, first_valid_key
 
 LOG2E = math.log2(math.e)
 
@@ -226,6 +227,52 @@ def _batch_stride(t: torch.Tensor, dim: int = 0) -> int:
 
 _SHARED_MEMORY_BYTES = 227 * 1024  # per program on Hopper (other GPUs: read off the device)
 
+# What the launcher accepts (``check_kernel_options``; KernelOptions checks the same on any device).
+MIN_TILE = 16  # tl.dot's smallest tile side
+MAX_TILE = 256  # query / key rows per program: a 256-row tile already needs 2 stages at head_dim 128 (H100)
+MAX_BLOCK = 1024  # index block sizes: a key block is walked as block_n / tile_n unrolled tiles
+NUM_WARPS = (0, 1, 2, 4, 8, 16, 32)  # 0 = default; Triton: a power of two, at most 1024 threads
+TMA_MODES = (-1, 0, 1)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _power_of_two(value) -> bool:
+    return _is_int(value) and value > 0 and not value & (value - 1)
+
+
+def check_kernel_options(
+    block_m: int, block_n: int, tile_n: int = 0, num_warps: int = 0, num_stages: int = 0, tma: int = -1,
+    tile_m: int = 0, *, owner: str = "",
+) -> None:  # fmt: skip
+    """Raise ValueError, naming the field, its value and what is accepted, unless the launcher can
+    take these options: its static requirements, checked the same on every device (the op on CPU,
+    ``KernelOptions``). Whether the tiles fit a GPU's shared memory and registers at a given
+    head_dim and dtype is only known there (Triton raises OutOfResources)."""
+
+    def fail(name, value, accepted):
+        raise ValueError(f"{owner}{name}={value!r}; accepted: {accepted}")
+
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if not (_power_of_two(value) and MIN_TILE <= value <= MAX_BLOCK):
+            fail(name, value, f"a power of two from {MIN_TILE} to {MAX_BLOCK}")
+    for name, value, block, size in (("tile_m", tile_m, "block_m", block_m), ("tile_n", tile_n, "block_n", block_n)):
+        # tiles divide their block: with power-of-two blocks, any power of two up to the block
+        most = min(MAX_TILE, size)
+        if not _is_int(value) or (value and not (_power_of_two(value) and MIN_TILE <= value <= most)):
+            fail(name, value, f"0 (the default) or a power of two from {MIN_TILE} to {most} (<= {block}={size})")
+    if not tile_m and block_m > MAX_TILE:
+        fail("tile_m", tile_m, f"a power of two from {MIN_TILE} to {MAX_TILE}: the default (block_m={block_m}) is "
+             f"above the largest query tile")  # fmt: skip
+    if not (_is_int(num_warps) and num_warps in NUM_WARPS):
+        fail("num_warps", num_warps, f"one of {NUM_WARPS} (0 = the default)")
+    if not (_is_int(num_stages) and num_stages >= 0):
+        fail("num_stages", num_stages, "0 (the default) or a positive integer")
+    if not (_is_int(tma) and tma in TMA_MODES):
+        fail("tma", tma, f"one of {TMA_MODES} (-1 = where the GPU allows, 0 = off, 1 = required)")
+
 
 def launch_config(
     head_dim: int, block_m: int, block_n: int, tile_n: int = 0, num_warps: int = 0, num_stages: int = 0,
@@ -237,9 +284,7 @@ def launch_config(
     Defaults, from the H100 sweeps (benchmarks/results/prefill_attention_tuning.log): 128 x 128
     tiles, 8 warps, 3 stages; fewer stages, then a smaller key tile, where the Q tile and the K/V
     stages would not fit in shared memory (fp32, head_dim 256)."""
-    for name, size in (("block_m", block_m), ("block_n", block_n)):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"{name}={size}; the Triton kernel needs a power of two >= 16")
+    check_kernel_options(block_m, block_n, tile_n, num_warps, num_stages, tile_m=tile_m)
     tile_m = tile_m or block_m
     block_d = max(16, triton.next_power_of_2(head_dim))
 
@@ -252,10 +297,6 @@ def launch_config(
             tile_n //= 2
     if not num_stages:
         num_stages = next((st for st in (3, 2) if fits(tile_n, st)), 1)
-    if block_m % tile_m or tile_m < 16:
-        raise ValueError(f"block_m={block_m} must be a multiple of the query tile {tile_m} (>= 16)")
-    if block_n % tile_n or tile_n < 16:
-        raise ValueError(f"block_n={block_n} must be a multiple of the key tile {tile_n} (>= 16)")
     big = tile_m >= 128 and head_dim >= 64
     return {
         "BLOCK_M": tile_m,
@@ -291,7 +332,37 @@ def _tma_descriptor(t: torch.Tensor, block_n: int, block_d: int):
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_n, block_d])
 
 
-def _check_index(full_blocks, full_count, part_blocks, part_count, columns, column_count, b, hq, n_qb, block_m):
+def _block_sizes_for(n: int, n_blocks: int, at_least: bool = False) -> list[int]:
+    """The accepted block sizes that cut ``n`` rows into ``n_blocks`` blocks (or at least that many)."""
+    sizes = [1 << i for i in range(MIN_TILE.bit_length() - 1, MAX_BLOCK.bit_length())]
+    return [p for p in sizes if (-(-n // p) >= n_blocks if at_least else -(-n // p) == n_blocks)]
+
+
+def _check_index(
+    full_blocks, full_count, part_blocks, part_count, columns, column_count, b, hq, nq, nk, block_m, block_n
+):  # fmt: skip
+    """The index's shapes against the op's: batch, heads, query blocks (Nq / block_m) and a list no
+    longer than Nk / block_n. Block sizes travel as the op's arguments, not with the index: an
+    index built for other block sizes is refused where its shapes tell (they do unless the lengths
+    fit in one block of both sizes)."""
+    n_qb, n_kb = -(-nq // block_m), -(-nk // block_n)
+    rows = full_count.shape[2] if full_count.dim() == 3 else None
+    if rows is not None and rows != n_qb:
+        built = _block_sizes_for(nq, rows)
+        built = f"block_m={built[0]}" if len(built) == 1 else f"block_m in {built}" if built else "no block_m"
+        raise ValueError(
+            f"the sparse index has {rows} query blocks, as Nq={nq} has with {built}; the op was called with "
+            f"block_m={block_m} ({n_qb} query blocks): build the index with the op's block sizes"
+        )
+    if full_blocks.dim() == 4 and full_blocks.shape[-1] > n_kb:
+        width = full_blocks.shape[-1]
+        built = _block_sizes_for(nk, width, at_least=True)
+        built = f"block_n <= {built[-1]}" if built else "a smaller block_n"
+        raise ValueError(
+            f"the sparse index lists up to {width} key blocks per query block, but Nk={nk} has {n_kb} with "
+            f"block_n={block_n}: it was built for {built}; build the index with the op's block sizes"
+        )
+
     def fits(lists, counts, shared_rows=False):
         return (
             lists.dim() == 4
@@ -314,6 +385,28 @@ def _check_index(full_blocks, full_count, part_blocks, part_count, columns, colu
         raise ValueError(f"sparse index shapes {shapes} do not fit B={b}, Hq={hq}, {n_qb} query blocks of {block_m}")
 
 
+def _check_index_values(blocks, count, n_k: int, block_n: int, name: str) -> None:
+    """Counts within the lists and listed ids inside the keys: the reference's data check, when it
+    runs eagerly (traced into a compiled graph, as Inductor does with this op's body, it would need
+    the values on the host; the kernel cannot afford it either: it would read past the lists)."""
+    if torch.compiler.is_compiling() or is_fake(count) or is_fake(blocks):
+        return
+    width, n_kb = blocks.shape[-1], -(-n_k // block_n)
+    most = int(count.max()) if count.numel() else 0
+    if most > width:
+        raise ValueError(
+            f"{name}_count {most} exceeds the list length {width}: the index overflowed its bound "
+            "(blocks past the list would be dropped)"
+        )
+    listed = blocks[torch.arange(width, device=blocks.device) < count[..., None]]
+    if listed.numel() and (int(listed.min()) < 0 or int(listed.max()) >= n_kb):
+        bad = int(listed.max()) if int(listed.max()) >= n_kb else int(listed.min())
+        raise ValueError(
+            f"{name}_blocks lists key block {bad}, but Nk={n_k} has {n_kb} key blocks of block_n={block_n} "
+            "(was the index built for a smaller block_n?)"
+        )
+
+
 # fmt: off
 def sparse_attention_triton(
     q, k, v, q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
@@ -328,8 +421,9 @@ def sparse_attention_triton(
     to prove every element is written."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    n_qb = triton.cdiv(nq, block_m)
-    _check_index(full_blocks, full_count, part_blocks, part_count, columns, column_count, b, hq, n_qb, block_m)
+    check_kernel_options(block_m, block_n, tile_n, num_warps, num_stages, tma, tile_m)
+    index = (full_blocks, full_count, part_blocks, part_count, columns, column_count)
+    _check_index(*index, b, hq, nq, nk, block_m, block_n)
     if out is None:
         out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
     # The kernel reads these small tensors with unit last-dim stride and one stride set per pair
@@ -437,10 +531,15 @@ def _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window):
         raise ValueError(f"dtypes q={q.dtype} k={k.dtype} v={v.dtype}; supported: one of {SUPPORTED_DTYPES}")
     if (reason := check_head_dim(d)) is not None:
         raise ValueError(reason)
-    if q_pos.shape[-1] != nq or k_pos.shape[-1] != k.shape[2]:
-        raise ValueError(f"positions {tuple(q_pos.shape)} / {tuple(k_pos.shape)} do not fit Nq={nq}, Nk={k.shape[2]}")
-    if key_ok is not None and key_ok.shape[-1] != k.shape[2]:
-        raise ValueError(f"key_ok {tuple(key_ok.shape)} does not fit Nk={k.shape[2]}")
+    check_keys(k.shape[2], key_ok)
+    positions_fit = all(p.dim() == 2 and p.shape[0] in (1, b) for p in (q_pos, k_pos))
+    if not positions_fit or q_pos.shape[-1] != nq or k_pos.shape[-1] != k.shape[2]:
+        raise ValueError(
+            f"positions {tuple(q_pos.shape)} / {tuple(k_pos.shape)} do not fit (B or 1, Nq={nq}) / "
+            f"(B or 1, Nk={k.shape[2]})"
+        )
+    if key_ok is not None and key_ok.shape[0] not in (1, b):
+        raise ValueError(f"key_ok {tuple(key_ok.shape)} does not fit (B={b} or 1, Nk={k.shape[2]})")
     if head_sink.numel() != hq or head_window.numel() != hq:
         raise ValueError(f"per-head rules have {head_sink.numel()} / {head_window.numel()} entries; Hq={hq}")
 
@@ -534,6 +633,10 @@ def sparse_attention_reference(
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     groups = hq // hkv
+    index = (full_blocks, full_count, part_blocks, part_count, columns, column_count)
+    _check_index(*index, b, hq, nq, nk, block_m, block_n)
+    _check_index_values(full_blocks, full_count, nk, block_n, "full")
+    _check_index_values(part_blocks, part_count, nk, block_n, "part")
     kept_rows = index_pairs(
         q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
         head_sink, head_window, causal=causal, window=window, block_m=block_m, block_n=block_n,
@@ -550,11 +653,14 @@ def sparse_attention_reference(
             s = softcap * torch.tanh(s / softcap)
         keep = kept_rows(r0, r1)
         s = s.masked_fill(~keep, float("-inf"))
+        # A row that keeps nothing has max -inf: shift by a finite number instead, so p = 0 there.
+        # (clamp_min and the division propagate NaN: a NaN or inf in a kept score stays NaN, as in
+        # the kernel and SDPA; only an exact zero sum, no kept key, gives zeros.)
         row_max = s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
         p = torch.exp(s - row_max)
         denom = p.sum(-1, keepdim=True)
         o = (p.view(b, hkv, groups, r1 - r0, nk) @ vf).view(b, hq, r1 - r0, d)
-        out[:, :, r0:r1] = torch.where(denom > 0, o / denom.clamp_min(1e-30), 0.0).to(q.dtype)
+        out[:, :, r0:r1] = torch.where(denom == 0, 0.0, o / denom).to(q.dtype)
     return out
 
 
@@ -611,6 +717,7 @@ def sparse_attention(
         block_m,
         block_n,
     )
+    check_kernel_options(block_m, block_n, tile_n, num_warps, num_stages, tma, tile_m)  # on every device alike
     if q.is_cuda:
         _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
         return sparse_attention_triton(

@@ -1,0 +1,195 @@
+"""Kernel options and op inputs are validated at the public boundary, the same on every device:
+``KernelOptions`` refuses exactly what the Triton launcher refuses, with the field, the value and
+the accepted range; the op refuses padding masks that are not bool, empty keys, and an index built
+for other block sizes (where its shapes or values tell)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsecomp.kernels import build_block_index, index_positions, sparse_attention, sparse_attention_reference
+from sparsecomp.kernels.block_sparse_attention import launch_config, sparse_attention_triton
+from sparsecomp.passes.rewrite import KernelOptions
+
+BAD = [
+    # (field, value, words the message must hold)
+    ("block_m", 0, "power of two from 16 to 1024"),
+    ("block_m", -64, "power of two from 16 to 1024"),
+    ("block_m", "64", "power of two"),
+    ("block_m", 64.0, "power of two"),
+    ("block_m", [64], "power of two"),
+    ("block_m", True, "power of two"),
+    ("block_m", 7, "power of two"),
+    ("block_n", 24, "power of two"),
+    ("block_n", 100000, "power of two from 16 to 1024"),
+    ("block_n", 2048, "from 16 to 1024"),
+    ("block_n", 8, "from 16 to 1024"),
+    ("tile_n", 24, "power of two from 16 to 128"),
+    ("tile_n", 8, "from 16 to 128"),
+    ("tile_n", 256, "<= block_n=128"),
+    ("tile_n", -16, "power of two"),
+    ("tile_n", 64.0, "power of two"),
+    ("tile_m", 48, "power of two from 16 to 128"),
+    ("tile_m", 256, "<= block_m=128"),
+    ("tile_m", False, "power of two"),
+    ("num_warps", 3, "(0, 1, 2, 4, 8, 16, 32)"),
+    ("num_warps", 64, "(0, 1, 2, 4, 8, 16, 32)"),
+    ("num_warps", -4, "(0, 1, 2, 4, 8, 16, 32)"),
+    ("num_warps", 4.0, "(0, 1, 2, 4, 8, 16, 32)"),
+    ("num_warps", True, "(0, 1, 2, 4, 8, 16, 32)"),
+    ("num_stages", -1, "0 (the default) or a positive integer"),
+    ("num_stages", 2.5, "positive integer"),
+    ("num_stages", "3", "positive integer"),
+    ("tma", 2, "(-1, 0, 1)"),
+    ("tma", -2, "(-1, 0, 1)"),
+    ("tma", True, "(-1, 0, 1)"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "accepted"), BAD)
+def test_kernel_options_refuse_with_field_value_and_range(field, value, accepted):
+    with pytest.raises(ValueError) as err:
+        KernelOptions(**{field: value})
+    message = str(err.value)
+    assert f"KernelOptions.{field}={value!r}" in message and accepted in message, message
+
+
+def test_default_query_tile_of_a_large_block_is_refused_and_a_smaller_tile_accepted():
+    with pytest.raises(ValueError, match=r"KernelOptions.tile_m=0; .*the default \(block_m=512\)"):
+        KernelOptions(block_m=512)
+    assert KernelOptions(block_m=512, tile_m=128).tile_m == 128
+    assert KernelOptions(block_n=1024).block_n == 1024  # the key tile defaults to 128
+
+
+def test_kernel_options_accept_the_presets_and_numpy_integers():
+    from sparsecomp.cost_model import KERNEL_CONFIGS
+
+    for opts in KERNEL_CONFIGS.values():  # built at import: every preset is valid
+        assert KernelOptions(**vars(opts)) == opts
+    opts = KernelOptions(block_m=np.int64(64), block_n=np.int32(32), num_warps=np.int64(4))
+    assert opts == KernelOptions(block_m=64, block_n=32, num_warps=4) and type(opts.block_m) is int
+    for warps in (0, 1, 2, 4, 8, 16, 32):
+        KernelOptions(num_warps=warps)
+    KernelOptions(block_m=16, block_n=16, tile_n=16, tile_m=16, num_stages=1, tma=0)
+
+
+def _accepts(fn) -> bool:
+    try:
+        fn()
+    except ValueError:
+        return False
+    return True
+
+
+def test_kernel_options_accept_exactly_what_the_launcher_accepts():
+    """Over a grid of values, on the CPU: KernelOptions, the launcher's config and the op agree."""
+    blocks, tiles, tiles_m = (8, 24, 32, 128, 512, 2048), (0, 8, 24, 32, 256), (0, 16, 64, 512)
+    for bm, bn, tn, tm, warps, stages in itertools.product(blocks, blocks, tiles, tiles_m, (0, 3, 8), (0, -1)):
+        kw = dict(block_m=bm, block_n=bn, tile_n=tn, tile_m=tm, num_warps=warps, num_stages=stages)
+        ours = _accepts(lambda kw=kw: KernelOptions(**kw))
+        launcher = _accepts(lambda kw=kw: launch_config(64, **kw))
+        assert ours == launcher, kw
+
+
+def small_case(n_q=40, n_k=40, block_m=16, block_n=16, key_ok=None, d=16, max_blocks=None):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, d, generator=gen) for n in (n_q, n_k, n_k))
+    q_pos, k_pos = index_positions(q, 2, n_k - n_q), index_positions(k, 2)
+    sink, win = torch.tensor([2, 2], dtype=torch.int32), torch.tensor([8, 8], dtype=torch.int32)
+    index = build_block_index(
+        q_pos, k_pos, key_ok, sink[:1], win[:1], causal=True, window=0, block_m=block_m, block_n=block_n,
+        max_blocks=max_blocks,
+    )  # fmt: skip
+    return [q, k, v, q_pos, k_pos, key_ok, *index, sink, win, 1 / math.sqrt(d), True, 0, 0.0]
+
+
+def test_the_op_refuses_bad_tiles_on_cpu_as_the_launcher_does():
+    args = small_case()
+    with pytest.raises(ValueError, match=r"tile_n=24; accepted: 0 \(the default\) or a power of two from 16 to 16"):
+        sparse_attention(*args, 16, 16, 24)
+    with pytest.raises(ValueError, match=r"num_warps=3"):
+        sparse_attention(*args, 16, 16, 0, 3)
+    with pytest.raises(ValueError, match=r"tile_n=24"):
+        sparse_attention_triton(*args, 16, 16, 24)
+    with pytest.raises(ValueError, match=r"block_m=24"):
+        sparse_attention(*args, 24, 16)
+
+
+def test_non_default_tiles_run_and_match_the_reference():
+    """Interpreter run: two programs per query block (tile_m 16 of 32), key blocks of 64 walked in
+    tiles of 16, one warp."""
+    args = small_case(70, 100, 32, 64)
+    out = sparse_attention_triton(*args, 32, 64, tile_n=16, num_warps=1, num_stages=1, tile_m=16)
+    torch.testing.assert_close(out, sparse_attention_reference(*args, 32, 64), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.float32])
+def test_key_ok_must_be_bool(dtype):
+    key_ok = torch.ones(1, 40, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"key_ok has dtype {dtype}; supported: torch.bool"):
+        small_case(key_ok=key_ok)  # the index builder
+    args = small_case()
+    args[5] = key_ok
+    with pytest.raises(ValueError, match=rf"key_ok has dtype {dtype}"):
+        sparse_attention(*args, 16, 16)  # the op
+    with pytest.raises(ValueError, match=rf"key_ok has dtype {dtype}"):
+        sparse_attention_triton(*args, 16, 16)
+
+
+def test_key_ok_of_another_shape_is_refused():
+    args = small_case()
+    args[5] = torch.ones(40, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"key_ok has shape \(40,\); expected \(B or 1, Nk=40\)"):
+        sparse_attention(*args, 16, 16)
+
+
+def test_no_keys_is_refused():
+    q_pos, k_pos = torch.arange(4)[None], torch.arange(0)[None]
+    one = torch.tensor([0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="got Nk=0 keys"):
+        build_block_index(q_pos, k_pos, None, one, one, causal=False, window=0, block_m=16, block_n=16, max_blocks=None)
+    with pytest.raises(ValueError, match="got Nk=0 keys"):
+        build_block_index(
+            q_pos, k_pos, torch.ones(1, 0, dtype=torch.bool), one, one, causal=False, window=0, block_m=16,
+            block_n=16, max_blocks=None,
+        )  # fmt: skip
+    args = small_case()
+    q = args[0]
+    empty = q.new_zeros(1, 2, 0, q.shape[-1])
+    index = [torch.zeros(1, 1, 3, 1, dtype=torch.int32), torch.zeros(1, 1, 3, dtype=torch.int32)] * 2
+    op_args = [q, empty, empty, args[3], k_pos, None, *index, None, None, *args[12:]]
+    with pytest.raises(ValueError, match="got Nk=0 keys"):
+        sparse_attention(*op_args, 16, 16)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_index_built_for_another_block_m_is_refused(path):
+    args = small_case(64, 64, block_m=32)  # 2 query blocks of 32
+    run = sparse_attention if path == "reference" else sparse_attention_triton
+    with pytest.raises(ValueError, match=r"2 query blocks, as Nq=64 has with block_m=32; .* called with block_m=16"):
+        run(*args, 16, 16)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_index_built_for_a_smaller_block_n_is_refused(path):
+    args = small_case(64, 64, block_n=16)  # lists of 4 key blocks of 16
+    run = sparse_attention if path == "reference" else sparse_attention_triton
+    with pytest.raises(ValueError, match=r"up to 4 key blocks .* Nk=64 has 2 with block_n=32: .*block_n <= 16"):
+        run(*args, 16, 32)
+
+
+def test_bounded_index_for_a_smaller_block_n_is_refused_by_its_ids():
+    """Lists cut to a bound fit the shapes; the reference still sees ids past the key blocks."""
+    args = small_case(64, 200, block_n=16, max_blocks=4)  # 13 key blocks of 16, lists of 4
+    with pytest.raises(ValueError, match=r"lists key block 12, but Nk=200 has 4 key blocks of block_n=64"):
+        sparse_attention(*args, 16, 64)
+
+
+def test_overflowing_counts_are_refused_by_the_reference():
+    args = small_case()
+    args[9] = args[9] + args[8].shape[-1]  # part_count past the list length
+    with pytest.raises(ValueError, match=r"part_count \d+ exceeds the list length \d+: the index overflowed"):
+        sparse_attention(*args, 16, 16)
