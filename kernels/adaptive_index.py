@@ -236,7 +236,10 @@ def sample_index(
     ids, n_cols = compact(cols_kept, width)
     ids = torch.where(torch.arange(width, device=dev) < n_cols[..., None], ids, n_k)
     band_start = ((torch.arange(n_qb, device=dev) + rel_lo) * block_n).clamp(0, n_k)
-    count = torch.searchsorted(ids.to(torch.int64), band_start[None, None, :].expand(b, hq, n_qb).contiguous())
+    # Kept columns before each band start, from a prefix count (torch.searchsorted here failed in
+    # torch 2.11's Inductor GPU codegen inside a compiled model: a loop-carried type mismatch).
+    kept_before = torch.nn.functional.pad(torch.cumsum(cols_kept, -1, dtype=torch.int32), (1, 0))
+    count = kept_before.gather(-1, band_start[None, None, :].expand(b, hq, n_qb))
     columns = (ids[:, :, None, :].contiguous(), count.to(torch.int32))
     return index_from_selection(
         selected, q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n,
