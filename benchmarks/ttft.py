@@ -56,7 +56,6 @@ def measure(name: str, model, ids) -> dict:
     if name not in DENSE_PATHS and row["ms"] is not None:
         sites = sparsecomp.inspect(run).sites
         row["became"] = ", ".join(sorted({s.became for s in sites}))
-    del run
     return row
 
 
