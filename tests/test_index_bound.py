@@ -17,6 +17,7 @@ from sparsecomp.kernels.block_index import first_valid_key
 from sparsecomp.kernels.block_sparse_attention import kept_pairs, sparse_attention_triton
 
 BLOCKS = [(16, 16), (16, 32), (32, 16)]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: compiled on a GPU, else interpreted
 
 
 def setup(n_q, n_k, pad, sink, window, block_m, block_n, *, site_window=0, batch=2, heads=(2, 1), d=16, seed=0):
@@ -125,8 +126,9 @@ def test_triton_interpreter_matches_sdpa(block_m, block_n, sink):
     """The kernel (interpreter on CPU) over the same index: padding 5, a query offset of 40."""
     args, index, bound, keep = setup(24, 64, 5, sink, 16, block_m, block_n, heads=(2, 2))
     assert_exact_and_bounded(index, bound, keep, block_m, block_n)
-    poisoned = torch.full_like(args[0], float("nan"))
-    out = sparse_attention_triton(*args, block_m, block_n, out=poisoned)
+    on_device = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    poisoned = torch.full_like(on_device[0], float("nan"))
+    out = sparse_attention_triton(*on_device, block_m, block_n, out=poisoned).cpu()
     torch.testing.assert_close(out, sdpa_golden(*args[:3], keep, args[14]), atol=1e-5, rtol=1e-5)
 
 

@@ -14,6 +14,8 @@ from sparsecomp.kernels import build_block_index, index_positions, sparse_attent
 from sparsecomp.kernels.block_sparse_attention import launch_config, sparse_attention_triton
 from sparsecomp.passes.rewrite import KernelOptions
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: compiled on a GPU, else interpreted
+
 BAD = [
     # (field, value, words the message must hold)
     ("block_m", 0, "power of two from 16 to 1024"),
@@ -122,8 +124,24 @@ def test_non_default_tiles_run_and_match_the_reference():
     """Interpreter run: two programs per query block (tile_m 16 of 32), key blocks of 64 walked in
     tiles of 16, one warp."""
     args = small_case(70, 100, 32, 64)
-    out = sparse_attention_triton(*args, 32, 64, tile_n=16, num_warps=1, num_stages=1, tile_m=16)
+    on_device = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    out = sparse_attention_triton(*on_device, 32, 64, tile_n=16, num_warps=1, num_stages=1, tile_m=16).cpu()
     torch.testing.assert_close(out, sparse_attention_reference(*args, 32, 64), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter ignores warps; compiled tiles are checked on the GPU")
+@pytest.mark.parametrize(
+    "options", [dict(num_warps=32), dict(num_warps=16, tile_n=64, num_stages=2), dict(block_m=256, tile_n=64)]
+)
+def test_edges_of_the_accepted_range_run_on_the_gpu(options):
+    """The largest accepted warps and query tile compile and launch (head_dim 128, fp16)."""
+    opts = KernelOptions(**{"block_m": 128, "block_n": 128, **options})
+    args = small_case(600, 600, opts.block_m, opts.block_n, d=128)
+    args = [a.to(DEVICE).half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    out = sparse_attention(*args, opts.block_m, opts.block_n, opts.tile_n, opts.num_warps, opts.num_stages, opts.tma)
+    ref = sparse_attention_reference(*args, opts.block_m, opts.block_n)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.float32])

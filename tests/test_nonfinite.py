@@ -16,6 +16,7 @@ from sparsecomp.kernels import build_block_index, index_positions, sparse_attent
 from sparsecomp.kernels.block_sparse_attention import kept_pairs, sparse_attention_triton
 
 N, D, BLOCK = 48, 16, 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: compiled on a GPU, else interpreted
 
 
 def run_paths(q, k, v, sinks, windows, key_ok=None):
@@ -28,7 +29,8 @@ def run_paths(q, k, v, sinks, windows, key_ok=None):
     args = (q, k, v, q_pos, k_pos, key_ok, *index, sink, win, 1 / math.sqrt(D), True, 0, 0.0, BLOCK, BLOCK)
     start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
     keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=True, window=0)
-    return sparse_attention_reference(*args), sparse_attention_triton(*args), keep.expand(*q.shape[:3], k.shape[2])
+    kernel = sparse_attention_triton(*(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)).cpu()
+    return sparse_attention_reference(*args), kernel, keep.expand(*q.shape[:3], k.shape[2])
 
 
 def inputs(seed=0):
