@@ -35,7 +35,7 @@ def _runner(name: str, model):
     return sparsecomp.compile(model, name, dynamic=False)
 
 
-def measure(name: str, model, ids) -> dict:
+def measure(name: str, model, ids, min_runs: int = 10) -> dict:
     """One row: first call (compile) seconds, median ms, peak GiB; an out-of-memory row says so."""
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -48,7 +48,7 @@ def measure(name: str, model, ids) -> dict:
             run(ids, use_cache=False, logits_to_keep=1)
             torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - t0
-            row["ms"] = median_ms(lambda: run(ids, use_cache=False, logits_to_keep=1))
+            row["ms"] = median_ms(lambda: run(ids, use_cache=False, logits_to_keep=1), min_runs=min_runs)
     except torch.OutOfMemoryError:
         row["ms"] = None
         row["note"] = "out of GPU memory"
@@ -67,27 +67,28 @@ def main(argv=None):
     p.add_argument("--plans", nargs="+", default=list(DEFAULT_PLANS))
     p.add_argument("--skip-compile-above", type=int, default=1 << 30,
                    help="leave torch.compile out above this length (its N x N mask may not fit)")  # fmt: skip
+    p.add_argument("--min-runs", type=int, default=10, help="timed runs at least (a 128K forward takes seconds)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--stem", default="ttft")
     args = p.parse_args(argv)
     model = build_model("llama3-8b", args.layers, torch.bfloat16, "cuda")
-    rows = []
-    for n in args.lengths:
-        ids = torch.randint(0, model.config.vocab_size, (args.batch, n), device="cuda")
-        paths = [d for d in DENSE_PATHS if d != "torch.compile" or n <= args.skip_compile_above]
-        length_rows = [measure(name, model, ids) for name in [*paths, *args.plans]]
-        best = min(r["ms"] for r in length_rows if r["path"] in DENSE_PATHS and r["ms"] is not None)
-        for r in length_rows:
-            r["vs_best_dense"] = None if r["ms"] is None else best / r["ms"]
-            print(r, flush=True)
-        rows.extend(length_rows)
     columns = [
         ("N", "N", ""), ("batch", "B", ""), ("path", "path", ""), ("ms", "forward ms", ".2f"),
         ("vs_best_dense", "speedup vs best dense", ".2f"), ("peak_gib", "peak GiB", ".1f"),
         ("first_call_s", "first call s", ".1f"), ("became", "sites became", ""), ("note", "note", ""),
     ]  # fmt: skip
     env = environment() | {"model": f"Llama-3-8B shape, {args.layers} layers, random bf16 weights"}
-    write_results(Path(args.out), args.stem, env, rows, markdown_table(rows, columns))
+    rows = []
+    for n in args.lengths:
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, n), device="cuda")
+        paths = [d for d in DENSE_PATHS if d != "torch.compile" or n <= args.skip_compile_above]
+        length_rows = [measure(name, model, ids, args.min_runs) for name in [*paths, *args.plans]]
+        best = min(r["ms"] for r in length_rows if r["path"] in DENSE_PATHS and r["ms"] is not None)
+        for r in length_rows:
+            r["vs_best_dense"] = None if r["ms"] is None else best / r["ms"]
+            print(r, flush=True)
+        rows.extend(length_rows)
+        write_results(Path(args.out), args.stem, env, rows, markdown_table(rows, columns))  # after each length
 
 
 if __name__ == "__main__":
