@@ -33,7 +33,7 @@ H100_COST_MODEL = {
             "128": [0.004767089218686911, 1.8426198639854838, 0.0, 516.6711698170769],
         },
     },
-    "index": {  # session 8 refit (benchmarks/results/cost_model_index_refit_session8.log)
+    "index": {  # refit (benchmarks/results/cost_model_index_refit.log)
         "static": [0.024905272414018603, 140.84849220836404],
         "vertical_slash": [0.141805076328991, 5.178990956207412],
         "sample": [0.11572939096755619, 1.411484406769767],
