@@ -16,8 +16,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" > "$out/versions.txt"
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
 # Tests from a copy: from the repository root Python would also see the source tree.
-rm -rf /tmp/sparsecomp_tests && cp -r tests /tmp/sparsecomp_tests
-(cd /tmp && timeout 540 python3 -m pytest -q -p no:cacheprovider sparsecomp_tests --tb=short ${PYTEST_ARGS:-} 2>&1 \
+# (benchmarks/ beside it: some tests check benchmark helpers)
+rm -rf /tmp/sparsecomp_copy && mkdir /tmp/sparsecomp_copy && cp -r tests benchmarks /tmp/sparsecomp_copy
+(cd /tmp/sparsecomp_copy && timeout 540 python3 -m pytest -q -p no:cacheprovider tests --tb=short ${PYTEST_ARGS:-} 2>&1 \
   | grep -v "DEBUG" > "$out/gpu_pytest.log"); tail -3 "$out/gpu_pytest.log"
 fi
 if [ "$stage" = ttft ] || [ "$stage" = all ]; then
