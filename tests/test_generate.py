@@ -21,11 +21,29 @@ def prompt(batch: int, n: int = 12, pad: int = 4):
     return ids, mask
 
 
-def generate(model, ids, mask, cache: str):
+def generate(model, ids, mask, cache: str, scores: bool = False):
     kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     if cache == "static":
         kw["cache_implementation"] = "static"
+    if scores:
+        kw.update(return_dict_in_generate=True, output_logits=True)
     return model.generate(ids, attention_mask=mask, **kw)
+
+
+def assert_same_generation(out, ref, atol=1e-4):
+    """The sparse kernel's reference sums in another order than SDPA: fp32 logits agree to ~1e-6, and
+    the tokens agree up to the first step where eager's top two logits are within that (a tie of
+    random weights); every step's logits up to there agree."""
+    steps = len(ref.logits)
+    prompt_len = ref.sequences.shape[1] - steps
+    for t in range(steps):
+        torch.testing.assert_close(out.logits[t], ref.logits[t], atol=atol, rtol=1e-4)
+        got, want = out.sequences[:, prompt_len + t], ref.sequences[:, prompt_len + t]
+        if not torch.equal(got, want):
+            top2 = ref.logits[t].float().topk(2, dim=-1).values
+            margin = (top2[:, 0] - top2[:, 1])[got != want]
+            assert (margin < atol).all(), f"step {t}: tokens differ with a clear margin {margin.tolist()}"
+            return
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -61,12 +79,12 @@ def test_sparse_decode_steps_are_rewritten_and_exact_when_the_window_covers_ever
     prefill and of each decode step (causal, queries after the cache, padding) must give eager's tokens."""
     model = tiny_llama().eval()
     ids, mask = prompt(2)
-    ref = generate(model, ids, mask, cache)
+    ref = generate(model, ids, mask, cache, scores=True)
     compiled = sparsecomp.compile(
         model, "streaming:sink=0,window=64", inner="eager", kernel_options={"block_m": 16, "block_n": 16}
     )
-    out = generate(compiled, ids, mask, cache)
-    assert torch.equal(out, ref)
+    out = generate(compiled, ids, mask, cache, scores=True)
+    assert_same_generation(out, ref)
     report = sparsecomp.inspect(compiled)
     decode = [s for g in report.graphs if g.phase() == "decode" for s in g.sites]
     assert decode and all(s.became == "sparse_attention" for s in decode), str(report)
