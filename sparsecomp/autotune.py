@@ -26,17 +26,10 @@ from sparsecomp.kernels.adaptive_index import (
 )
 from sparsecomp.kernels.block_sparse_attention import structure_pairs
 from sparsecomp.passes.fxutil import eliminate_dead_code
-from sparsecomp.passes.mask import MaskInterpreter
-from sparsecomp.passes.match import find_sites
 from sparsecomp.passes.rewrite import KernelOptions, adaptive_call, observe_site
 from sparsecomp.passes.site import module_names_by_id
 
 from .backend import (
-    _calibrated_densities,
-    _fallback_reason,
-    _head_rules,
-    _structure,
-    _workload,
     adaptive_groups,
     inductor_with_opaque_ops,
 )
@@ -56,6 +49,7 @@ from .cost_model import (
 )
 from .decide import COST_MODEL_ENTRY, candidate_configs, shape_bucket
 from .plan import Plan, Rule
+from .prepare import calibrated_densities, prepare_graph, site_workload
 from .timing import median_ms
 from .tuning_cache import TuningCache, environment_key
 
@@ -276,16 +270,12 @@ def capture_sites(model, example_inputs, plan: Plan) -> dict[str, CapturedSite]:
     names_by_id = module_names_by_id(model)
 
     def backend(gm, example):
-        interp = MaskInterpreter()
-        for site in find_sites(gm, names_by_id):
-            reason = _fallback_reason(site)
-            structure = _structure(site, interp) if reason is None else reason
-            if isinstance(structure, str):
+        for prepared in prepare_graph(gm, plan, names_by_id=names_by_id).sites:
+            site, rules = prepared.site, prepared.rules
+            if site.fallback is not None:
                 continue  # compile keeps it as it is: nothing to tune
-            site.structure = structure
-            rules, _ = _head_rules(site, plan, KernelOptions())
-            w = _workload(site)
-            pending[site.name] = (shape_bucket(w, rules), w, rules, _calibrated_densities(plan, site))
+            w = site_workload(site)
+            pending[site.name] = (shape_bucket(w, rules), w, rules, calibrated_densities(plan, site))
             observe_site(gm, site, observer)
         eliminate_dead_code(gm)  # keeps in-place KV-cache writes
         gm.recompile()
@@ -408,7 +398,7 @@ def autotune(
         cache.put(COST_MODEL_ENTRY, cost.to_json())
     rows = []
     for bucket, site in _progress(list(sites.items()), progress, "autotuning sites"):
-        configs = candidate_configs(site.rules, plan.info.get("block"))
+        configs = candidate_configs(site.rules, plan.block)
         entry = time_site(site, cost, configs, timer)
         entry["choice"] = min(entry["ms"], key=lambda o: (entry["ms"][o], o != DENSE))
         entry["sites"] = site.names

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import collections
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from sparsecomp.kernels import SUPPORTED_DTYPES, check_head_dim
 from sparsecomp.passes.fxutil import eliminate_dead_code
-from sparsecomp.passes.mask import MaskInterpreter, MaskStructure, canonicalize_mask
-from sparsecomp.passes.match import find_sites
 from sparsecomp.passes.rewrite import (
     ADAPTIVE_BUILDERS,
     AdaptiveGroup,
@@ -23,9 +19,10 @@ from sparsecomp.passes.rewrite import (
 )
 from sparsecomp.passes.site import AttentionSite, meta_val
 
-from .cost_model import DEFAULT_CONFIG, Workload
-from .decide import Decision, SiteDecider, candidate_configs, decide, shape_bucket, size_hint
+from .cost_model import DEFAULT_CONFIG
+from .decide import Decision, SiteDecider, candidate_configs, decide, shape_bucket
 from .plan import Plan, Rule
+from .prepare import calibrated_densities, is_decode_step, prepare_graph, site_workload
 from .report import GraphReport, InspectReport, SiteReport, streaming_density
 
 # Every decision bumps a counter; tests assert on them (like torch._dynamo.utils.counters).
@@ -66,64 +63,6 @@ class BackendOptions:
         return opts
 
 
-def _fallback_reason(site: AttentionSite) -> str | None:
-    """Why a site must keep its exact original semantics, or None."""
-    q, k, v = (meta_val(n) for n in (site.q, site.k, site.v))
-    if q is None or k is None or v is None:
-        return "no shape information for q/k/v"
-    if site.dropout_p != 0:
-        return f"dropout_p={site.dropout_p} (training, or not a constant); sparse kernels have no dropout"
-    if site.scale is not None and math.isnan(site.scale):
-        return "the softmax scale is not a constant of the graph"
-    if any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled():
-        return "q/k/v require grad; sparse kernels have no backward yet"
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes q={q.dtype} k={k.dtype} v={v.dtype}; supported: {[str(d) for d in SUPPORTED_DTYPES]}"
-    if (reason := check_head_dim(q.shape[-1])) is not None:
-        return reason
-    if v.shape[-1] != q.shape[-1]:
-        return f"value head_dim {v.shape[-1]} differs from query head_dim {q.shape[-1]}"
-    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
-        return f"query heads {q.shape[1]} are not a multiple of KV heads {k.shape[1]}"
-    if site.mask_is_additive:
-        return "additive float mask (e.g. a position bias) that is not a keep/remove mask"
-    return None
-
-
-def _structure(site: AttentionSite, interp: MaskInterpreter) -> MaskStructure | str:
-    n_q, n_k = site.shape["q_len"], site.shape["kv_len"]
-    if site.mask is None:
-        if not site.causal and n_q == 1:
-            # One query row seeing every key: a decode step after a KV cache (causal, query at the end).
-            return MaskStructure(causal=True, q_at_end=True)
-        return MaskStructure(causal=site.causal)
-    structure = canonicalize_mask(interp, site.mask, n_q, n_k)
-    mask = meta_val(site.mask)
-    if isinstance(structure, str) and n_q == 1 and mask is not None and mask.dtype == torch.bool:
-        if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
-            # A mask over one query row is a key mask whatever built it (transformers builds the
-            # static cache's decode mask outside the model): causal with the query at the end.
-            return MaskStructure(causal=True, q_at_end=True, key_ok=site.mask)
-    return structure
-
-
-def _head_rules(site: AttentionSite, plan: Plan, options: KernelOptions) -> tuple[list[Rule], list[str]]:
-    sh = site.shape
-    rules = plan.rules_for(site.name, sh["q_heads"], sh["kv_heads"])
-    notes = []
-    if not site.structure.causal and any(r.kind != "dense" for r in rules):
-        rules = [Rule() for _ in rules]
-        notes.append("sparse rules need a causal site: dense")
-    if not site.structure.positions_are_indices and any(r.adaptive for r in rules):
-        rules = [Rule() if r.adaptive else r for r in rules]
-        notes.append("adaptive rules need positions that are token indices: those heads dense")
-    square = options.block_m == options.block_n
-    if not square and any(r.kind in ("vertical_slash", "sample") for r in rules):
-        rules = [Rule() if r.kind in ("vertical_slash", "sample") else r for r in rules]
-        notes.append("vertical_slash / sample need block_m == block_n: those heads dense")
-    return rules, notes
-
-
 def adaptive_groups(rules: list[Rule]) -> tuple[AdaptiveGroup, ...]:
     """Heads with adaptive rules, grouped by kind and shared parameters (one index builder each)."""
     groups: dict[tuple, list[tuple[int, Rule]]] = {}
@@ -153,40 +92,8 @@ def _density(site: AttentionSite, rules: list[Rule]) -> float | None:
     return sum(per_head) / len(per_head)
 
 
-def _is_decode_step(site: AttentionSite) -> bool:
-    """A few query rows against a longer KV cache (decoding): dense rules keep the original attention."""
-    s, sh = site.structure, site.shape
-    return s.q_at_end or (isinstance(sh["q_len"], int) and sh["q_len"] == 1 and str(sh["kv_len"]) != "1")
-
-
-def graph_fingerprint(sites: list[AttentionSite]) -> dict:
-    """The attention shape a graph shows; compared with a plan's fingerprint."""
-    sh = next((s.shape for s in sites if meta_val(s.q) is not None), None)
-    if sh is None:
-        return {}
-    return {
-        "num_attention_heads": sh["q_heads"],
-        "num_key_value_heads": sh["kv_heads"],
-        "head_dim": sh["head_dim"],
-    }
-
-
 def _share_key(site: AttentionSite, rules: list[Rule]) -> tuple:
     return str((site.shape["q_len"], site.shape["kv_len"])), tuple(str(r) for r in rules if not r.adaptive)
-
-
-def _workload(site: AttentionSite) -> Workload:
-    sh = site.shape
-    return Workload(
-        batch=size_hint(sh["batch"]), q_heads=sh["q_heads"], kv_heads=sh["kv_heads"], q_len=size_hint(sh["q_len"]),
-        kv_len=size_hint(sh["kv_len"]), head_dim=sh["head_dim"], dtype=str(site.dtype).replace("torch.", ""),
-        causal=site.structure.causal, masked=site.mask is not None,
-    )  # fmt: skip
-
-
-def _calibrated_densities(plan: Plan, site: AttentionSite) -> list[float] | None:
-    heads = plan.info.get("measured", {}).get(site.name, {}).get("heads") or []
-    return [h["density"] for h in heads] if len(heads) == site.shape["q_heads"] else None
 
 
 def _decide(site: AttentionSite, rules: list[Rule], options: BackendOptions, decider: SiteDecider, share: int):
@@ -195,37 +102,13 @@ def _decide(site: AttentionSite, rules: list[Rule], options: BackendOptions, dec
     model, source, cache = decider.context(meta_val(site.q).device)
     if model is None:
         return Decision(option="forced" if forced else DEFAULT_CONFIG, options=forced or KernelOptions(), source=source)
-    w = _workload(site)
-    configs = {"forced": forced} if forced else candidate_configs(rules, options.plan.info.get("block"))
+    w = site_workload(site)
+    configs = {"forced": forced} if forced else candidate_configs(rules, options.plan.block)
     tuned = cache.get(shape_bucket(w, rules)) if cache is not None and not forced else None
     return decide(
-        model, source, w, site.shape["kv_len"], rules, configs, densities=_calibrated_densities(options.plan, site),
+        model, source, w, site.shape["kv_len"], rules, configs, densities=calibrated_densities(options.plan, site),
         static_share=share, site_window=site.structure.window, tuned=tuned,
     )  # fmt: skip
-
-
-def unmatched_plan_sites(plan: Plan, sites: list[AttentionSite]) -> list[str]:
-    """The site names the plan gives rules for that the graph does not have (a graph with no
-    attention at all, such as a piece split off by a graph break, is not checked)."""
-    found = {s.name for s in sites}
-    return [name for name in plan.sites if found and name not in found]
-
-
-def check_plan_sites(plan: Plan, sites: list[AttentionSite], strict: bool) -> list[str]:
-    """Refuse (``strict``) or return as warnings the plan's site names this graph does not have:
-    a plan keyed by names the graph spells otherwise would silently give every site the default."""
-    unknown = unmatched_plan_sites(plan, sites)
-    if not unknown:
-        return []
-    found = sorted({s.name for s in sites})
-    message = (
-        f"the plan names {len(unknown)} site(s) the traced graph does not have: {unknown[:8]}"
-        f"{' ...' if len(unknown) > 8 else ''}; the graph's sites: {found[:8]}{' ...' if len(found) > 8 else ''}"
-    )
-    if strict:
-        raise ValueError(message + " (strict=False makes this a warning in the report)")
-    counters["plan_sites_unmatched"] += len(unknown)
-    return [message]
 
 
 def rewrite_graph(
@@ -237,29 +120,20 @@ def rewrite_graph(
 ) -> list[SiteReport]:
     """Run the passes on a Dynamo graph in place; return one report row per site (and append the
     plan-matching warnings of a non-strict compile to ``warnings``)."""
-    sites = find_sites(gm, names_by_id)
-    options.plan.check_fingerprint(graph_fingerprint(sites))
-    found = check_plan_sites(options.plan, sites, options.strict)
+    graph = prepare_graph(
+        gm, options.plan, names_by_id=names_by_id, kernel_options=options.kernel_options, strict=options.strict
+    )
+    counters["plan_sites_unmatched"] += len(graph.warnings)
     if warnings is not None:
-        warnings.extend(found)
+        warnings.extend(graph.warnings)
     decider = decider or SiteDecider(options.cost_model, options.tuning_cache)
     # Sites of one shape and static rules share one static index (its cost is split between them).
-    share = collections.Counter(
-        _share_key(s, options.plan.rules_for(s.name, s.shape["q_heads"], s.shape["kv_heads"]))
-        for s in sites
-        if meta_val(s.q) is not None
-    )
-    interp, shared, rows = MaskInterpreter(), {}, []
+    share = collections.Counter(_share_key(p.site, p.rules) for p in graph.sites if p.site.fallback is None)
+    shared, rows = {}, []
     counters["graphs"] += 1
-    for site in sites:
+    for prepared in graph.sites:
+        site, rules, notes = prepared.site, prepared.rules, prepared.notes
         counters["sites"] += 1
-        site.fallback = _fallback_reason(site)
-        if site.fallback is None:
-            structure = _structure(site, interp)
-            if isinstance(structure, str):
-                site.fallback = structure
-            else:
-                site.structure = structure
         row = SiteReport(
             name=site.name,
             form=site.form,
@@ -273,11 +147,10 @@ def rewrite_graph(
         if site.fallback is not None:
             counters["kept"] += 1
             continue
-        rules, notes = _head_rules(site, options.plan, options.kernel_options or KernelOptions())
         row.rules = [str(r) for r in rules]
         row.mask = site.structure.describe() + "".join(f"; {n}" for n in notes)
         all_dense = all(r.kind == "dense" for r in rules)
-        if all_dense and _is_decode_step(site):
+        if all_dense and is_decode_step(site):
             counters["kept_decode"] += 1
             row.reason = "dense decode step: the original attention (its mask is one query row)"
             continue

@@ -24,14 +24,12 @@ import torch.nn.functional as F
 
 from sparsecomp.kernels import build_block_index
 from sparsecomp.passes.fxutil import eliminate_dead_code
-from sparsecomp.passes.mask import MaskInterpreter
-from sparsecomp.passes.match import find_sites
 from sparsecomp.passes.rewrite import ADAPTIVE_BUILDERS, observe_site
 from sparsecomp.passes.site import module_names_by_id
 
-from .backend import _fallback_reason, _structure
 from .calibration_data import CALIBRATION_FILES, default_calibration_ids
 from .plan import Plan, Rule, model_fingerprint
+from .prepare import prepare_graph
 from .recall import kept_mass
 
 CANDIDATE_KINDS = ("streaming", "vertical_slash", "sample", "block_topk")
@@ -139,15 +137,14 @@ class Calibrator:
 
     def backend(self, gm, example_inputs):
         """Dynamo backend: route each site that a sparse rule could serve through ``observe``."""
-        interp = MaskInterpreter()
-        for site in find_sites(gm, self.names_by_id):
-            with torch.no_grad():  # observing never replaces the attention: gradients are no reason to skip
-                reason = _fallback_reason(site)
-            structure = _structure(site, interp) if reason is None else reason
-            if isinstance(structure, str):
-                self.sites.setdefault(site.name, SiteStats([], note=f"kept dense: {structure}"))
+        # Observing never replaces the attention: gradients are no reason to skip (hence no_grad).
+        with torch.no_grad():
+            graph = prepare_graph(gm, Plan(), names_by_id=self.names_by_id)
+        for prepared in graph.sites:
+            site, structure = prepared.site, prepared.site.structure
+            if site.fallback is not None:
+                self.sites.setdefault(site.name, SiteStats([], note=f"kept dense: {site.fallback}"))
                 continue
-            site.structure = structure
             if not structure.causal:
                 self.sites.setdefault(site.name, SiteStats([], note="kept dense: sparse rules need a causal site"))
                 continue
@@ -305,7 +302,11 @@ class Calibrator:
             raise ValueError("calibration found no attention site that a sparse rule can serve")
         info = _plan_info(self, target, max_error, measured, data, list(lengths), seed)
         info["density_budget"] = budget
-        return Plan(default=Rule(), sites=chosen, fingerprint=model_fingerprint(model), info=info)
+        densities = {name: [h["density"] for h in m["heads"]] for name, m in measured.items() if m.get("heads")}
+        return Plan(
+            default=Rule(), sites=chosen, fingerprint=model_fingerprint(model), block=self.block, densities=densities,
+            info=info,
+        )  # fmt: skip
 
 
 def allocate(options: list[list[tuple[float, float]]], budget: float, resolution: float = 1e-3) -> list[int]:

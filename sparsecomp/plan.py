@@ -289,7 +289,7 @@ def _entry_from_json(obj, where: str) -> Rule | list[Rule]:
     return _rule_from_json(obj, where)
 
 
-_PLAN_FIELDS = ("version", "fingerprint", "default", "sites", "info")
+_PLAN_FIELDS = ("version", "fingerprint", "default", "sites", "block", "densities", "info")
 
 
 @dataclass
@@ -297,7 +297,11 @@ class Plan:
     default: Rule = field(default_factory=Rule)
     sites: dict[str, Rule | list[Rule]] = field(default_factory=dict)
     fingerprint: dict | None = None
-    info: dict = field(default_factory=dict)  # how it was made: target, data, tool version
+    # What decisions read (calibration writes them): the sparse-index block size the rules were
+    # measured at, and each site's measured kept density per query head (the cost model's work).
+    block: int | None = None
+    densities: dict[str, list[float]] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # how it was made (for people): target, data, tool version
     version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -312,6 +316,30 @@ class Plan:
         self.sites = _by_site_name({k: v if isinstance(v, Rule) else list(v) for k, v in self.sites.items()}, "sites")
         if isinstance(self.info, dict) and isinstance(self.info.get("measured"), dict):  # calibration's, per site
             self.info = {**self.info, "measured": _by_site_name(self.info["measured"], "info.measured")}
+        self._typed_from_info()
+        if self.block is not None and (type(self.block) is not int or self.block < 1):
+            raise ValueError(f"plan block must be an integer >= 1 (a sparse-index block size); got {self.block!r}")
+        if not isinstance(self.densities, dict) or not all(
+            isinstance(v, list) and all(isinstance(d, int | float) and 0 <= d <= 1 for d in v)
+            for v in self.densities.values()
+        ):
+            raise ValueError(
+                f"plan densities must map site names to lists of densities in [0, 1]; got {self.densities!r}"
+            )
+        self.densities = _by_site_name(self.densities, "densities")
+
+    def _typed_from_info(self) -> None:
+        """Plans saved before the typed fields kept them in ``info`` (calibration's "block" and
+        "measured"): read them from there."""
+        info = self.info if isinstance(self.info, dict) else {}
+        if self.block is None and type(info.get("block")) is int:
+            self.block = info["block"]
+        if not self.densities and isinstance(info.get("measured"), dict):
+            self.densities = {
+                name: [h["density"] for h in m.get("heads", []) if isinstance(h, dict) and "density" in h]
+                for name, m in info["measured"].items()
+                if isinstance(m, dict) and m.get("heads")
+            }
 
     @classmethod
     def from_any(cls, plan) -> Plan:
@@ -364,6 +392,8 @@ class Plan:
             "fingerprint": self.fingerprint,
             "default": rule(self.default),
             "sites": {k: [rule(r) for r in v] if isinstance(v, list) else rule(v) for k, v in self.sites.items()},
+            "block": self.block,
+            "densities": self.densities,
             "info": self.info,
         }
 
@@ -389,6 +419,8 @@ class Plan:
             default=_rule_from_json(obj.get("default", "dense"), "plan default"),
             sites={k: _entry_from_json(v, f"plan site {k!r}") for k, v in sites.items()},
             fingerprint=fingerprint,
+            block=obj.get("block"),
+            densities=obj.get("densities") or {},
             info=info,
             version=version,
         )

@@ -326,3 +326,26 @@ def test_plan_constructor_checks_types():
     with pytest.raises(TypeError, match="non-empty list of Rules"):
         Plan(sites={"a": ["dense"]})
     assert Plan(sites={"a": (Rule(), Rule())}).sites == {"a": [Rule(), Rule()]}
+
+
+def test_decisions_read_typed_fields_and_old_plans_fill_them_from_info():
+    """block and densities are typed Plan fields (saved at the top level); plans saved before kept
+    them in calibration's info, and load with them filled in."""
+    old = {
+        "version": 1,
+        "default": "dense",
+        "sites": {"model.layers.0.self_attn": "streaming:sink=4,window=64"},
+        "info": {
+            "block": 64,
+            "measured": {"model.layers.0.self_attn": {"heads": [{"density": 0.25}, {"density": 0.5}]}},
+        },
+    }
+    plan = Plan.from_json(old)
+    assert plan.block == 64 and plan.densities == {"model.layers.0.self_attn": [0.25, 0.5]}
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again.block == 64 and again.densities == plan.densities
+    typed = Plan(block=32, densities={"a": [0.1]}, info={"block": 64})  # the typed field wins over info
+    assert typed.block == 32
+    for bad in ({"block": 0}, {"block": 64.0}, {"densities": {"a": [1.5]}}, {"densities": {"a": 0.5}}):
+        with pytest.raises(ValueError):
+            Plan(**bad)
