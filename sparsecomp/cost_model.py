@@ -139,6 +139,10 @@ def head_block_counts(
     site_lo, head_lo = first_block(r0, site_window, True), first_block(r0, window, True)
     lo = torch.maximum(site_lo, head_lo)
     sink_some = torch.clamp(torch.minimum(torch.clamp(head_lo, max=-(-sink // block_n)), last + 1) - site_lo, min=0)
+    # ... but only when some sink key is inside the site window: its first key can fall after the
+    # sinks in the same block as the last of them.
+    site_first_key = torch.clamp(r0 - site_window + 1, min=0) if site_window > 0 else torch.zeros_like(r0)
+    sink_some = torch.where(site_first_key <= sink - 1, sink_some, 0)
     keep = torch.clamp(last - lo + 1, min=0) + sink_some
     # every: [max(site, head), last_full] plus whole sink blocks in [site, head)
     last_full = torch.clamp((r0 + 1) // block_n - 1, max=n_k // block_n - 1)  # a partial key block is never full

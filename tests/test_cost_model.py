@@ -282,3 +282,31 @@ def test_a_selection_refined_to_smaller_blocks_keeps_the_same_pairs():
         assert counts.programs == 2 * -(-n // block) and counts.part == 2 * -(-n // block)
         outs.append(run_sparse(q, k, v, index, KernelOptions(block_m=block, block_n=block)))
     torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_closed_form_block_counts_equal_the_index_builder_on_random_streaming_rules():
+    """Random lengths, sinks, head and site windows and block shapes (the fixed cases above missed a
+    sink block whose sink keys lie before the site window while the block reaches into it)."""
+    gen = torch.Generator().manual_seed(7)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    for _ in range(300):
+        n_k = draw(1, 700)
+        n_q = draw(1, n_k)
+        sink, window, site_window = draw(0, 200), draw(0, 400), draw(0, 1) * draw(1, 500)
+        block_m, block_n = 16 * 2 ** draw(0, 2), 16 * 2 ** draw(0, 2)
+        q_pos, k_pos = torch.arange(n_k - n_q, n_k)[None], torch.arange(n_k)[None]
+        index = build_block_index(
+            q_pos, k_pos, None, torch.tensor([sink]), torch.tensor([window]), causal=True, window=site_window,
+            block_m=block_m, block_n=block_n, max_blocks=None,
+        )  # fmt: skip
+        full, part = head_block_counts(
+            n_q, n_k, sink, window, block_m=block_m, block_n=block_n, site_window=site_window
+        )
+        case = dict(
+            n_q=n_q, n_k=n_k, sink=sink, window=window, site_window=site_window, block_m=block_m, block_n=block_n
+        )
+        assert torch.equal(full, index.full_count[0, 0].float()), case
+        assert torch.equal(part, index.part_count[0, 0].float()), case
