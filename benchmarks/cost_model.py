@@ -39,7 +39,7 @@ from sparsecomp.cost_model import (  # noqa: E402
     Workload,
     ranked,
 )
-from sparsecomp.kernels import SparseIndex, build_block_index  # noqa: E402
+from sparsecomp.kernels import build_block_index  # noqa: E402
 from sparsecomp.kernels.adaptive_index import block_topk_index  # noqa: E402
 from sparsecomp.plan import Rule  # noqa: E402
 
@@ -112,7 +112,7 @@ def measured_crossover(name, rule: Rule, model, d, device, lengths) -> dict:
                 return build(pos, pos, None, sink[:1], window[:1], max_blocks=None, **common)  # noqa: B023
 
         def total():
-            index = SparseIndex(*index_fn())  # noqa: B023
+            index = index_fn()  # noqa: B023
             return run_sparse(q, k, v, index, options, head_sink=sink, head_window=window)  # noqa: B023
 
         dense = sdpa_ms(q, k, v)

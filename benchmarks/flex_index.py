@@ -33,7 +33,7 @@ def _column_set(columns: torch.Tensor, column_count: torch.Tensor, n_k: int) -> 
 def index_block_mask(index, n_q: int, n_k: int, block: int) -> BlockMask:
     """The BlockMask (``BLOCK_SIZE`` = ``block``, square blocks) keeping the pairs ``index`` keeps
     on a causal prefill site (see the module notes)."""
-    full_blocks, full_count, part_blocks, part_count, columns, column_count = index
+    full_blocks, full_count, part_blocks, part_count, columns, column_count = index.tensors
     b, h, n_qb = full_count.shape
     n_kb = -(-n_k // block)
     shift = n_k - n_q

@@ -26,7 +26,13 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import compiled_flex, environment, markdown_table, median_ms, write_results  # noqa: E402
 
-from sparsecomp.kernels import SparseIndex, build_block_index, index_positions  # noqa: E402
+from sparsecomp.kernels import (  # noqa: E402
+    KernelOptions,
+    SparseIndex,
+    build_block_index,
+    index_positions,
+    sparse_attention_call,
+)
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 128
 SINK, WINDOW = 128, 2048
@@ -56,7 +62,7 @@ def random_index(n: int, density: float, device, seed: int = 0):
     part_blocks[..., 0] = torch.arange(nb, device=device, dtype=torch.int32)
     part_count = torch.ones(1, HQ, nb, dtype=torch.int32, device=device)
     computed = (full_count.sum() + part_count.sum()).item() / (HQ * causal_blocks)
-    return SparseIndex(full_blocks.contiguous(), full_count, part_blocks, part_count), computed
+    return SparseIndex(full_blocks.contiguous(), full_count, part_blocks, part_count, BLOCK, BLOCK), computed
 
 
 def pattern_index(pattern: str, q, k):
@@ -108,12 +114,16 @@ def flex_block_mask(pattern: str, n: int, index, device):
     return create_block_mask(mod, 1, 1, n, n, device=device, BLOCK_SIZE=BLOCK, _compile=True)
 
 
-def run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg: dict):
-    """One call of the sparse op on a causal site with the launch config ``cfg`` ({} = defaults)."""
-    return torch.ops.sparsecomp.sparse_attention(
-        q, k, v, q_pos, k_pos, None, *index, sinks, windows, D**-0.5, True, 0, 0.0, BLOCK, BLOCK,
-        cfg.get("tile_n", 0), cfg.get("num_warps", 0), cfg.get("num_stages", 0), cfg.get("tma", -1),
-        cfg.get("tile_m", 0),
+def kernel_options(cfg: dict) -> KernelOptions:
+    """The launch config ``cfg`` ({} = defaults) at the benchmark's block size."""
+    return KernelOptions(block_m=BLOCK, block_n=BLOCK, **cfg)
+
+
+def run_op(q, k, v, q_pos, k_pos, index, sinks, windows, options: KernelOptions):
+    """One call of the sparse op on a causal site under ``options`` (built once, outside the timing)."""
+    return sparse_attention_call(
+        q, k, v, index, q_pos=q_pos, k_pos=k_pos, head_sink=sinks, head_window=windows, scale=D**-0.5,
+        causal=True, options=options,
     )  # fmt: skip
 
 
@@ -123,10 +133,12 @@ def measure_pattern(pattern: str, q, k, v, flex, sdpa_ms, tuning: dict) -> dict:
     sinks = torch.full((HQ,), sink, dtype=torch.int32, device=dev)
     windows = torch.full((HQ,), window, dtype=torch.int32, device=dev)
 
-    def ours(index=index, cfg=tuning):
-        return run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg)
+    default, tuned = kernel_options({}), kernel_options(tuning)
 
-    row = {"density": density, "default_ms": median_ms(lambda: ours(cfg={}))}
+    def ours(index=index, options=tuned):
+        return run_op(q, k, v, q_pos, k_pos, index, sinks, windows, options)
+
+    row = {"density": density, "default_ms": median_ms(lambda: ours(options=default))}
     row["sparsecomp_ms"] = median_ms(ours) if tuning else row["default_ms"]
     row["config"] = " ".join(f"{k}={v}" for k, v in tuning.items()) or "default"
     if build is not None:
@@ -156,18 +168,19 @@ def tune(pattern: str, n: int) -> dict:
     q_pos, k_pos, index, _, (sink, window), _ = pattern_index(pattern, q, k)
     sinks = torch.full((HQ,), sink, dtype=torch.int32, device="cuda")
     windows = torch.full((HQ,), window, dtype=torch.int32, device="cuda")
-    expected = run_op(q, k, v, q_pos, k_pos, index, sinks, windows, {"tma": 0}).float()
+    expected = run_op(q, k, v, q_pos, k_pos, index, sinks, windows, kernel_options({"tma": 0})).float()
     best, results = None, []
     # 4 warps lost by 2x on 128-row tiles, 8 warps by 1.4x on 64-row tiles (sweeps of 2026-11-24)
     for (tile_m, warps), stages, tma in itertools.product(((64, 4), (128, 8)), (2, 3), (0, 1)):
         cfg = {"tile_m": tile_m, "tile_n": 128, "num_warps": warps, "num_stages": stages, "tma": tma}
         try:
-            out = run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg).float()
+            opts = kernel_options(cfg)
+            out = run_op(q, k, v, q_pos, k_pos, index, sinks, windows, opts).float()
             err = ((out - expected).norm() / expected.norm()).item()
             if not err < 1e-2:  # a miscompiled variant must never win
                 print(f"tune {pattern} {cfg}: wrong output (rel. diff {err:.2e})", flush=True)
                 continue
-            ms = median_ms(lambda cfg=cfg: run_op(q, k, v, q_pos, k_pos, index, sinks, windows, cfg))
+            ms = median_ms(lambda opts=opts: run_op(q, k, v, q_pos, k_pos, index, sinks, windows, opts))
         except Exception as e:  # e.g. out of shared memory
             print(f"tune {pattern} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
             continue

@@ -34,7 +34,7 @@ from flex_index import index_block_mask  # noqa: E402
 from harness import compiled_flex, environment, markdown_table, median_ms, write_results  # noqa: E402
 
 from sparsecomp.backend import inductor_with_opaque_ops  # noqa: E402
-from sparsecomp.kernels import index_positions  # noqa: E402
+from sparsecomp.kernels import index_positions, sparse_attention_call  # noqa: E402
 from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
 from sparsecomp.recall import pattern_recall  # noqa: E402
 
@@ -132,8 +132,8 @@ def run_length(n: int, patterns: list[str], locality: str, recall_max: int, eage
             build = builders(n, eager)[name]
 
             def op(index):
-                return torch.ops.sparsecomp.sparse_attention(
-                    q, k, v, pos, pos, None, *index, zeros, zeros, SCALE, True, 0, 0.0, BLOCK, BLOCK
+                return sparse_attention_call(
+                    q, k, v, index, q_pos=pos, k_pos=pos, head_sink=zeros, head_window=zeros, scale=SCALE, causal=True
                 )
 
             index = build(q, k, pos)

@@ -1,7 +1,8 @@
 """Attention kernels and the ops that call them (installed as ``sparsecomp.kernels``).
 
 Each op is registered with ``torch.library.triton_op`` so Inductor can see Triton kernels on GPU,
-and carries a plain PyTorch reference of the same semantics that runs on CPU.
+and carries a plain PyTorch reference of the same semantics that runs on CPU. Callers go through
+``sparse_attention_call`` (a ``SparseIndex`` and ``KernelOptions``), not the raw op's 25 arguments.
 """
 
 # This folder is installed as sparsecomp.kernels. Run from the repository root, Python can also find it
@@ -13,16 +14,21 @@ if __name__ == "sparsecomp.kernels":
         SUPPORTED_DTYPES,
         check_head_dim,
         sparse_attention,
+        sparse_attention_call,
         sparse_attention_reference,
     )
+    from .options import KernelOptions, check_kernel_options
 
 __all__ = [
     "SUPPORTED_DTYPES",
+    "KernelOptions",
     "SparseIndex",
     "block_index_bound",
     "build_block_index",
     "check_head_dim",
+    "check_kernel_options",
     "index_positions",
     "sparse_attention",
+    "sparse_attention_call",
     "sparse_attention_reference",
 ]

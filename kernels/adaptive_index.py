@@ -64,7 +64,7 @@ def index_from_selection(selected, q_pos, k_pos, key_ok, *, causal, window, bloc
     full_blocks, full_count = compact(keep & every)
     part_blocks, part_count = compact(keep & ~every)
     cols, col_count = columns if columns is not None else (None, None)
-    return SparseIndex(full_blocks, full_count, part_blocks, part_count, cols, col_count)
+    return SparseIndex(full_blocks, full_count, part_blocks, part_count, block_m, block_n, cols, col_count)
 
 
 def _check_blocks(block_m: int, block_n: int, name: str):
@@ -176,7 +176,7 @@ def vertical_slash_index(
     limits = block_limits(q_pos, k_pos, key_ok, block_m, block_n)
     blocks = diagonal_block_lists(rel_set, *limits, base, causal, window)
     columns = _vertical_columns(cols_kept, max(nv) + sink, rel_set, base, n_qb, n_k, shift, block_m, block_n)
-    return SparseIndex(*blocks, *columns)
+    return SparseIndex(*blocks, block_m, block_n, *columns)
 
 
 def _vertical_columns(cols_kept, most, rel_set, base, n_qb, n_k, shift, block_m, block_n):
@@ -333,8 +333,11 @@ def combine_head_indexes(parts: list, heads: list[tuple[int, ...]], hq: int) -> 
     """One index for all ``hq`` query heads from per-rule indexes: ``parts[i]`` covers the query
     heads ``heads[i]`` (its head dim is len(heads[i]), 1 when shared, or hq: built for every head,
     the group's heads are taken). Lists are padded to the longest (counts unchanged); heads without
-    columns get none."""
-    parts = [SparseIndex(*p) for p in parts]  # graph nodes may hand over plain tuples
+    columns get none. The parts must have the same block sizes."""
+    block_m, block_n = parts[0].block_m, parts[0].block_n
+    if any((p.block_m, p.block_n) != (block_m, block_n) for p in parts):
+        sizes = [(p.block_m, p.block_n) for p in parts]
+        raise ValueError(f"indexes of different block sizes (block_m, block_n) {sizes} cannot be combined")
     b = max(p.full_count.shape[0] for p in parts)
     n_qb = parts[0].full_count.shape[2]
     width = max(p.full_blocks.shape[-1] for p in parts)
@@ -349,7 +352,7 @@ def combine_head_indexes(parts: list, heads: list[tuple[int, ...]], hq: int) -> 
         h = torch.tensor(head_ids, device=dev)
         n_h = len(head_ids)
         if part.full_count.shape[1] == hq and n_h != hq:  # built for every head: take the group's
-            part = SparseIndex(*(t[:, h] if t is not None else None for t in part))
+            part = SparseIndex(*(t[:, h] if isinstance(t, torch.Tensor) else t for t in part))
         lists[0][:, h] = _pad_last(part.full_blocks, width).expand(b, n_h, n_qb, width)
         lists[1][:, h] = _pad_last(part.part_blocks, width).expand(b, n_h, n_qb, width)
         counts[0][:, h] = part.full_count.expand(b, n_h, n_qb)
@@ -359,5 +362,5 @@ def combine_head_indexes(parts: list, heads: list[tuple[int, ...]], hq: int) -> 
             columns[:, h] = cols.expand(b, n_h, col_rows, cols.shape[-1])
             counts[2][:, h] = part.column_count.expand(b, n_h, n_qb)
     if not with_cols:
-        return SparseIndex(lists[0], counts[0], lists[1], counts[1])
-    return SparseIndex(lists[0], counts[0], lists[1], counts[1], columns, counts[2])
+        return SparseIndex(lists[0], counts[0], lists[1], counts[1], block_m, block_n)
+    return SparseIndex(lists[0], counts[0], lists[1], counts[1], block_m, block_n, columns, counts[2])

@@ -24,16 +24,25 @@ import torch
 
 
 class SparseIndex(NamedTuple):
-    """B' and H' are the batch and head counts, or 1 where every row or head shares the lists."""
+    """B' and H' are the batch and head counts, or 1 where every row or head shares the lists.
+    The index carries its block sizes (as FlexAttention's BlockMask does): they decide what the
+    lists mean, so the kernel must run with the same ones (``sparse_attention_call`` checks)."""
 
     full_blocks: torch.Tensor  # (B', H', nQB, L) int32, ascending key-block ids, tail unused
     full_count: torch.Tensor  # (B', H', nQB) int32
     part_blocks: torch.Tensor  # (B', H', nQB, L) int32
     part_count: torch.Tensor  # (B', H', nQB) int32
+    block_m: int  # BM: query rows per query block
+    block_n: int  # BN: keys per key block
     # (B', H', nQB or 1, C) int32 single keys outside the row's listed blocks; entries >= Nk are
     # skipped. With 1 row, every query block reads a prefix of one list (its count).
     columns: torch.Tensor | None = None
     column_count: torch.Tensor | None = None  # (B', H', nQB) int32
+
+    @property
+    def tensors(self) -> tuple:
+        """The six tensors in the op's argument order (full, part, columns: lists then counts)."""
+        return self.full_blocks, self.full_count, self.part_blocks, self.part_count, self.columns, self.column_count
 
 
 def index_positions(x: torch.Tensor, dim: int, offset: int = 0) -> torch.Tensor:
@@ -216,4 +225,4 @@ def build_block_index(
     full = keep & every & local_every
     full_blocks, full_count = _compact(full, length)
     part_blocks, part_count = _compact(keep & ~full, length)
-    return SparseIndex(full_blocks, full_count, part_blocks, part_count)
+    return SparseIndex(full_blocks, full_count, part_blocks, part_count, block_m, block_n)

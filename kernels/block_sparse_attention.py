@@ -16,7 +16,8 @@ time; online softmax in fp32 base 2:
     s2 = (q . k) * scale * log2(e);  m' = max(m, rowmax(s2));  p = 2^(s2 - m')
     l' = l * 2^(m - m') + rowsum(p);  acc' = acc * 2^(m - m') + p @ v;  out = acc / l (0 if l = 0)
 and head_dim padded to a power of two inside the kernel by masked loads), its launcher (grid,
-tiles, warps, stages from the kernel options), and the op registration. Beside them, the PyTorch
+tiles, warps, stages from the kernel options), the op registration, and ``sparse_attention_call``,
+the typed call (a SparseIndex and KernelOptions) that every caller uses. Beside them, the PyTorch
 reference: the same semantics computed in chunks of query rows (memory O(chunk * Nk), never
 Nq x Nk), which is the op's implementation off CUDA and the oracle of the tests.
 """
@@ -30,7 +31,8 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from .block_index import check_keys, first_valid_key
+from .block_index import SparseIndex, check_keys, first_valid_key
+from .options import MAX_BLOCK, MIN_TILE, KernelOptions, check_kernel_options
 
 LOG2E = math.log2(math.e)
 
@@ -226,52 +228,6 @@ def _batch_stride(t: torch.Tensor, dim: int = 0) -> int:
 
 
 _SHARED_MEMORY_BYTES = 227 * 1024  # per program on Hopper (other GPUs: read off the device)
-
-# What the launcher accepts (``check_kernel_options``; KernelOptions checks the same on any device).
-MIN_TILE = 16  # tl.dot's smallest tile side
-MAX_TILE = 256  # query / key rows per program: a 256-row tile already needs 2 stages at head_dim 128 (H100)
-MAX_BLOCK = 1024  # index block sizes: a key block is walked as block_n / tile_n unrolled tiles
-NUM_WARPS = (0, 1, 2, 4, 8, 16, 32)  # 0 = default; Triton: a power of two, at most 1024 threads
-TMA_MODES = (-1, 0, 1)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _power_of_two(value) -> bool:
-    return _is_int(value) and value > 0 and not value & (value - 1)
-
-
-def check_kernel_options(
-    block_m: int, block_n: int, tile_n: int = 0, num_warps: int = 0, num_stages: int = 0, tma: int = -1,
-    tile_m: int = 0, *, owner: str = "",
-) -> None:  # fmt: skip
-    """Raise ValueError, naming the field, its value and what is accepted, unless the launcher can
-    take these options: its static requirements, checked the same on every device (the op on CPU,
-    ``KernelOptions``). Whether the tiles fit a GPU's shared memory and registers at a given
-    head_dim and dtype is only known there (Triton raises OutOfResources)."""
-
-    def fail(name, value, accepted):
-        raise ValueError(f"{owner}{name}={value!r}; accepted: {accepted}")
-
-    for name, value in (("block_m", block_m), ("block_n", block_n)):
-        if not (_power_of_two(value) and MIN_TILE <= value <= MAX_BLOCK):
-            fail(name, value, f"a power of two from {MIN_TILE} to {MAX_BLOCK}")
-    for name, value, block, size in (("tile_m", tile_m, "block_m", block_m), ("tile_n", tile_n, "block_n", block_n)):
-        # tiles divide their block: with power-of-two blocks, any power of two up to the block
-        most = min(MAX_TILE, size)
-        if not _is_int(value) or (value and not (_power_of_two(value) and MIN_TILE <= value <= most)):
-            fail(name, value, f"0 (the default) or a power of two from {MIN_TILE} to {most} (<= {block}={size})")
-    if not tile_m and block_m > MAX_TILE:
-        fail("tile_m", tile_m, f"a power of two from {MIN_TILE} to {MAX_TILE}: the default (block_m={block_m}) is "
-             f"above the largest query tile")  # fmt: skip
-    if not (_is_int(num_warps) and num_warps in NUM_WARPS):
-        fail("num_warps", num_warps, f"one of {NUM_WARPS} (0 = the default)")
-    if not (_is_int(num_stages) and num_stages >= 0):
-        fail("num_stages", num_stages, "0 (the default) or a positive integer")
-    if not (_is_int(tma) and tma in TMA_MODES):
-        fail("tma", tma, f"one of {TMA_MODES} (-1 = where the GPU allows, 0 = off, 1 = required)")
 
 
 def launch_config(
@@ -729,3 +685,46 @@ def sparse_attention(
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, *args):
     return q.new_empty(q.shape)
+
+
+def sparse_attention_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SparseIndex,
+    *,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    key_ok: torch.Tensor | None = None,
+    head_sink: torch.Tensor | None = None,
+    head_window: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool,
+    window: int = 0,
+    softcap: float = 0.0,
+    options: KernelOptions | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention of q, k, v over ``index``: the one caller of the raw op.
+
+    The structure (positions, padding ``key_ok``, ``causal``, ``window``, ``softcap``) and the
+    heads' local rules (``head_sink``, ``head_window``: (Hq,) int32, None = none) say what is kept
+    inside the listed blocks; ``options`` says how the kernel runs (None: its defaults at the
+    index's block sizes); ``scale`` None is head_dim ** -0.5, as in SDPA. In an FX graph, call it
+    with the index as one node (a builder's output): nodes inside dataclasses are not seen by FX."""
+    if options is None:
+        options = KernelOptions(block_m=index.block_m, block_n=index.block_n)
+    if (index.block_m, index.block_n) != (options.block_m, options.block_n):
+        raise ValueError(
+            f"the index has block_m={index.block_m}, block_n={index.block_n} but the kernel options have "
+            f"block_m={options.block_m}, block_n={options.block_n}: build the index with the options' block sizes"
+        )
+    if head_sink is None or head_window is None:
+        zeros = torch.zeros(q.shape[1], dtype=torch.int32, device=q.device)
+        head_sink = zeros if head_sink is None else head_sink
+        head_window = zeros if head_window is None else head_window
+    o = options
+    return sparse_attention(
+        q, k, v, q_pos, k_pos, key_ok, *index.tensors, head_sink, head_window,
+        q.shape[-1] ** -0.5 if scale is None else scale, causal, window, softcap,
+        o.block_m, o.block_n, o.tile_n, o.num_warps, o.num_stages, o.tma, o.tile_m,
+    )  # fmt: skip

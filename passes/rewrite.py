@@ -1,4 +1,4 @@
-"""Rewriting a matched site into: positions → block index builder → sparsecomp.sparse_attention.
+"""Rewriting a matched site into: positions → block index builder → sparse_attention_call (the op).
 
 The new nodes read only O(N) position and padding vectors; once the site's output is replaced,
 dead-code elimination removes the old attention, the repeated K/V and the N x N mask.
@@ -6,13 +6,20 @@ dead-code elimination removes the old attention, the repeated K/V and the N x N 
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from sparsecomp.kernels import block_index_bound, build_block_index, index_positions
+from sparsecomp.kernels import (
+    KernelOptions,
+    block_index_bound,
+    build_block_index,
+    index_positions,
+    sparse_attention_call,
+)
 from sparsecomp.kernels.adaptive_index import (
     block_topk_index,
     combine_head_indexes,
@@ -22,37 +29,6 @@ from sparsecomp.kernels.adaptive_index import (
 
 from .match import default_scale
 from .site import AttentionSite, meta_val
-
-
-@dataclass(frozen=True)
-class KernelOptions:
-    """How the kernel runs, never what it keeps: block sizes of the sparse index, and the Triton
-    key tile, warps and pipeline stages (0 = the kernel's default for the head_dim), K/V loads by
-    tensor descriptors (-1 = where the GPU allows, 0 = off, 1 = required), and the query rows per
-    program (a divisor of block_m; 0 = block_m)."""
-
-    block_m: int = 128
-    block_n: int = 128
-    tile_n: int = 0
-    num_warps: int = 0
-    num_stages: int = 0
-    tma: int = -1
-    tile_m: int = 0
-
-    def __post_init__(self):
-        """Refuse, on any device, what the Triton launcher would refuse (one check serves both):
-        ValueError naming the field, its value and the accepted range. Integers of other types
-        (NumPy's) are taken as Python ints; bools, floats and strings are refused."""
-        from numbers import Integral
-
-        from sparsecomp.kernels.block_sparse_attention import check_kernel_options
-
-        names = ("block_m", "block_n", "tile_n", "num_warps", "num_stages", "tma", "tile_m")
-        for name in names:
-            value = getattr(self, name)
-            if isinstance(value, Integral) and not isinstance(value, bool | int):
-                object.__setattr__(self, name, int(value))
-        check_kernel_options(*(getattr(self, name) for name in names), owner="KernelOptions.")
 
 
 def trailing_positions(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -202,42 +178,26 @@ def rewrite_site(
                     max_blocks=bound,
                 ),
             )
-            parts = [graph.call_function(operator.getitem, (index, i)) for i in range(6)]
-            shared[key] = (q_pos, k_pos, key_ok, sink, window, parts)
-        q_pos, k_pos, key_ok, sink, window, parts = shared[key]
+            shared[key] = (q_pos, k_pos, key_ok, sink, window, index)
+        q_pos, k_pos, key_ok, sink, window, index = shared[key]
         if adaptive:
             hq = site.shape["q_heads"]
             pieces = [_adaptive_index(graph, site, g, q_pos, k_pos, key_ok, options) for g in adaptive]
             heads = [g.heads for g in adaptive]
             if static_heads:
-                pieces.append(tuple(parts))
+                pieces.append(index)
                 heads.append(static_heads)
             index = graph.call_function(combine_head_indexes, (pieces, heads, hq))
-            parts = [graph.call_function(operator.getitem, (index, i)) for i in range(6)]
+        # The index is one node (a SparseIndex at run time, its block sizes inside). The options are
+        # made by a node too: FX's generated code prints a dataclass constant without importing its class.
+        if ("options", options) not in shared:
+            shared["options", options] = graph.call_function(KernelOptions, (), dataclasses.asdict(options))
+        structure = dict(
+            q_pos=q_pos, k_pos=k_pos, key_ok=key_ok, head_sink=sink, head_window=window,
+            scale=float(default_scale(site)), causal=s.causal, window=s.window, softcap=float(site.softcap),
+        )  # fmt: skip
         out = graph.call_function(
-            torch.ops.sparsecomp.sparse_attention.default,
-            (
-                site.q,
-                site.k,
-                site.v,
-                q_pos,
-                k_pos,
-                key_ok,
-                *parts,
-                sink,
-                window,
-                float(default_scale(site)),
-                s.causal,
-                s.window,
-                float(site.softcap),
-                options.block_m,
-                options.block_n,
-                options.tile_n,
-                options.num_warps,
-                options.num_stages,
-                options.tma,
-                options.tile_m,
-            ),
+            sparse_attention_call, (site.q, site.k, site.v, index), dict(structure, options=shared["options", options])
         )
         old = meta_val(site.output)
         if old is not None and old.dtype != site.dtype:

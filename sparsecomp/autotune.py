@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparsecomp.kernels import SparseIndex, build_block_index
+from sparsecomp.kernels import SparseIndex, build_block_index, sparse_attention_call
 from sparsecomp.kernels.adaptive_index import (
     block_topk_index,
     combine_head_indexes,
@@ -86,21 +86,18 @@ def selection_index(
     tile_m = tile_m or block
     counts = BlockCounts(block, block, float(fc.sum()), float(pc.sum()), float((fc + pc).max()),
                          heads * -(-n // tile_m), tile_m)  # fmt: skip
-    return SparseIndex(fb, fc, pb, pc), counts
+    return SparseIndex(fb, fc, pb, pc, block, block), counts
 
 
 def run_sparse(q, k, v, index: SparseIndex, options: KernelOptions, *, scale=None, q_pos=None, k_pos=None,
                key_ok=None, head_sink=None, head_window=None, causal=True, window=0):  # fmt: skip
     """The sparse op on ``index`` under ``options`` (as the rewritten graph calls it)."""
-    dev, hq = q.device, q.shape[1]
+    dev = q.device
     q_pos = torch.arange(k.shape[2] - q.shape[2], k.shape[2], device=dev)[None] if q_pos is None else q_pos
     k_pos = torch.arange(k.shape[2], device=dev)[None] if k_pos is None else k_pos
-    zeros = torch.zeros(hq, dtype=torch.int32, device=dev)
-    return torch.ops.sparsecomp.sparse_attention(
-        q, k, v, q_pos, k_pos, key_ok, *index[:4], index.columns, index.column_count,
-        zeros if head_sink is None else head_sink, zeros if head_window is None else head_window,
-        scale if scale is not None else q.shape[-1] ** -0.5, causal, window, 0.0, options.block_m, options.block_n,
-        options.tile_n, options.num_warps, options.num_stages, options.tma, options.tile_m,
+    return sparse_attention_call(
+        q, k, v, index, q_pos=q_pos, k_pos=k_pos, key_ok=key_ok, head_sink=head_sink, head_window=head_window,
+        scale=scale, causal=causal, window=window, options=options,
     )  # fmt: skip
 
 
@@ -208,7 +205,7 @@ def _engine_points(hq, hkv, n, d, dtype, device, configs, densities, sms):
             t = median_ms(lambda: run_sparse(q, k, v, index, options))  # noqa: B023
             yield (name, d), engine_features(w, counts, sms), t, {"n": n, "density": density, "pattern": "random"}
         blocks = dict(causal=True, window=0, block_m=options.block_m, block_n=options.block_n, max_blocks=None)
-        index = SparseIndex(*build_block_index(pos, pos, None, sink[:1], window[:1], **blocks))
+        index = build_block_index(pos, pos, None, sink[:1], window[:1], **blocks)
         counts = static_block_counts(w, [streaming] * hq, options)
         t = median_ms(lambda: run_sparse(q, k, v, index, options, head_sink=sink, head_window=window))  # noqa: B023
         info = {"n": n, "density": round(counts.density(w), 3), "pattern": "streaming"}
@@ -308,9 +305,9 @@ def site_index(site: CapturedSite, options: KernelOptions) -> SparseIndex:
         heads.append(g.heads)
     static_heads = tuple(h for h in range(hq) if not site.rules[h].adaptive)
     if static_heads:
-        pieces.append(tuple(static))
+        pieces.append(static)
         heads.append(static_heads)
-    return SparseIndex(*combine_head_indexes(pieces, heads, hq))
+    return combine_head_indexes(pieces, heads, hq)
 
 
 def _dense_call(site: CapturedSite):

@@ -218,7 +218,7 @@ def test_op_on_an_adaptive_index_matches_golden(pattern):
     q, k, v, key_ok, q_pos, k_pos = inputs(pad=5, seed=11)
     index, ref_mask = build(pattern, q, k, key_ok, q_pos, k_pos)
     zeros = torch.zeros(HQ, dtype=torch.int32)
-    args = (q, k, v, q_pos, k_pos, key_ok, *index, zeros, zeros, SCALE, True, 0, 0.0, BLOCK, BLOCK)
+    args = (q, k, v, q_pos, k_pos, key_ok, *index.tensors, zeros, zeros, SCALE, True, 0, 0.0, BLOCK, BLOCK)
     expected = golden(q, k, v, ref_mask, SCALE).float()
     torch.testing.assert_close(sparse_attention_reference(*args), expected, atol=2e-5, rtol=2e-5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -39,12 +39,14 @@ def test_flex_on_the_exported_mask_equals_our_op(pattern):
         assert index.columns is not None and (index.columns < N).any()  # stripes outside the blocks
     zeros = torch.zeros(HQ, dtype=torch.int32)
     ours = sparse_attention_reference(
-        q, k, v, pos, pos, None, *index, zeros, zeros, D**-0.5, True, 0, 0.0, BLOCK, BLOCK
+        q, k, v, pos, pos, None, *index.tensors, zeros, zeros, D**-0.5, True, 0, 0.0, BLOCK, BLOCK
     )  # fmt: skip
     mask = index_block_mask(index, N, N, BLOCK)
     # Block level (eager Flex reads only the mask function): every kept pair lies in a block Flex
     # computes, and its full blocks hold only kept pairs.
-    kept = index_pairs(pos, pos, None, *index, zeros, zeros, causal=True, window=0, block_m=BLOCK, block_n=BLOCK)(0, N)
+    kept = index_pairs(
+        pos, pos, None, *index.tensors, zeros, zeros, causal=True, window=0, block_m=BLOCK, block_n=BLOCK
+    )(0, N)
     n_kb = -(-N // BLOCK)
 
     def pairs(blocks):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsecomp.kernels import block_index_bound, build_block_index, sparse_attention, sparse_attention_reference
+from sparsecomp.kernels import block_index_bound, build_block_index, sparse_attention_call, sparse_attention_reference
 from sparsecomp.kernels.block_index import first_valid_key
 from sparsecomp.kernels.block_sparse_attention import kept_pairs, sparse_attention_triton
 
@@ -40,8 +40,16 @@ def setup(n_q, n_k, pad, sink, window, block_m, block_n, *, site_window=0, batch
     )  # fmt: skip
     start = first_valid_key(key_ok, q.device)
     keep = kept_pairs(q_pos, k_pos, key_ok, start, sink_t, win_t, causal=True, window=site_window)
-    args = (q, k, v, q_pos, k_pos, key_ok, *index, sink_t, win_t, 1 / math.sqrt(d), True, site_window, 0.0)
+    args = (q, k, v, q_pos, k_pos, key_ok, *index.tensors, sink_t, win_t, 1 / math.sqrt(d), True, site_window, 0.0)
     return args, index, bound, keep.expand(batch, hq, n_q, n_k)
+
+
+def call(args, index):
+    """The op through its typed call, on ``setup``'s arguments."""
+    q, k, v, q_pos, k_pos, key_ok = args[:6]
+    sink, win, scale, causal, window, _ = args[12:]
+    local = dict(key_ok=key_ok, head_sink=sink, head_window=win, scale=scale, causal=causal, window=window)
+    return sparse_attention_call(q, k, v, index, q_pos=q_pos, k_pos=k_pos, **local)
 
 
 def sdpa_golden(q, k, v, keep, scale):
@@ -88,7 +96,9 @@ def test_minimal_case_lists_the_diagonal_block():
     assert index.part_blocks[0, 0, 0].tolist() == [1, 2, 3]  # was [0, 1, 2]: block 0 listed, block 3 cut
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 1, n, 16, generator=gen) for n in (16, 56, 56))
-    out = sparse_attention_reference(q, k, v, q_pos, k_pos, key_ok, *index, sink, win, 0.25, True, 0, 0.0, 16, 16)
+    out = sparse_attention_reference(
+        q, k, v, q_pos, k_pos, key_ok, *index.tensors, sink, win, 0.25, True, 0, 0.0, 16, 16
+    )
     keep = (k_pos[0] <= q_pos[0][:, None]) & (q_pos[0][:, None] - k_pos[0] < 16) & key_ok[0]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # was 0.64 off
@@ -104,7 +114,7 @@ def test_reference_matches_sdpa_and_the_index_its_bound(block_m, block_n, sink, 
     args, index, bound, keep = setup(n_k - offset, n_k, pad, sink, window, block_m, block_n, seed=offset + pad)
     assert_exact_and_bounded(index, bound, keep, block_m, block_n)
     q, k, v = args[:3]
-    out = sparse_attention(*args, block_m, block_n)
+    out = call(args, index)
     torch.testing.assert_close(out, sdpa_golden(q, k, v, keep, args[14]), atol=1e-5, rtol=1e-5)
 
 
@@ -116,7 +126,7 @@ def test_site_window_with_sinks_lists_only_what_is_kept(block_m, block_n, sink, 
     does not reach are not listed (the sinks' own positions decide, not their block's)."""
     args, index, bound, keep = setup(60, 90, pad, sink, window, block_m, block_n, site_window=site_window)
     assert_exact_and_bounded(index, bound, keep, block_m, block_n)
-    out = sparse_attention(*args, block_m, block_n)
+    out = call(args, index)
     torch.testing.assert_close(out, sdpa_golden(*args[:3], keep, args[14]), atol=1e-5, rtol=1e-5)
 
 

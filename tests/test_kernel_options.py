@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from sparsecomp.kernels import build_block_index, index_positions, sparse_attention, sparse_attention_reference
+from sparsecomp.kernels import (
+    SparseIndex,
+    build_block_index,
+    index_positions,
+    sparse_attention,
+    sparse_attention_call,
+    sparse_attention_reference,
+)
+from sparsecomp.kernels.adaptive_index import combine_head_indexes
 from sparsecomp.kernels.block_sparse_attention import launch_config, sparse_attention_triton
 from sparsecomp.passes.rewrite import KernelOptions
 
@@ -105,7 +113,7 @@ def small_case(n_q=40, n_k=40, block_m=16, block_n=16, key_ok=None, d=16, max_bl
         q_pos, k_pos, key_ok, sink[:1], win[:1], causal=True, window=0, block_m=block_m, block_n=block_n,
         max_blocks=max_blocks,
     )  # fmt: skip
-    return [q, k, v, q_pos, k_pos, key_ok, *index, sink, win, 1 / math.sqrt(d), True, 0, 0.0]
+    return [q, k, v, q_pos, k_pos, key_ok, *index.tensors, sink, win, 1 / math.sqrt(d), True, 0, 0.0]
 
 
 def test_the_op_refuses_bad_tiles_on_cpu_as_the_launcher_does():
@@ -141,7 +149,10 @@ def test_edges_of_the_accepted_range_run_on_the_gpu(options):
     args = small_case(600, 600, opts.block_m, opts.block_n, d=128)
     args = [a.to(DEVICE).half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
-    out = sparse_attention(*args, opts.block_m, opts.block_n, opts.tile_n, opts.num_warps, opts.num_stages, opts.tma)
+    q, k, v, q_pos, k_pos, key_ok = args[:6]
+    index = SparseIndex(*args[6:10], opts.block_m, opts.block_n, *args[10:12])
+    local = dict(key_ok=key_ok, head_sink=args[12], head_window=args[13], scale=args[14], causal=True)
+    out = sparse_attention_call(q, k, v, index, q_pos=q_pos, k_pos=k_pos, **local, options=opts)
     ref = sparse_attention_reference(*args, opts.block_m, opts.block_n)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
 
@@ -213,3 +224,25 @@ def test_overflowing_counts_are_refused_by_the_reference():
     args[9] = args[9] + args[8].shape[-1]  # part_count past the list length
     with pytest.raises(ValueError, match=r"part_count \d+ exceeds the list length \d+: the index overflowed"):
         sparse_attention(*args, 16, 16)
+
+
+def test_the_call_refuses_an_index_of_other_block_sizes():
+    """The index carries its block sizes; the kernel must run with the same ones."""
+    q, k, v, q_pos, k_pos = small_case()[:5]
+    one = torch.tensor([0], dtype=torch.int32)
+    index = build_block_index(
+        q_pos, k_pos, None, one, one, causal=True, window=0, block_m=32, block_n=16, max_blocks=None
+    )
+    assert (index.block_m, index.block_n) == (32, 16)
+    structure = dict(q_pos=q_pos, k_pos=k_pos, causal=True)
+    with pytest.raises(
+        ValueError, match=r"index has block_m=32, block_n=16 but the kernel options have block_m=16, bl"
+    ):
+        sparse_attention_call(q, k, v, index, **structure, options=KernelOptions(block_m=16, block_n=16))
+    with pytest.raises(ValueError, match=r"different block sizes \(block_m, block_n\) \[\(32, 16\), \(16, 16\)\]"):
+        combine_head_indexes([index, index._replace(block_m=16)], [(0,), (1,)], 2)
+    # No options: the kernel's defaults at the index's block sizes, the raw op's result bit for bit.
+    out = sparse_attention_call(q, k, v, index, **structure)
+    zeros = torch.zeros(2, dtype=torch.int32)
+    raw = sparse_attention(q, k, v, q_pos, k_pos, None, *index.tensors, zeros, zeros, 16**-0.5, True, 0, 0.0, 32, 16)
+    assert torch.equal(out, raw)

@@ -26,7 +26,7 @@ def run_paths(q, k, v, sinks, windows, key_ok=None):
     index = build_block_index(
         q_pos, k_pos, key_ok, sink, win, causal=True, window=0, block_m=BLOCK, block_n=BLOCK, max_blocks=None
     )
-    args = (q, k, v, q_pos, k_pos, key_ok, *index, sink, win, 1 / math.sqrt(D), True, 0, 0.0, BLOCK, BLOCK)
+    args = (q, k, v, q_pos, k_pos, key_ok, *index.tensors, sink, win, 1 / math.sqrt(D), True, 0, 0.0, BLOCK, BLOCK)
     start = torch.zeros(1, dtype=torch.long) if key_ok is None else key_ok.int().argmax(-1)
     keep = kept_pairs(q_pos, k_pos, key_ok, start, sink, win, causal=True, window=0)
     kernel = sparse_attention_triton(*(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)).cpu()

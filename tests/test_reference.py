@@ -10,7 +10,7 @@ from sparsecomp.kernels import (
     block_index_bound,
     build_block_index,
     index_positions,
-    sparse_attention,
+    sparse_attention_call,
     sparse_attention_reference,
 )
 from sparsecomp.kernels.block_sparse_attention import local_pairs, structure_pairs
@@ -22,7 +22,8 @@ def test_reference_matches_dense_golden(case, dtype):
     b, hq, hkv, nq, nk, d, block, causal, window, sinks, windows, pad = case
     (q, k, v, q_pos, k_pos, key_ok, sink, win), index, keep = case_setup(case, dtype)
     scale = 1 / math.sqrt(d)
-    out = sparse_attention(q, k, v, q_pos, k_pos, key_ok, *index, sink, win, scale, causal, window, 0.0, block, block)
+    structure = dict(q_pos=q_pos, k_pos=k_pos, key_ok=key_ok, scale=scale, causal=causal, window=window)
+    out = sparse_attention_call(q, k, v, index, head_sink=sink, head_window=win, **structure)
     ref = golden(q, k, v, keep, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -39,7 +40,8 @@ def test_index_is_exact(case):
     bound = block_index_bound(
         sinks, windows, causal=causal, window=window, block_m=block, block_n=block, positions_are_indices=True
     )
-    _, (fb, fc, pb, pc, _, _), keep = case_setup(case, max_blocks=bound)
+    _, index, keep = case_setup(case, max_blocks=bound)
+    fb, fc, pb, pc = index[:4]
     n_qb, n_kb = -(-nq // block), -(-nk // block)
     padded = torch.zeros(b, hq, n_qb * block, n_kb * block, dtype=torch.bool)
     padded[..., :nq, :nk] = keep
@@ -68,13 +70,17 @@ def test_reference_softcap_and_errors():
     index = build_block_index(
         q_pos, k_pos, None, zeros, zeros, causal=True, window=0, block_m=16, block_n=16, max_blocks=None
     )
-    out = sparse_attention_reference(q * 4, k, v, q_pos, k_pos, None, *index, zeros, zeros, 0.5, True, 0, 5.0, 16, 16)
+    out = sparse_attention_reference(
+        q * 4, k, v, q_pos, k_pos, None, *index.tensors, zeros, zeros, 0.5, True, 0, 5.0, 16, 16
+    )
     keep = torch.ones(20, 20, dtype=torch.bool).tril()[None, None].expand(1, 2, 20, 20)
     torch.testing.assert_close(out.double(), golden(q * 4, k, v, keep, 0.5, softcap=5.0), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="head_dim=12"):
         q12 = torch.randn(1, 2, 20, 12)
         k12 = torch.randn(1, 1, 20, 12)
-        sparse_attention_reference(q12, k12, k12, q_pos, k_pos, None, *index, zeros, zeros, 1.0, True, 0, 0.0, 16, 16)
+        sparse_attention_reference(
+            q12, k12, k12, q_pos, k_pos, None, *index.tensors, zeros, zeros, 1.0, True, 0, 0.0, 16, 16
+        )
     with pytest.raises(ValueError, match="multiple of KV heads"):
         sparse_attention_reference(
             q,
@@ -83,7 +89,7 @@ def test_reference_softcap_and_errors():
             q_pos,
             k_pos,
             None,
-            *index,
+            *index.tensors,
             zeros,
             zeros,
             1.0,
@@ -125,7 +131,19 @@ def test_reference_with_columns_matches_golden(dtype):
         q_pos, k_pos, key_ok, sink, win, causal=True, window=0, block_m=block, block_n=block, max_blocks=None
     )
     index = add_random_columns(index, n, block, per_query_block=7)
-    out = sparse_attention(q, k, v, q_pos, k_pos, key_ok, *index, sink, win, 0.25, True, 0, 0.0, block, block)
+    out = sparse_attention_call(
+        q,
+        k,
+        v,
+        index,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        key_ok=key_ok,
+        head_sink=sink,
+        head_window=win,
+        scale=0.25,
+        causal=True,
+    )
     start = key_ok.int().argmax(-1)
     structure = structure_pairs(q_pos, k_pos, key_ok, causal=True, window=0)
     local = local_pairs(q_pos, k_pos, start, sink, win)
@@ -144,4 +162,6 @@ def test_columns_inside_listed_blocks_are_refused():
     cols = torch.zeros(1, 1, 3, 1, dtype=torch.int32)  # key 0 is in block 0, which every query block lists
     index = index._replace(columns=cols, column_count=torch.ones(1, 1, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="inside a listed block"):
-        sparse_attention_reference(q, k, v, q_pos, k_pos, None, *index, zeros, zeros, 0.25, True, 0, 0.0, 16, 16)
+        sparse_attention_reference(
+            q, k, v, q_pos, k_pos, None, *index.tensors, zeros, zeros, 0.25, True, 0, 0.0, 16, 16
+        )

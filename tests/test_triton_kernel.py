@@ -7,7 +7,7 @@ import torch
 from attention_cases import CASES, add_random_columns, golden, make_case
 
 import sparsecomp
-from sparsecomp.kernels import build_block_index, index_positions, sparse_attention_reference
+from sparsecomp.kernels import build_block_index, index_positions, sparse_attention_call, sparse_attention_reference
 from sparsecomp.kernels.block_sparse_attention import sparse_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,7 +24,8 @@ def run_both(case, dtype, softcap=0.0, positions=None):
     index = build_block_index(
         q_pos, k_pos, key_ok, sink, win, causal=causal, window=window, block_m=block, block_n=block, max_blocks=None
     )
-    args = (q, k, v, q_pos, k_pos, key_ok, *index, sink, win, 1 / math.sqrt(d), causal, window, softcap, block, block)
+    structure = (1 / math.sqrt(d), causal, window, softcap, block, block)
+    args = (q, k, v, q_pos, k_pos, key_ok, *index.tensors, sink, win, *structure)
     poisoned = torch.full((b, hq, nq, d), float("nan"), dtype=dtype, device=DEVICE)
     out = sparse_attention_triton(*args, out=poisoned)
     return out, sparse_attention_reference(*args), (q, k, v)
@@ -83,8 +84,8 @@ def test_bf16_error_within_1_5x_of_sdpa(sink, window):
     index = build_block_index(
         q_pos, k_pos, None, heads[0][:1], heads[1][:1], causal=True, window=0, block_m=128, block_n=128, max_blocks=None
     )
-    ours = torch.ops.sparsecomp.sparse_attention(
-        q, k, v, q_pos, k_pos, None, *index, *heads, d**-0.5, True, 0, 0.0, 128, 128
+    ours = sparse_attention_call(
+        q, k, v, index, q_pos=q_pos, k_pos=k_pos, head_sink=heads[0], head_window=heads[1], scale=d**-0.5, causal=True
     )
 
     def err(x):
@@ -122,7 +123,8 @@ def columns_case(dtype, block, windows, per_query_block, seed):
     )
     index = add_random_columns(index, n, block, per_query_block=per_query_block, seed=seed)
     to = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return [to(t) for t in (q, k, v, q_pos, k_pos, key_ok, *index, sink, win)] + [d**-0.5, True, 0, 0.0, block, block]
+    tensors = [to(t) for t in (q, k, v, q_pos, k_pos, key_ok, *index.tensors, sink, win)]
+    return tensors + [d**-0.5, True, 0, 0.0, block, block]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -167,6 +169,6 @@ def test_tma_required_where_it_cannot_run_is_an_error():
     index = build_block_index(
         q_pos, q_pos, None, zeros, zeros, causal=True, window=0, block_m=16, block_n=16, max_blocks=None
     )
-    args = (q, misaligned, v, q_pos, q_pos, None, *index, zeros, zeros, d**-0.5, True, 0, 0.0, 16, 16)
+    args = (q, misaligned, v, q_pos, q_pos, None, *index.tensors, zeros, zeros, d**-0.5, True, 0, 0.0, 16, 16)
     with pytest.raises(ValueError, match="tma=1"):
         sparse_attention_triton(*args, tma=1)
