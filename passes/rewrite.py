@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +21,7 @@ from sparsecomp.kernels import (
     index_positions,
     sparse_attention_call,
 )
-from sparsecomp.kernels.adaptive_index import (
-    block_topk_index,
-    combine_head_indexes,
-    sample_index,
-    vertical_slash_index,
-)
+from sparsecomp.kernels.adaptive_index import combine_head_indexes
 
 from .match import default_scale
 from .site import AttentionSite, meta_val
@@ -69,20 +65,12 @@ def head_values(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=like.device)
 
 
-# Adaptive rule kinds: their index builder and the parameters that may differ per head (passed
-# positionally, one value per query head); the others are shared by the heads of a group.
-ADAPTIVE_BUILDERS = {
-    "vertical_slash": (vertical_slash_index, ("n_vertical", "n_slash")),
-    "sample": (sample_index, ("alpha",)),
-    "block_topk": (block_topk_index, ("k",)),
-}
-
-
 @dataclass(frozen=True)
 class AdaptiveGroup:
     """Query heads of a site that share an adaptive rule kind and its shared parameters."""
 
     kind: str
+    builder: Callable  # the pattern's index builder (sparsecomp.patterns), run on the site's Q and K
     heads: tuple[int, ...]
     shared: tuple[tuple[str, object], ...]  # (name, value) of the shared parameters
     per_head: tuple[tuple[str, tuple], ...]  # (name, one value per head of ``heads``)
@@ -92,10 +80,9 @@ def adaptive_call(group: AdaptiveGroup, q_heads: int, *, scale: float, causal: b
     """(builder, per-head value lists, keyword arguments) of a group's index builder over all query
     heads (its estimate needs whole KV groups); the group's heads are taken from it when heads are
     combined. Heads outside the group borrow the first one's budget."""
-    builder, per_head_names = ADAPTIVE_BUILDERS[group.kind]
-    values = dict(group.per_head)
+    builder, values = group.builder, dict(group.per_head)
     per_head = []
-    for name in per_head_names:
+    for name, _ in group.per_head:
         by_head = dict(zip(group.heads, values[name], strict=True))
         per_head.append([by_head.get(h, values[name][0]) for h in range(q_heads)])
     kwargs = dict(group.shared) | dict(

@@ -18,12 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecomp.kernels import SparseIndex, build_block_index, sparse_attention_call
-from sparsecomp.kernels.adaptive_index import (
-    block_topk_index,
-    combine_head_indexes,
-    sample_index,
-    vertical_slash_index,
-)
+from sparsecomp.kernels.adaptive_index import combine_head_indexes
 from sparsecomp.kernels.block_sparse_attention import structure_pairs
 from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.rewrite import KernelOptions, adaptive_call, observe_site
@@ -48,6 +43,7 @@ from .cost_model import (
     static_block_counts,
 )
 from .decide import COST_MODEL_ENTRY, candidate_configs, shape_bucket
+from .patterns import PATTERNS
 from .plan import Plan, Rule
 from .prepare import calibrated_densities, prepare_graph, site_workload
 from .timing import median_ms
@@ -107,21 +103,21 @@ def _qkv(batch, hq, hkv, n, d, dtype, device):
 
 
 def _index_calls(w: Workload, q, k, block: int) -> dict:
-    """(builder, args, kwargs) per index builder kind at this shape, with default parameters."""
+    """(builder, args, kwargs) per index builder kind at this shape: the static index, and each
+    adaptive pattern's builder on its default rule."""
     dev, hq = q.device, q.shape[1]
     pos = torch.arange(w.kv_len, device=dev)[None]
-    scale = w.head_dim**-0.5
     sink, window = torch.tensor([64], device=dev), torch.tensor([1024], device=dev)
     common = dict(causal=True, window=0, block_m=block, block_n=block)
-    return {
-        "static": (build_block_index, (pos, pos, None, sink, window), dict(max_blocks=None, **common)),
-        "vertical_slash": (vertical_slash_index, (q, k, pos, pos, None, [1000] * hq, [6096] * hq),
-                           dict(last_q=64, sink=64, local=64, scale=scale, **common)),
-        "sample": (sample_index, (q, k, pos, pos, None, [0.95] * hq),
-                   dict(window_ratio=0.02, sample_ratio=0.02, scale=scale, **common)),
-        "block_topk": (block_topk_index, (q, k, pos, pos, None, [16] * hq),
-                       dict(coverage=0.0, pool="mean", scale=scale, **common)),
-    }  # fmt: skip
+    calls = {"static": (build_block_index, (pos, pos, None, sink, window), dict(max_blocks=None, **common))}
+    for kind, pattern in PATTERNS.items():
+        if pattern.adaptive:
+            rule = Rule(kind)
+            per_head = [[getattr(rule, name)] * hq for name in pattern.per_head]
+            shared = {name: value for name, value in rule.params if name not in pattern.per_head}
+            kwargs = dict(shared, scale=w.head_dim**-0.5, **common)
+            calls[kind] = (pattern.builder, (q, k, pos, pos, None, *per_head), kwargs)
+    return calls
 
 
 STREAMING_FIT_RULE = (64, 1024)  # (sink, window) of the fit's streaming points

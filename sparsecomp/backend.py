@@ -10,7 +10,6 @@ import torch.fx as fx
 
 from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.rewrite import (
-    ADAPTIVE_BUILDERS,
     AdaptiveGroup,
     KernelOptions,
     is_plain_causal,
@@ -21,9 +20,11 @@ from sparsecomp.passes.site import AttentionSite, meta_val
 
 from .cost_model import DEFAULT_CONFIG
 from .decide import Decision, SiteDecider, candidate_configs, decide, shape_bucket
+from .patterns import PATTERNS
+from .patterns.local import local_rule_density
 from .plan import Plan, Rule
 from .prepare import calibrated_densities, is_decode_step, prepare_graph, site_workload
-from .report import GraphReport, InspectReport, SiteReport, streaming_density
+from .report import GraphReport, InspectReport, SiteReport
 
 # Every decision bumps a counter; tests assert on them (like torch._dynamo.utils.counters).
 counters: collections.Counter = collections.Counter()
@@ -68,15 +69,16 @@ def adaptive_groups(rules: list[Rule]) -> tuple[AdaptiveGroup, ...]:
     groups: dict[tuple, list[tuple[int, Rule]]] = {}
     for h, rule in enumerate(rules):
         if rule.adaptive:
-            per_head = ADAPTIVE_BUILDERS[rule.kind][1]
+            per_head = PATTERNS[rule.kind].per_head
             shared = tuple((k, v) for k, v in rule.params if k not in per_head)
             groups.setdefault((rule.kind, shared), []).append((h, rule))
     return tuple(
         AdaptiveGroup(
             kind=kind,
+            builder=PATTERNS[kind].builder,
             heads=tuple(h for h, _ in members),
             shared=shared,
-            per_head=tuple((name, tuple(getattr(r, name) for _, r in members)) for name in ADAPTIVE_BUILDERS[kind][1]),
+            per_head=tuple((name, tuple(getattr(r, name) for _, r in members)) for name in PATTERNS[kind].per_head),
         )
         for (kind, shared), members in groups.items()
     )
@@ -88,7 +90,7 @@ def _density(site: AttentionSite, rules: list[Rule]) -> float | None:
         return None  # known only per input: the recall metric measures it
     if not site.structure.causal or not isinstance(n, int) or site.shape["q_len"] != n:
         return None
-    per_head = [1.0 if r.kind == "dense" else streaming_density(n, *r.head_params(n)) for r in rules]
+    per_head = [local_rule_density(n, *r.head_params(n)) for r in rules]
     return sum(per_head) / len(per_head)
 
 
@@ -169,7 +171,7 @@ def rewrite_graph(
             row.reason = f"dense is faster here ({decision.source})"
             continue
         # Elastic windows read the length: a symbolic one is specialized (one graph per length).
-        n_keys = int(site.shape["kv_len"]) if any(r.kind == "elastic" for r in rules) else None
+        n_keys = int(site.shape["kv_len"]) if any(PATTERNS[r.kind].length_dependent for r in rules) else None
         sink, window = zip(*(r.head_params(n_keys) for r in rules), strict=True)
         adaptive = adaptive_groups(rules)
         out = rewrite_site(gm, site, list(sink), list(window), decision.options, shared, adaptive)

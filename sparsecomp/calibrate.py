@@ -24,40 +24,30 @@ import torch.nn.functional as F
 
 from sparsecomp.kernels import build_block_index
 from sparsecomp.passes.fxutil import eliminate_dead_code
-from sparsecomp.passes.rewrite import ADAPTIVE_BUILDERS, observe_site
+from sparsecomp.passes.rewrite import observe_site
 from sparsecomp.passes.site import module_names_by_id
 
 from .calibration_data import CALIBRATION_FILES, default_calibration_ids
+from .patterns import PATTERNS
 from .plan import Plan, Rule, model_fingerprint
 from .prepare import prepare_graph
 from .recall import kept_mass
 
-CANDIDATE_KINDS = ("streaming", "vertical_slash", "sample", "block_topk")
+
+def candidate_kinds() -> tuple[str, ...]:
+    """The rule kinds calibration can try: every registered pattern that lists candidates."""
+    return tuple(kind for kind, p in PATTERNS.items() if p.candidates is not None)
 
 
-def candidate_rules(kinds=CANDIDATE_KINDS, max_len: int = 8192, sink: int = 64) -> list[Rule]:
-    """The rules calibration tries per head: streaming windows below the longest input, 64 and 128
-    then steps of 1.5x and 4/3x (192, 256, 384, 512, ...: a density budget needs fine steps);
-    vertical-slash budgets up to MInference's default; SampleAttention alphas; block top-k."""
-    unknown = set(kinds) - set(CANDIDATE_KINDS)
-    if unknown:
-        raise ValueError(f"unknown candidate kinds {sorted(unknown)}; known: {CANDIDATE_KINDS}")
-    rules = []
-    if "streaming" in kinds:
-        window = 64
-        while window < max_len:
-            rules.append(Rule("streaming", sink=sink, window=window))
-            if window >= 128 and window * 3 // 2 < max_len:
-                rules.append(Rule("streaming", sink=sink, window=window * 3 // 2))
-            window *= 2
-    if "vertical_slash" in kinds:
-        for nv, ns in ((64, 256), (128, 512), (256, 1024), (512, 2048), (1000, 6096)):
-            rules.append(Rule("vertical_slash", n_vertical=nv, n_slash=ns))
-    if "sample" in kinds:
-        rules += [Rule("sample", alpha=a) for a in (0.8, 0.9, 0.95, 0.98)]
-    if "block_topk" in kinds:
-        rules += [Rule("block_topk", k=k) for k in (4, 8, 16, 32)]
-    return rules
+def candidate_rules(kinds=None, max_len: int = 8192, sink: int = 64) -> list[Rule]:
+    """The rules calibration tries per head, each pattern's own (``sparsecomp.patterns``): streaming
+    windows below the longest input, vertical-slash budgets up to MInference's default,
+    SampleAttention alphas, block top-k..."""
+    known = candidate_kinds()
+    kinds = known if kinds is None else tuple(kinds)
+    if unknown := set(kinds) - set(known):
+        raise ValueError(f"unknown candidate kinds {sorted(unknown)}; known: {known}")
+    return [rule for kind in known if kind in kinds for rule in PATTERNS[kind].candidates(max_len, sink)]
 
 
 def candidate_index(rule: Rule, q, k, q_pos, k_pos, key_ok, *, scale, causal, window, block: int):
@@ -71,7 +61,7 @@ def candidate_index(rule: Rule, q, k, q_pos, k_pos, key_ok, *, scale, causal, wi
             max_blocks=None,
         )  # fmt: skip
         return index, sink, win
-    builder, per_head = ADAPTIVE_BUILDERS[rule.kind]
+    builder, per_head = PATTERNS[rule.kind].builder, PATTERNS[rule.kind].per_head
     shared = {name: value for name, value in rule.params if name not in per_head}
     budgets = [getattr(rule, name) for name in per_head]
     index = builder(
@@ -409,7 +399,7 @@ def calibrate(
     max_error: float | None = 0.1,
     influence: bool = False,
     budget: float | None = None,
-    rules=CANDIDATE_KINDS,
+    rules=None,
     lengths=(2048, 4096),
     tokenizer=None,
     block: int = 128,

@@ -182,12 +182,12 @@ def _check_out(path: str) -> None:
 def _calibrate(args) -> int:
     import torch
 
-    from .calibrate import CANDIDATE_KINDS, calibrate
+    from .calibrate import calibrate, candidate_kinds
 
-    if unknown := [kind for kind in args.rules or () if kind not in CANDIDATE_KINDS]:
-        raise UsageError(
-            f"unknown --rules kind(s) {', '.join(map(repr, unknown))}; known: {', '.join(CANDIDATE_KINDS)}"
-        )
+    known = candidate_kinds()
+
+    if unknown := [kind for kind in args.rules or () if kind not in known]:
+        raise UsageError(f"unknown --rules kind(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     _check_device(args.device)
     _check_model(args.model)
     _check_out(args.out)
@@ -195,7 +195,7 @@ def _calibrate(args) -> int:
     model, tokenizer = _load_model(args.model, device=device)
     plan = calibrate(
         model, tokenizer=tokenizer, target=args.target, max_error=args.max_error, influence=args.influence,
-        budget=args.budget, rules=tuple(args.rules or CANDIDATE_KINDS), lengths=tuple(args.lengths), block=args.block,
+        budget=args.budget, rules=tuple(args.rules or known), lengths=tuple(args.lengths), block=args.block,
         seed=args.seed,
     )  # fmt: skip
     plan.save(args.out)

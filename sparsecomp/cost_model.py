@@ -32,6 +32,8 @@ import torch
 
 from sparsecomp.passes.rewrite import KernelOptions
 
+from .patterns import PATTERNS
+from .patterns.local import local_rule_block_counts
 from .plan import Rule
 
 # Named kernel configs the autotuner and the cost model choose among (FlexAttention style: how the
@@ -109,50 +111,6 @@ def causal_row_blocks(w: Workload, block_m: int, block_n: int) -> torch.Tensor:
     return torch.clamp(last_key // block_n + 1, max=-(-w.kv_len // block_n)).float()
 
 
-def head_block_counts(
-    n_q: int, n_k: int, sink: int, window: int, *, block_m: int, block_n: int, causal: bool = True, site_window: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block, the (full, part) key blocks of one head with local rule (sink, window) at a
-    causal site whose positions are indices (queries are the last n_q of n_k keys): the counts
-    ``build_block_index`` gives, in closed form (O(n_q / block_m), no block matrix).
-
-    A block is kept when some row keeps some key of it: key blocks [first_seen, last_seen] of the
-    tightest window, or sink blocks inside the site's window; it is full when every row keeps every
-    key of it."""
-    n_qb, n_kb = -(-n_q // block_m), -(-n_k // block_n)
-    if not causal:
-        return torch.full((n_qb,), float(n_kb)), torch.zeros(n_qb)
-    r0 = torch.arange(n_qb) * block_m + (n_k - n_q)  # key index of each query block's first row
-    r1 = torch.clamp(r0 + block_m - 1, max=n_k - 1)  # and of its last row
-
-    def first_block(row, span, some: bool):
-        """First key block that ``row``'s window reaches (some), or lies in entirely (every)."""
-        if span <= 0:
-            return torch.zeros_like(row)
-        first_key = torch.clamp(row - span + 1, min=0)
-        return first_key // block_n if some else -(-first_key // block_n)
-
-    unlimited = window <= 0
-    sink = 0 if unlimited else sink
-    # some: [max(site, head), last] plus sink blocks in [site, head)
-    last = r1 // block_n
-    site_lo, head_lo = first_block(r0, site_window, True), first_block(r0, window, True)
-    lo = torch.maximum(site_lo, head_lo)
-    sink_some = torch.clamp(torch.minimum(torch.clamp(head_lo, max=-(-sink // block_n)), last + 1) - site_lo, min=0)
-    # ... but only when some sink key is inside the site window: its first key can fall after the
-    # sinks in the same block as the last of them.
-    site_first_key = torch.clamp(r0 - site_window + 1, min=0) if site_window > 0 else torch.zeros_like(r0)
-    sink_some = torch.where(site_first_key <= sink - 1, sink_some, 0)
-    keep = torch.clamp(last - lo + 1, min=0) + sink_some
-    # every: [max(site, head), last_full] plus whole sink blocks in [site, head)
-    last_full = torch.clamp((r0 + 1) // block_n - 1, max=n_k // block_n - 1)  # a partial key block is never full
-    site_full, head_full = first_block(r1, site_window, False), first_block(r1, window, False)
-    full_lo = torch.maximum(site_full, head_full)
-    sink_full = torch.minimum(torch.clamp(head_full, max=sink // block_n), last_full + 1)
-    full = torch.clamp(last_full - full_lo + 1, min=0) + torch.clamp(sink_full - site_full, min=0)
-    return full.float(), (keep - full).float()
-
-
 def static_block_counts(w: Workload, rules: list[Rule], options: KernelOptions, site_window: int = 0) -> BlockCounts:
     """Exact counts for static rules (dense, streaming, elastic) over every head."""
     full = part = 0.0
@@ -161,7 +119,7 @@ def static_block_counts(w: Workload, rules: list[Rule], options: KernelOptions, 
     for rule in rules:
         sink, window = rule.head_params(w.kv_len)
         if (sink, window) not in cache:
-            cache[(sink, window)] = head_block_counts(
+            cache[(sink, window)] = local_rule_block_counts(
                 w.q_len, w.kv_len, sink, window, block_m=options.block_m, block_n=options.block_n,
                 causal=w.causal, site_window=site_window,
             )  # fmt: skip
@@ -185,15 +143,8 @@ def adaptive_head_blocks(rule: Rule, w: Workload, options: KernelOptions, densit
     causal = causal_row_blocks(w, options.block_m, bn)
     if density is not None:
         return torch.maximum(torch.ones_like(causal), causal * density)
-    if rule.kind == "block_topk" and rule.coverage == 0:
-        bound = torch.full_like(causal, rule.k + 2.0)  # top-k, the diagonal and the first block
-    elif rule.kind == "vertical_slash":
-        # each kept diagonal meets at most 2 key blocks of a query block; columns come in tiles
-        bound = torch.full_like(causal, 2.0 * (rule.n_slash + rule.local // bn + 1) + rule.sink / bn)
-        bound = bound + rule.n_vertical / bn
-    else:  # SampleAttention (and coverage top-k) may keep anything: no useful bound
-        bound = causal
-    return torch.minimum(causal, bound)
+    bound = PATTERNS[rule.kind].block_bound
+    return causal if bound is None else torch.minimum(causal, bound(rule, causal, bn))
 
 
 def site_block_counts(
@@ -245,15 +196,10 @@ def index_work(kind: str, w: Workload, rule: Rule | None, block: int) -> float:
     blocks = w.batch * w.q_heads * n_qb * n_kb
     if kind == "static":
         return w.batch * n_qb * n_kb * 1.0  # uniform rules share one head (the usual case)
-    if kind == "vertical_slash":
-        last_q = rule.last_q if rule is not None else 64
-        return blocks + w.batch * w.q_heads * last_q * w.kv_len * w.head_dim / 64
-    if kind == "sample":
-        ratio = rule.sample_ratio if rule is not None else 0.02
-        return blocks + w.batch * w.q_heads * math.ceil(ratio * w.q_len) * w.kv_len * w.head_dim / 64
-    if kind == "block_topk":
-        return blocks * w.head_dim / 64 + w.batch * w.q_heads * w.kv_len
-    raise ValueError(f"unknown index builder {kind!r}")
+    pattern = PATTERNS.get(kind)
+    if pattern is None or pattern.index_work is None:
+        raise ValueError(f"no index builder {kind!r}; known: static, {[k for k, p in PATTERNS.items() if p.adaptive]}")
+    return pattern.index_work(rule or Rule(kind), w, blocks)
 
 
 @dataclass

@@ -1,19 +1,11 @@
 """Plan: which rule each attention site and head gets. Plain data, JSON on disk, versioned.
 
-A rule is a kind and its parameters (defaults below):
-    dense
-    streaming(sink, window)            StreamingLLM / A-shape: the first ``sink`` keys plus the last
-                                       ``window`` keys of each query (window > 0)
-    elastic(sink, a, b)                MoA's elastic span: streaming with window = ceil(a + b * N) for
-                                       N keys (at least 1); the graph specializes on N
-    vertical_slash(n_vertical, n_slash, last_q, sink, local, mass)
-                                       MInference, estimated per input (mass < 1: FlexPrefill's
-                                       cumulative-attention cut under the budgets)
-    sample(alpha, window_ratio, sample_ratio)                     SampleAttention, per input
-    block_topk(k, coverage, pool)      MoBA / Quest-style prefill block selection, per input
-(the adaptive kinds are defined in ``sparsecomp.kernels.adaptive_index``). A site's entry is one
-rule for all heads, or a list with one rule per query head or per KV group. Sites the plan does
-not name get ``default``.
+A rule is a kind and its parameters: ``dense``, ``streaming(sink, window)``, ``elastic(sink, a, b)``,
+``vertical_slash(n_vertical, n_slash, last_q, sink, local, mass)``, ``sample(alpha, window_ratio,
+sample_ratio)``, ``block_topk(k, coverage, pool)``, and any kind registered later: each kind is
+a pattern module in ``sparsecomp.patterns`` (its parameters, defaults and accepted values live
+there). A site's entry is one rule for all heads, or a list with one rule per query head or per
+KV group. Sites the plan does not name get ``default``.
 
 Parameters are exact: an int parameter takes an integer (an integral float such as 8.0 is taken
 as 8, 8.7 is refused), a float parameter a finite number, ``pool`` one of its names; never a bool.
@@ -31,54 +23,39 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .patterns import PATTERNS
+
 SCHEMA_VERSION = 1
-RULE_PARAMS: dict[str, dict[str, object]] = {
-    "dense": {},
-    "streaming": {"sink": 0, "window": 0},
-    "elastic": {"sink": 0, "a": 0, "b": 0.0},
-    "vertical_slash": {"n_vertical": 1000, "n_slash": 6096, "last_q": 64, "sink": 64, "local": 64, "mass": 1.0},
-    "sample": {"alpha": 0.95, "window_ratio": 0.02, "sample_ratio": 0.02},
-    "block_topk": {"k": 16, "coverage": 0.0, "pool": "mean"},
-}
-RULE_KINDS = tuple(RULE_PARAMS)
-ADAPTIVE_KINDS = ("vertical_slash", "sample", "block_topk")
 
 
-@dataclass(frozen=True)
-class _Range:
-    """The numbers a parameter accepts: ``lo`` (open or closed) up to ``hi`` (closed); None: no bound."""
+class _PatternView(Mapping):
+    """``kind -> the pattern's params`` (or accepts): a live view of the registry, so that a pattern
+    registered after import is known to plans at once."""
 
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
+    def __init__(self, attr: str):
+        self._attr = attr
 
-    def __contains__(self, v) -> bool:
-        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
-        return above and (self.hi is None or v <= self.hi)
+    def __getitem__(self, kind):
+        return getattr(PATTERNS[kind], self._attr)
 
-    def __str__(self) -> str:
-        if self.hi is not None:
-            return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
-        return "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo}"
+    def __iter__(self):
+        return iter(PATTERNS)
+
+    def __len__(self):
+        return len(PATTERNS)
 
 
-_COUNT, _POSITIVE, _FRACTION, _SHARE = _Range(0), _Range(1), _Range(0, 1, lo_open=True), _Range(0, 1)
-# What each parameter accepts (its type is its default's in RULE_PARAMS); choices for strings.
-RULE_ACCEPTS: dict[str, dict[str, _Range | tuple[str, ...]]] = {
-    "dense": {},
-    "streaming": {"sink": _COUNT, "window": _POSITIVE},
-    "elastic": {"sink": _COUNT, "a": _Range(), "b": _COUNT},  # a < 0 is fine when b * N outgrows it
-    "vertical_slash": {
-        **dict.fromkeys(("n_vertical", "n_slash", "sink", "local"), _COUNT),
-        "last_q": _POSITIVE,
-        "mass": _FRACTION,
-    },
-    "sample": {"alpha": _FRACTION, "window_ratio": _SHARE, "sample_ratio": _FRACTION},
-    "block_topk": {"k": _COUNT, "coverage": _SHARE, "pool": ("mean", "minmax")},
-}
+# Each parameter's default (its type is the parameter's) and what it accepts, per rule kind.
+RULE_PARAMS: Mapping[str, dict[str, object]] = _PatternView("params")
+RULE_ACCEPTS: Mapping[str, dict] = _PatternView("accepts")
+
+
+def _kinds() -> tuple[str, ...]:
+    return tuple(PATTERNS)
 
 
 def _accepted(kind: str, name: str) -> str:
@@ -134,15 +111,6 @@ def _from_text(kind: str, name: str, text: str):
     raise ValueError(f"{kind} {name} must be {_accepted(kind, name)}; got {text!r}")
 
 
-def _check_rule(kind: str, p: dict) -> str | None:
-    """Why these parameters are invalid together, or None (each one alone is checked already)."""
-    if kind == "elastic" and p["a"] <= 0 and p["b"] == 0:
-        return "elastic needs a window that grows past 0 (a > 0 or b > 0)"
-    if kind == "block_topk" and p["k"] == 0 and p["coverage"] == 0:
-        return "block_topk needs k > 0 or coverage > 0"
-    return None
-
-
 class Rule:
     """A rule kind and all of its parameters (given positionally in the order of RULE_PARAMS, or by
     name; the rest take their defaults). Immutable and hashable; ``rule.sink`` reads a parameter."""
@@ -151,7 +119,7 @@ class Rule:
 
     def __init__(self, kind: str = "dense", *args, **params):
         if not isinstance(kind, str) or kind not in RULE_PARAMS:
-            raise ValueError(f"unknown rule kind {kind!r}; known: {RULE_KINDS}")
+            raise ValueError(f"unknown rule kind {kind!r}; known: {_kinds()}")
         schema = RULE_PARAMS[kind]
         if len(args) > len(schema):
             raise ValueError(f"{kind} takes at most {len(schema)} parameters {tuple(schema)}; got {args}")
@@ -169,7 +137,7 @@ class Rule:
                 raise ValueError(f"{kind} needs {name}, {_accepted(kind, name)}")
             if values[name] is None:
                 raise ValueError(f"{kind} {name} must be {_accepted(kind, name)}; got {value!r}")
-        if (reason := _check_rule(kind, values)) is not None:
+        if (reason := PATTERNS[kind].check(values)) is not None:
             raise ValueError(f"{reason}; got {values}")
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "params", tuple(values.items()))
@@ -200,7 +168,7 @@ class Rule:
         kind, _, body = text.strip().partition(":")
         kind = kind.strip()
         if kind not in RULE_PARAMS:  # before the parameters: a misspelled kind knows none of them
-            raise ValueError(f"unknown rule kind {kind!r}; known: {RULE_KINDS}")
+            raise ValueError(f"unknown rule kind {kind!r}; known: {_kinds()}")
         schema, values = RULE_PARAMS[kind], {}
         for item in filter(None, (item.strip() for item in body.split(","))):
             key, eq, value = (part.strip() for part in item.partition("="))
@@ -228,16 +196,12 @@ class Rule:
     @property
     def adaptive(self) -> bool:
         """Estimated from each input (Q, K) inside the graph, not fixed by positions alone."""
-        return self.kind in ADAPTIVE_KINDS
+        return PATTERNS[self.kind].adaptive
 
     def head_params(self, n_keys: int | None = None) -> tuple[int, int]:
         """(sink, window) of the kernel's per-head local rule for ``n_keys`` keys; window <= 0 means
         unlimited. Adaptive rules select whole blocks and columns, so their local rule is (0, 0)."""
-        if self.kind == "elastic":
-            if n_keys is None:
-                raise ValueError("an elastic rule's window depends on the number of keys")
-            return self.sink, max(1, math.ceil(self.a + self.b * n_keys))
-        return (self.sink, self.window) if self.kind == "streaming" else (0, 0)
+        return PATTERNS[self.kind].local_rule(self, n_keys)
 
 
 # The root of a site name as older naming spelled Dynamo's source path (``L['args'][0].model...``
@@ -274,7 +238,7 @@ def _rule_from_json(obj, where: str) -> Rule:
             f"with 'kind'; got {_json_kind(obj)} ({obj!r})"
         )
     if isinstance(obj, dict) and "kind" not in obj:
-        raise ValueError(f"{where}: a rule object needs 'kind' (one of {RULE_KINDS}); got {obj!r}")
+        raise ValueError(f"{where}: a rule object needs 'kind' (one of {_kinds()}); got {obj!r}")
     try:
         return Rule.parse(obj) if isinstance(obj, str) else Rule(**obj)
     except ValueError as e:
@@ -355,7 +319,7 @@ class Plan:
         if (kind := plan.partition(":")[0].strip()) not in RULE_PARAMS:
             raise ValueError(
                 f"plan {plan!r} is neither a .json plan file nor a preset (a rule such as "
-                f"'streaming:sink=64,window=1024'): unknown rule kind {kind!r}; known: {RULE_KINDS}"
+                f"'streaming:sink=64,window=1024'): unknown rule kind {kind!r}; known: {_kinds()}"
             )
         try:
             return cls(default=Rule.parse(plan), info={"preset": plan})

@@ -18,6 +18,7 @@ from sparsecomp.passes.site import AttentionSite, meta_val
 
 from .cost_model import Workload
 from .decide import size_hint
+from .patterns import PATTERNS
 from .plan import Plan, Rule
 
 
@@ -117,9 +118,9 @@ def head_rules(site: AttentionSite, plan: Plan, options: KernelOptions) -> tuple
         rules = [Rule() if r.adaptive else r for r in rules]
         notes.append("adaptive rules need positions that are token indices: those heads dense")
     square = options.block_m == options.block_n
-    if not square and any(r.kind in ("vertical_slash", "sample") for r in rules):
-        rules = [Rule() if r.kind in ("vertical_slash", "sample") else r for r in rules]
-        notes.append("vertical_slash / sample need block_m == block_n: those heads dense")
+    if not square and (needs := sorted({r.kind for r in rules if PATTERNS[r.kind].square_blocks})):
+        rules = [Rule() if r.kind in needs else r for r in rules]
+        notes.append(f"{' / '.join(needs)} need block_m == block_n: those heads dense")
     return rules, notes
 
 

@@ -6,23 +6,6 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-
-def streaming_density(n: int, sink: int, window: int) -> float:
-    """Kept fraction of the causal pairs of one length-n sequence (rows keep sink + window keys)."""
-    if n <= 0:
-        return 1.0
-    kept = 0
-    total = n * (n + 1) // 2
-    # rows i < window keep i + 1 keys; later rows keep window + min(sink, i + 1 - window)
-    w = min(window, n)
-    kept += w * (w + 1) // 2
-    rest = n - w
-    if rest > 0:
-        ramp = max(0, min(rest, sink))  # rows where the sink is still filling up
-        kept += rest * window + ramp * (ramp + 1) // 2 + (rest - ramp) * sink
-    return kept / total
-
-
 # What a rewritten site became: the sparse kernel with sparse heads; the same kernel with every head
 # dense (the mask made structure); SDPA's fused causal kernels (a mask proven plain causal).
 REWRITTEN = ("sparse_attention", "dense_attention", "sdpa_causal")

@@ -14,12 +14,12 @@ from sparsecomp.cost_model import (
     KERNEL_CONFIGS,
     Workload,
     fit_coefficients,
-    head_block_counts,
     static_block_counts,
 )
 from sparsecomp.decide import shape_bucket
 from sparsecomp.kernels import build_block_index
 from sparsecomp.passes.rewrite import KernelOptions
+from sparsecomp.patterns.local import local_rule_block_counts
 from sparsecomp.tuning_cache import TuningCache
 
 ODD = [(1, 1), (63, 63), (100, 137), (257, 257), (640, 700)]
@@ -36,7 +36,9 @@ def test_closed_form_block_counts_equal_the_index_builder(n_q, n_k, sink, window
         q_pos, k_pos, None, torch.tensor([sink]), torch.tensor([window]), causal=True, window=site_window,
         block_m=block_m, block_n=block_n, max_blocks=None,
     )  # fmt: skip
-    full, part = head_block_counts(n_q, n_k, sink, window, block_m=block_m, block_n=block_n, site_window=site_window)
+    full, part = local_rule_block_counts(
+        n_q, n_k, sink, window, block_m=block_m, block_n=block_n, site_window=site_window
+    )
     assert torch.equal(full, index.full_count[0, 0].float())
     assert torch.equal(part, index.part_count[0, 0].float())
 
@@ -302,7 +304,7 @@ def test_closed_form_block_counts_equal_the_index_builder_on_random_streaming_ru
             q_pos, k_pos, None, torch.tensor([sink]), torch.tensor([window]), causal=True, window=site_window,
             block_m=block_m, block_n=block_n, max_blocks=None,
         )  # fmt: skip
-        full, part = head_block_counts(
+        full, part = local_rule_block_counts(
             n_q, n_k, sink, window, block_m=block_m, block_n=block_n, site_window=site_window
         )
         case = dict(

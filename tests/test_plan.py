@@ -72,12 +72,12 @@ def tiny_llama():
 def test_streaming_density_counts_kept_pairs(n, sink, window):
     import torch
 
-    from sparsecomp.report import streaming_density
+    from sparsecomp.patterns.local import local_rule_density
 
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
     keep = (j <= i) & ((i - j < window) | (j < sink))
-    assert streaming_density(n, sink, window) == pytest.approx(keep.sum().item() / (n * (n + 1) / 2))
+    assert local_rule_density(n, sink, window) == pytest.approx(keep.sum().item() / (n * (n + 1) / 2))
 
 
 def test_elastic_rule_window_grows_with_the_length():
