@@ -29,3 +29,19 @@ def test_backend_is_registered_by_name():
     import torch
 
     assert "sparsecomp" in torch._dynamo.list_backends(exclude_tags=())
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists packages one by one (passes/ and kernels/ are mapped into sparsecomp): a new
+    subpackage missing from the list would be absent from a (non-editable) install."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(sparsecomp.__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        pytest.skip("sparsecomp is installed, not run from a checkout")
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        ".".join((name, *init.parent.relative_to(root / path).parts))
+        for name, path in tool["package-dir"].items()
+        for init in (root / path).rglob("__init__.py")
+    }
+    assert found == set(tool["packages"]), sorted(found ^ set(tool["packages"]))
