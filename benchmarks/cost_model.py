@@ -40,7 +40,7 @@ from sparsecomp.cost_model import (  # noqa: E402
     ranked,
 )
 from sparsecomp.kernels import build_block_index  # noqa: E402
-from sparsecomp.kernels.adaptive_index import block_topk_index  # noqa: E402
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index  # noqa: E402
 from sparsecomp.plan import Rule  # noqa: E402
 
 HQ, HKV = 32, 8

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from sparsecomp.kernels.block_lists import compact
-from sparsecomp.kernels.block_sparse_attention import _listed
+from sparsecomp.kernels.prefill.block_lists import compact
+from sparsecomp.kernels.prefill.block_sparse_attention import _listed
 
 
 def _column_set(columns: torch.Tensor, column_count: torch.Tensor, n_k: int) -> torch.Tensor:

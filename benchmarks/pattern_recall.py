@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, markdown_table, write_results  # noqa: E402
 
 from sparsecomp.kernels import build_block_index, index_positions  # noqa: E402
-from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
 from sparsecomp.pretrained import load_pretrained  # noqa: E402
 from sparsecomp.recall import pattern_recall  # noqa: E402
 

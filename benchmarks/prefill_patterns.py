@@ -35,7 +35,7 @@ from harness import compiled_flex, environment, markdown_table, median_ms, write
 
 from sparsecomp.backend import inductor_with_opaque_ops  # noqa: E402
 from sparsecomp.kernels import index_positions, sparse_attention_call  # noqa: E402
-from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
 from sparsecomp.recall import pattern_recall  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 128

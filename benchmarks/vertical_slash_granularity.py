@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, markdown_table, write_results  # noqa: E402
 
 from sparsecomp.kernels import index_positions  # noqa: E402
-from sparsecomp.kernels.adaptive_index import vertical_slash_index, vertical_slash_selection  # noqa: E402
+from sparsecomp.kernels.prefill.adaptive_index import vertical_slash_index, vertical_slash_selection  # noqa: E402
 
 
 def causal_pairs(n: int) -> float:

@@ -9,15 +9,15 @@ and carries a plain PyTorch reference of the same semantics that runs on CPU. Ca
 # as a bare top-level "kernels" (transformers probes for a package of that name). Importing it under
 # that name must do nothing: executing the modules twice would register the ops twice.
 if __name__ == "sparsecomp.kernels":
-    from .block_index import SparseIndex, block_index_bound, build_block_index, index_positions
-    from .block_sparse_attention import (
+    from .common import KernelOptions, check_kernel_options
+    from .prefill.block_index import SparseIndex, block_index_bound, build_block_index, index_positions
+    from .prefill.block_sparse_attention import (
         SUPPORTED_DTYPES,
         check_head_dim,
         sparse_attention,
         sparse_attention_call,
         sparse_attention_reference,
     )
-    from .options import KernelOptions, check_kernel_options
 
 __all__ = [
     "SUPPORTED_DTYPES",

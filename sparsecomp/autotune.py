@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsecomp.kernels import SparseIndex, build_block_index, sparse_attention_call
-from sparsecomp.kernels.adaptive_index import combine_head_indexes
-from sparsecomp.kernels.block_sparse_attention import structure_pairs
+from sparsecomp.kernels.prefill.adaptive_index import combine_head_indexes
+from sparsecomp.kernels.prefill.block_sparse_attention import structure_pairs
 from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.rewrite import KernelOptions, adaptive_call, observe_site
 from sparsecomp.passes.site import module_names_by_id

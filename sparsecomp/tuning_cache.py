@@ -22,7 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SCHEMA = 1
-KERNEL_SOURCES = ("block_sparse_attention.py", "block_index.py", "adaptive_index.py", "column_mass.py")
+# The prefill kernels and index builders (in sparsecomp.kernels.prefill), and their common options.
+KERNEL_SOURCES = (
+    "prefill/block_sparse_attention.py", "prefill/block_index.py", "prefill/block_lists.py",
+    "prefill/adaptive_index.py", "prefill/column_mass.py", "common.py",
+)  # fmt: skip
 
 
 def cache_dir() -> Path:
@@ -34,9 +38,9 @@ def cache_dir() -> Path:
 
 def kernel_source_hash() -> str:
     """Hash of the kernel sources: a tuned choice is only valid for the code it was tuned on."""
-    folder = Path(__file__).resolve().parent / "kernels"
-    if not folder.is_dir():  # a source checkout: kernels/ sits beside the package
-        folder = Path(__file__).resolve().parent.parent / "kernels"
+    from . import kernels  # installed inside the package, or kernels/ beside it in a checkout
+
+    folder = Path(kernels.__file__).resolve().parent
     digest = hashlib.sha256()
     for name in KERNEL_SOURCES:
         digest.update((folder / name).read_bytes())

@@ -68,7 +68,7 @@ def column_membership(index, n_q: int, n_k: int, block_m: int) -> torch.Tensor:
 def case_setup(case, dtype=torch.float32, max_blocks=None):
     """Inputs, per-head rules, index and the kept-pair mask (B, Hq, Nq, Nk) of a CASES entry."""
     from sparsecomp.kernels import build_block_index, index_positions
-    from sparsecomp.kernels.block_sparse_attention import kept_pairs
+    from sparsecomp.kernels.prefill.block_sparse_attention import kept_pairs
 
     b, hq, hkv, nq, nk, d, block, causal, window, sinks, windows, pad = case
     q, k, v, key_ok = make_case(b, hq, hkv, nq, nk, d, dtype, pad)

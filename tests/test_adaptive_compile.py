@@ -18,7 +18,7 @@ from tiny_models import tiny_llama
 import sparsecomp
 from sparsecomp import Plan, Rule
 from sparsecomp.kernels import index_positions
-from sparsecomp.kernels.block_sparse_attention import structure_pairs
+from sparsecomp.kernels.prefill.block_sparse_attention import structure_pairs
 
 LAYER_RULES = [
     [  # one rule kind per head

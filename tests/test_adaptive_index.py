@@ -9,8 +9,8 @@ import torch
 from attention_cases import assert_same_lists, golden, make_case
 
 from sparsecomp.kernels import index_positions, sparse_attention_reference
-from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index
-from sparsecomp.kernels.block_sparse_attention import index_pairs, sparse_attention_triton, structure_pairs
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, sample_index, vertical_slash_index
+from sparsecomp.kernels.prefill.block_sparse_attention import index_pairs, sparse_attention_triton, structure_pairs
 from sparsecomp.recall import pattern_recall
 
 B, HQ, HKV, N, D, BLOCK = 2, 4, 2, 150, 16, 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 from attention_cases import assert_same_lists
 
-from sparsecomp.kernels.block_lists import (
+from sparsecomp.kernels.prefill.block_lists import (
     block_limits,
     column_lists_reference,
     column_lists_triton,

@@ -4,8 +4,13 @@ import pytest
 import torch
 from attention_cases import make_case
 
-from sparsecomp.kernels.block_sparse_attention import structure_pairs
-from sparsecomp.kernels.column_mass import column_mass, column_mass_reference, column_mass_triton, column_slash_mass
+from sparsecomp.kernels.prefill.block_sparse_attention import structure_pairs
+from sparsecomp.kernels.prefill.column_mass import (
+    column_mass,
+    column_mass_reference,
+    column_mass_triton,
+    column_slash_mass,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

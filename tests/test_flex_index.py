@@ -10,8 +10,8 @@ from attention_cases import make_case
 from torch.nn.attention.flex_attention import flex_attention
 
 from sparsecomp.kernels import index_positions, sparse_attention_reference
-from sparsecomp.kernels.adaptive_index import block_topk_index, sample_index, vertical_slash_index
-from sparsecomp.kernels.block_sparse_attention import _listed, index_pairs
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, sample_index, vertical_slash_index
+from sparsecomp.kernels.prefill.block_sparse_attention import _listed, index_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from flex_index import index_block_mask  # noqa: E402

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsecomp.kernels import block_index_bound, build_block_index, sparse_attention_call, sparse_attention_reference
-from sparsecomp.kernels.block_index import first_valid_key
-from sparsecomp.kernels.block_sparse_attention import kept_pairs, sparse_attention_triton
+from sparsecomp.kernels.prefill.block_index import first_valid_key
+from sparsecomp.kernels.prefill.block_sparse_attention import kept_pairs, sparse_attention_triton
 
 BLOCKS = [(16, 16), (16, 32), (32, 16)]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: compiled on a GPU, else interpreted

@@ -18,8 +18,8 @@ from sparsecomp.kernels import (
     sparse_attention_call,
     sparse_attention_reference,
 )
-from sparsecomp.kernels.adaptive_index import combine_head_indexes
-from sparsecomp.kernels.block_sparse_attention import launch_config, sparse_attention_triton
+from sparsecomp.kernels.prefill.adaptive_index import combine_head_indexes
+from sparsecomp.kernels.prefill.block_sparse_attention import launch_config, sparse_attention_triton
 from sparsecomp.passes.rewrite import KernelOptions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: compiled on a GPU, else interpreted

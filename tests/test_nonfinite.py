@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecomp.kernels import build_block_index, index_positions, sparse_attention_reference
-from sparsecomp.kernels.block_sparse_attention import kept_pairs, sparse_attention_triton
+from sparsecomp.kernels.prefill.block_sparse_attention import kept_pairs, sparse_attention_triton
 
 N, D, BLOCK = 48, 16, 16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: compiled on a GPU, else interpreted

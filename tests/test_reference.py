@@ -13,7 +13,7 @@ from sparsecomp.kernels import (
     sparse_attention_call,
     sparse_attention_reference,
 )
-from sparsecomp.kernels.block_sparse_attention import local_pairs, structure_pairs
+from sparsecomp.kernels.prefill.block_sparse_attention import local_pairs, structure_pairs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

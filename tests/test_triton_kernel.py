@@ -8,7 +8,7 @@ from attention_cases import CASES, add_random_columns, golden, make_case
 
 import sparsecomp
 from sparsecomp.kernels import build_block_index, index_positions, sparse_attention_call, sparse_attention_reference
-from sparsecomp.kernels.block_sparse_attention import sparse_attention_triton
+from sparsecomp.kernels.prefill.block_sparse_attention import sparse_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's bf16 dot multiplies raw bit patterns: bf16 is tested on the GPU only.

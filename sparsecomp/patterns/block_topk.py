@@ -1,7 +1,7 @@
 """MoBA / Quest-style block selection, estimated per input: per query block the ``k`` key blocks
 with the highest pooled score (``coverage`` > 0: the fewest blocks holding that share of it)."""
 
-from sparsecomp.kernels.adaptive_index import block_topk_index
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index
 
 from .base import COUNT, SHARE, Pattern, register
 

@@ -3,7 +3,7 @@ columns that hold ``alpha`` of the attention of a ``sample_ratio`` sample of que
 
 import math
 
-from sparsecomp.kernels.adaptive_index import sample_index
+from sparsecomp.kernels.prefill.adaptive_index import sample_index
 
 from .base import FRACTION, SHARE, Pattern, register
 

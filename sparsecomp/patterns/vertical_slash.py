@@ -2,7 +2,7 @@
 ``n_vertical`` key columns and ``n_slash`` diagonals (``mass`` < 1: FlexPrefill's cumulative-
 attention cut under those budgets), plus ``sink`` first keys and a ``local`` band."""
 
-from sparsecomp.kernels.adaptive_index import vertical_slash_index
+from sparsecomp.kernels.prefill.adaptive_index import vertical_slash_index
 
 from .base import COUNT, FRACTION, POSITIVE, Pattern, register
 

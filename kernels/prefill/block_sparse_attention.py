@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
+from ..common import MAX_BLOCK, MIN_TILE, KernelOptions, check_kernel_options
 from .block_index import SparseIndex, check_keys, first_valid_key
-from .options import MAX_BLOCK, MIN_TILE, KernelOptions, check_kernel_options
 
 LOG2E = math.log2(math.e)
 
