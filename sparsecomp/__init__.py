@@ -15,12 +15,12 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")) and os.path.isfile(
 
 from . import kernels, passes  # noqa: F401  (registers torch.ops.sparsecomp.*)
 from .api import compile, inspect
-from .autotune import autotune
-from .backend import counters, sparsecomp_backend
-from .calibrate import calibrate
-from .cost_model import KERNEL_CONFIGS, CostModel
+from .calibration.calibrate import calibrate
+from .compiler.backend import counters, sparsecomp_backend
 from .passes.rewrite import KernelOptions
 from .plan import Plan, Rule, model_fingerprint
+from .tuning.autotune import autotune
+from .tuning.cost_model import KERNEL_CONFIGS, CostModel
 
 __version__ = "0.1.0"
 __all__ = [

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .backend import BackendOptions, SparsecompBackend, last_backend
+from .compiler.backend import BackendOptions, SparsecompBackend, last_backend
 from .passes.site import module_names_by_id
 from .plan import model_fingerprint
 from .report import InspectReport

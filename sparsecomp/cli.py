@@ -182,7 +182,7 @@ def _check_out(path: str) -> None:
 def _calibrate(args) -> int:
     import torch
 
-    from .calibrate import calibrate, candidate_kinds
+    from .calibration.calibrate import calibrate, candidate_kinds
 
     known = candidate_kinds()
 
@@ -223,8 +223,8 @@ def _autotune(args) -> int:
     if torch.device(args.device).type != "cuda":
         raise UsageError(f"autotune times kernels on a CUDA GPU; got --device {args.device}")
 
-    from .autotune import autotune
-    from .calibration_data import default_calibration_ids
+    from .calibration.calibration_data import default_calibration_ids
+    from .tuning.autotune import autotune
 
     model, tokenizer = _load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     for n in args.lengths:  # one shape bucket per length: the first calibration document cut to n tokens

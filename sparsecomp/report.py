@@ -23,7 +23,7 @@ class SiteReport:
     rules: list[str] = field(default_factory=list)
     density: float | None = None  # kept fraction of the attention pairs, at the traced length
     gqa_folded: bool = False
-    decision: object = None  # the sparsecomp.decide.Decision behind "became" (None: never decided)
+    decision: object = None  # the sparsecomp.compiler.decide.Decision behind "became" (None: never decided)
 
     def choice(self) -> tuple[str, str, str]:
         """(choice, its predicted or measured ms, the runner-up and its ms) for the table."""

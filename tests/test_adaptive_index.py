@@ -8,10 +8,10 @@ import pytest
 import torch
 from attention_cases import assert_same_lists, golden, make_case
 
+from sparsecomp.calibration.recall import pattern_recall
 from sparsecomp.kernels import index_positions, sparse_attention_reference
 from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, sample_index, vertical_slash_index
 from sparsecomp.kernels.prefill.block_sparse_attention import index_pairs, sparse_attention_triton, structure_pairs
-from sparsecomp.recall import pattern_recall
 
 B, HQ, HKV, N, D, BLOCK = 2, 4, 2, 150, 16, 16
 SCALE = D**-0.5
@@ -243,7 +243,7 @@ def test_block_topk_coverage_and_minmax_bounds_keep_more_as_asked():
 def test_recall_metric():
     """Dense keeps everything (cra 1, no error); a pattern's cra equals the dense mass on its mask;
     chunking does not change the numbers."""
-    import sparsecomp.recall as recall
+    import sparsecomp.calibration.recall as recall
 
     q, k, v, key_ok, q_pos, k_pos = inputs(pad=4, seed=5)
     zeros = torch.zeros(HQ, dtype=torch.int32)

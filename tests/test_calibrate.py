@@ -8,8 +8,8 @@ from tiny_models import tiny_llama
 
 import sparsecomp
 from sparsecomp import Plan, Rule
-from sparsecomp.calibrate import Calibrator, SiteStats, allocate, candidate_rules
-from sparsecomp.calibration_data import passkey_prompt
+from sparsecomp.calibration.calibrate import Calibrator, SiteStats, allocate, candidate_rules
+from sparsecomp.calibration.calibration_data import passkey_prompt
 
 RULES = [Rule("streaming", sink=4, window=16), Rule("streaming", sink=4, window=64), Rule("block_topk", k=2),
          Rule("sample", alpha=0.9, window_ratio=0.1, sample_ratio=0.2)]  # fmt: skip
@@ -268,8 +268,8 @@ def test_text_inputs_are_tokenized_and_a_batch_tensor_is_split_into_rows():
 def test_kept_influence_is_the_first_order_loss_change_of_dropped_pairs():
     """kept_mass's influence against autograd: I[i, j] = |p_ij * dL/dp_ij - p_ij * sum_n p_in dL/dp_in|
     with dL/dp from a random linear loss on the attention output."""
+    from sparsecomp.calibration.recall import kept_mass
     from sparsecomp.kernels import build_block_index, index_positions
-    from sparsecomp.recall import kept_mass
 
     gen = torch.Generator().manual_seed(4)
     b, hq, hkv, n, d = 1, 4, 2, 40, 16

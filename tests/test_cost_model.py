@@ -8,19 +8,19 @@ from tiny_models import tiny_llama
 
 import sparsecomp
 from sparsecomp import CostModel, Plan, Rule
-from sparsecomp.autotune import autotune
-from sparsecomp.cost_model import (
+from sparsecomp.compiler.decide import shape_bucket
+from sparsecomp.kernels import build_block_index
+from sparsecomp.passes.rewrite import KernelOptions
+from sparsecomp.patterns.local import local_rule_block_counts
+from sparsecomp.tuning.autotune import autotune
+from sparsecomp.tuning.cost_model import (
     DENSE,
     KERNEL_CONFIGS,
     Workload,
     fit_coefficients,
     static_block_counts,
 )
-from sparsecomp.decide import shape_bucket
-from sparsecomp.kernels import build_block_index
-from sparsecomp.passes.rewrite import KernelOptions
-from sparsecomp.patterns.local import local_rule_block_counts
-from sparsecomp.tuning_cache import TuningCache
+from sparsecomp.tuning.tuning_cache import TuningCache
 
 ODD = [(1, 1), (63, 63), (100, 137), (257, 257), (640, 700)]
 
@@ -173,8 +173,8 @@ def test_cost_model_off_follows_the_plan():
 def test_auto_uses_the_shipped_h100_fit_on_hopper_only(monkeypatch):
     """No fit of this GPU's own: a Hopper GPU decides with the shipped H100 coefficients, another
     follows the plan until tuned (the device is only asked its capability)."""
-    from sparsecomp.cost_defaults import H100_COST_MODEL
-    from sparsecomp.decide import load_cost_model
+    from sparsecomp.compiler.decide import load_cost_model
+    from sparsecomp.tuning.cost_defaults import H100_COST_MODEL
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -234,7 +234,7 @@ def test_autotune_refuses_cpu_without_a_timer():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times GPU kernels")
 def test_gpu_fit_and_autotune_then_compile_uses_the_cache(tmp_path):
-    from sparsecomp.autotune import fit_cost_model
+    from sparsecomp.tuning.autotune import fit_cost_model
 
     fit = fit_cost_model((16,), dtype=torch.float16, lengths=(256, 1024), densities=(0.3, 1.0),
                          index_lengths=(), progress=False)  # fmt: skip
@@ -273,7 +273,7 @@ def test_command_line_autotune_needs_a_gpu(tmp_path, capsys):
 
 
 def test_a_selection_refined_to_smaller_blocks_keeps_the_same_pairs():
-    from sparsecomp.autotune import random_selection, run_sparse, selection_index
+    from sparsecomp.tuning.autotune import random_selection, run_sparse, selection_index
 
     n, gen = 300, torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(3))

@@ -173,7 +173,7 @@ def test_llama_streaming_without_sinks_on_a_padded_batch():
     pytest.importorskip("transformers")
     from test_models import _out, make
 
-    from sparsecomp.backend import BackendOptions, SparsecompBackend
+    from sparsecomp.compiler.backend import BackendOptions, SparsecompBackend
     from sparsecomp.demo import streaming_sdpa
 
     model = make("llama", "sdpa").eval()

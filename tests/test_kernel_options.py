@@ -75,7 +75,7 @@ def test_default_query_tile_of_a_large_block_is_refused_and_a_smaller_tile_accep
 
 
 def test_kernel_options_accept_the_presets_and_numpy_integers():
-    from sparsecomp.cost_model import KERNEL_CONFIGS
+    from sparsecomp.tuning.cost_model import KERNEL_CONFIGS
 
     for opts in KERNEL_CONFIGS.values():  # built at import: every preset is valid
         assert KernelOptions(**vars(opts)) == opts

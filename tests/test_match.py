@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsecomp
-from sparsecomp.backend import BackendOptions, SparsecompBackend
+from sparsecomp.compiler.backend import BackendOptions, SparsecompBackend
 
 BLOCK = {"block_m": 16, "block_n": 16}
 

@@ -5,7 +5,7 @@ import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
 import sparsecomp
-from sparsecomp.backend import BackendOptions, SparsecompBackend
+from sparsecomp.compiler.backend import BackendOptions, SparsecompBackend
 from sparsecomp.demo import streaming_sdpa
 
 transformers = pytest.importorskip("transformers")

@@ -5,7 +5,7 @@ import multiprocessing
 
 import pytest
 
-from sparsecomp.tuning_cache import TuningCache, environment_key, kernel_source_hash
+from sparsecomp.tuning.tuning_cache import TuningCache, environment_key, kernel_source_hash
 
 KEY = {"gpu": "test-gpu", "capability": "9.0", "torch": "x", "triton": "y", "kernels": "z"}
 

@@ -18,13 +18,13 @@ from sparsecomp.passes.rewrite import (
 )
 from sparsecomp.passes.site import AttentionSite, meta_val
 
-from .cost_model import DEFAULT_CONFIG
+from ..patterns import PATTERNS
+from ..patterns.local import local_rule_density
+from ..plan import Plan, Rule
+from ..report import GraphReport, InspectReport, SiteReport
+from ..tuning.cost_model import DEFAULT_CONFIG
 from .decide import Decision, SiteDecider, candidate_configs, decide, shape_bucket
-from .patterns import PATTERNS
-from .patterns.local import local_rule_density
-from .plan import Plan, Rule
 from .prepare import calibrated_densities, is_decode_step, prepare_graph, site_workload
-from .report import GraphReport, InspectReport, SiteReport
 
 # Every decision bumps a counter; tests assert on them (like torch._dynamo.utils.counters).
 counters: collections.Counter = collections.Counter()
@@ -99,7 +99,7 @@ def _share_key(site: AttentionSite, rules: list[Rule]) -> tuple:
 
 
 def _decide(site: AttentionSite, rules: list[Rule], options: BackendOptions, decider: SiteDecider, share: int):
-    """Dense or sparse, under which kernel config (see ``sparsecomp.decide``)."""
+    """Dense or sparse, under which kernel config (see ``sparsecomp.compiler.decide``)."""
     forced = options.kernel_options
     model, source, cache = decider.context(meta_val(site.q).device)
     if model is None:

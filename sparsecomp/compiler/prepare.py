@@ -16,10 +16,10 @@ from sparsecomp.passes.match import find_sites
 from sparsecomp.passes.rewrite import KernelOptions
 from sparsecomp.passes.site import AttentionSite, meta_val
 
-from .cost_model import Workload
+from ..patterns import PATTERNS
+from ..plan import Plan, Rule
+from ..tuning.cost_model import Workload
 from .decide import size_hint
-from .patterns import PATTERNS
-from .plan import Plan, Rule
 
 
 @dataclass

@@ -24,11 +24,15 @@ from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.rewrite import KernelOptions, adaptive_call, observe_site
 from sparsecomp.passes.site import module_names_by_id
 
-from .backend import (
+from ..calibration.calibrate import _progress
+from ..compiler.backend import (
     adaptive_groups,
     inductor_with_opaque_ops,
 )
-from .calibrate import _progress
+from ..compiler.decide import COST_MODEL_ENTRY, candidate_configs, shape_bucket
+from ..compiler.prepare import calibrated_densities, prepare_graph, site_workload
+from ..patterns import PATTERNS
+from ..plan import Plan, Rule
 from .cost_model import (
     DEFAULT_CONFIG,
     DENSE,
@@ -42,10 +46,6 @@ from .cost_model import (
     index_work,
     static_block_counts,
 )
-from .decide import COST_MODEL_ENTRY, candidate_configs, shape_bucket
-from .patterns import PATTERNS
-from .plan import Plan, Rule
-from .prepare import calibrated_densities, prepare_graph, site_workload
 from .timing import median_ms
 from .tuning_cache import TuningCache, environment_key
 

@@ -15,8 +15,8 @@ import torch
 
 from sparsecomp.passes.rewrite import KernelOptions
 
-from .cost_model import DEFAULT_CONFIG, DENSE, KERNEL_CONFIGS, CostModel, Workload, ranked
-from .plan import Rule
+from ..plan import Rule
+from ..tuning.cost_model import DEFAULT_CONFIG, DENSE, KERNEL_CONFIGS, CostModel, Workload, ranked
 
 COST_MODEL_ENTRY = "cost_model"
 
@@ -122,7 +122,7 @@ def load_cost_model(setting, device: torch.device, cache) -> tuple[CostModel | N
         return CostModel.from_json(stored), "cost model (fitted on this GPU)"
     if torch.cuda.get_device_capability(device)[0] != 9:  # the shipped fit describes Hopper only
         return None, "no cost model fitted for this GPU (run sparsecomp autotune): the plan is followed"
-    from .cost_defaults import H100_COST_MODEL
+    from ..tuning.cost_defaults import H100_COST_MODEL
 
     return CostModel.from_json(H100_COST_MODEL), "cost model (H100 fit; run sparsecomp autotune to fit this GPU)"
 
@@ -138,7 +138,7 @@ class SiteDecider:
         if str(device) not in self._resolved:
             cache = self.tuning_cache
             if cache is None and device.type == "cuda":
-                from .tuning_cache import TuningCache, environment_key
+                from ..tuning.tuning_cache import TuningCache, environment_key
 
                 cache = TuningCache(environment_key(device))
             cache = cache or None  # False: no cache

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from .kernels import SparseIndex
-from .kernels.prefill.block_sparse_attention import index_pairs, structure_pairs
+from ..kernels import SparseIndex
+from ..kernels.prefill.block_sparse_attention import index_pairs, structure_pairs
 
 _CHUNK_ELEMENTS = 1 << 25
 

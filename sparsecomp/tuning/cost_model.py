@@ -5,7 +5,7 @@ path when the site carries a mask tensor) or our sparse kernel under one of the 
 (``KERNEL_CONFIGS``), plus the index builders it needs.
 
 Roofline form, per engine (dense SDPA, SDPA with a mask, each kernel config), with coefficients
-fitted per GPU and head_dim by a short micro-benchmark (``sparsecomp.autotune.fit_cost_model``):
+fitted per GPU and head_dim by a short micro-benchmark (``sparsecomp.tuning.autotune.fit_cost_model``):
 
     t = c_launch + c_compute * max(T / S, L) * BM * BN * Dp          (tensor-core work per SM)
                  + c_mask * (M / S) * BM * BN                          (element masks)
@@ -32,9 +32,9 @@ import torch
 
 from sparsecomp.passes.rewrite import KernelOptions
 
-from .patterns import PATTERNS
-from .patterns.local import local_rule_block_counts
-from .plan import Rule
+from ..patterns import PATTERNS
+from ..patterns.local import local_rule_block_counts
+from ..plan import Rule
 
 # Named kernel configs the autotuner and the cost model choose among (FlexAttention style: how the
 # kernel runs, never what it keeps). Block sizes change the index granularity, so configs with other

@@ -5,7 +5,7 @@ The model is captured by Dynamo as for ``compile``, but nothing is rewritten: ea
 output is routed through an observer (the graph runs eagerly), which sees the site's Q and K for
 every calibration input and measures, per candidate rule and query head, the attention mass kept
 (CRA), the density (kept / allowed pairs) and the attention output error (relative L2 vs exact)
-with ``sparsecomp.recall.kept_mass``: chunked over query rows, never N x N, with the index
+with ``sparsecomp.calibration.recall.kept_mass``: chunked over query rows, never N x N, with the index
 builders the compiled model runs. After all inputs, each head gets the candidate of least mean
 density whose CRA reaches ``target`` (and whose output error stays within ``max_error``, if
 given) at every calibration length, each length's inputs averaged; static rules win ties (no
@@ -27,10 +27,10 @@ from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.rewrite import observe_site
 from sparsecomp.passes.site import module_names_by_id
 
+from ..compiler.prepare import prepare_graph
+from ..patterns import PATTERNS
+from ..plan import Plan, Rule, model_fingerprint
 from .calibration_data import CALIBRATION_FILES, default_calibration_ids
-from .patterns import PATTERNS
-from .plan import Plan, Rule, model_fingerprint
-from .prepare import prepare_graph
 from .recall import kept_mass
 
 

@@ -38,7 +38,7 @@ def cache_dir() -> Path:
 
 def kernel_source_hash() -> str:
     """Hash of the kernel sources: a tuned choice is only valid for the code it was tuned on."""
-    from . import kernels  # installed inside the package, or kernels/ beside it in a checkout
+    from .. import kernels  # installed inside the package, or kernels/ beside it in a checkout
 
     folder = Path(kernels.__file__).resolve().parent
     digest = hashlib.sha256()

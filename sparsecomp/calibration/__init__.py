@@ -1,0 +1,1 @@
+"""Calibration: observing a model's own attention, the default calibration data, recall metrics."""

@@ -1,0 +1,1 @@
+"""Tuning: the cost model and its shipped fits, autotune and its per-GPU cache, GPU timing."""
