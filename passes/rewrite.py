@@ -21,7 +21,7 @@ from sparsecomp.kernels import (
     index_positions,
     sparse_attention_call,
 )
-from sparsecomp.kernels.adaptive_index import combine_head_indexes
+from sparsecomp.kernels.prefill.adaptive_index import combine_head_indexes
 
 from .match import default_scale
 from .site import AttentionSite, meta_val
