@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparsecomp.kernels import build_block_index
+from sparsecomp.kernels import KernelOptions
 from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.rewrite import observe_site
 from sparsecomp.passes.site import module_names_by_id
 
+from ..compiler.lower import lower_rules
 from ..compiler.prepare import prepare_graph
 from ..patterns import PATTERNS
 from ..plan import Plan, Rule, model_fingerprint
@@ -53,23 +54,9 @@ def candidate_rules(kinds=None, max_len: int = 8192, sink: int = 64) -> list[Rul
 def candidate_index(rule: Rule, q, k, q_pos, k_pos, key_ok, *, scale, causal, window, block: int):
     """(index, head_sink, head_window) of one rule for all heads of a site: what the compiled model
     would run on these inputs."""
-    hq = q.shape[1]
-    if not rule.adaptive:
-        sink, win = (torch.full((hq,), v, dtype=torch.int32, device=q.device) for v in rule.head_params(k.shape[2]))
-        index = build_block_index(
-            q_pos, k_pos, key_ok, sink[:1], win[:1], causal=causal, window=window, block_m=block, block_n=block,
-            max_blocks=None,
-        )  # fmt: skip
-        return index, sink, win
-    builder, per_head = PATTERNS[rule.kind].builder, PATTERNS[rule.kind].per_head
-    shared = {name: value for name, value in rule.params if name not in per_head}
-    budgets = [getattr(rule, name) for name in per_head]
-    index = builder(
-        q, k, q_pos, k_pos, key_ok, *budgets, **shared, scale=scale, causal=causal, window=window, block_m=block,
-        block_n=block,
-    )  # fmt: skip
-    zeros = torch.zeros(hq, dtype=torch.int32, device=q.device)
-    return index, zeros, zeros
+    options = KernelOptions(block_m=block, block_n=block)
+    rules = [rule] * q.shape[1]
+    return lower_rules(rules, q, k, q_pos, k_pos, key_ok, scale=scale, causal=causal, window=window, options=options)
 
 
 @dataclass

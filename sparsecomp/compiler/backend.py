@@ -10,7 +10,6 @@ import torch.fx as fx
 
 from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.rewrite import (
-    AdaptiveGroup,
     KernelOptions,
     is_plain_causal,
     rewrite_dense_causal,
@@ -24,6 +23,7 @@ from ..plan import Plan, Rule
 from ..report import GraphReport, InspectReport, SiteReport
 from ..tuning.cost_model import DEFAULT_CONFIG
 from .decide import Decision, SiteDecider, candidate_configs, decide, shape_bucket
+from .lower import adaptive_groups
 from .prepare import calibrated_densities, is_decode_step, prepare_graph, site_workload
 
 # Every decision bumps a counter; tests assert on them (like torch._dynamo.utils.counters).
@@ -62,26 +62,6 @@ class BackendOptions:
         if not isinstance(opts.strict, bool):
             raise ValueError(f"strict={opts.strict!r}; give True or False")
         return opts
-
-
-def adaptive_groups(rules: list[Rule]) -> tuple[AdaptiveGroup, ...]:
-    """Heads with adaptive rules, grouped by kind and shared parameters (one index builder each)."""
-    groups: dict[tuple, list[tuple[int, Rule]]] = {}
-    for h, rule in enumerate(rules):
-        if rule.adaptive:
-            per_head = PATTERNS[rule.kind].per_head
-            shared = tuple((k, v) for k, v in rule.params if k not in per_head)
-            groups.setdefault((rule.kind, shared), []).append((h, rule))
-    return tuple(
-        AdaptiveGroup(
-            kind=kind,
-            builder=PATTERNS[kind].builder,
-            heads=tuple(h for h, _ in members),
-            shared=shared,
-            per_head=tuple((name, tuple(getattr(r, name) for _, r in members)) for name in PATTERNS[kind].per_head),
-        )
-        for (kind, shared), members in groups.items()
-    )
 
 
 def _density(site: AttentionSite, rules: list[Rule]) -> float | None:

@@ -18,18 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from sparsecomp.kernels import SparseIndex, build_block_index, sparse_attention_call
-from sparsecomp.kernels.prefill.adaptive_index import combine_head_indexes
 from sparsecomp.kernels.prefill.block_sparse_attention import structure_pairs
 from sparsecomp.passes.fxutil import eliminate_dead_code
-from sparsecomp.passes.rewrite import KernelOptions, adaptive_call, observe_site
+from sparsecomp.passes.rewrite import KernelOptions, observe_site
 from sparsecomp.passes.site import module_names_by_id
 
 from ..calibration.calibrate import _progress
-from ..compiler.backend import (
-    adaptive_groups,
-    inductor_with_opaque_ops,
-)
+from ..compiler.backend import inductor_with_opaque_ops
 from ..compiler.decide import COST_MODEL_ENTRY, candidate_configs, shape_bucket
+from ..compiler.lower import lower_rules
 from ..compiler.prepare import calibrated_densities, prepare_graph, site_workload
 from ..patterns import PATTERNS
 from ..plan import Plan, Rule
@@ -284,26 +281,7 @@ def capture_sites(model, example_inputs, plan: Plan) -> dict[str, CapturedSite]:
 def site_index(site: CapturedSite, options: KernelOptions) -> SparseIndex:
     """The index the rewritten graph would build for this site (eagerly)."""
     q, k, _, q_pos, k_pos, key_ok = site.tensors
-    s, hq = site.structure, q.shape[1]
-    sink, window = zip(*(r.head_params(site.workload.kv_len) for r in site.rules), strict=True)
-    dev = q.device
-    static = build_block_index(
-        q_pos, k_pos, key_ok, torch.tensor(sink, device=dev), torch.tensor(window, device=dev),
-        causal=s["causal"], window=s["window"], block_m=options.block_m, block_n=options.block_n, max_blocks=None,
-    )  # fmt: skip
-    groups = adaptive_groups(site.rules)
-    if not groups:
-        return static
-    pieces, heads = [], []
-    for g in groups:
-        builder, per_head, kwargs = adaptive_call(g, hq, options=options, **s)
-        pieces.append(builder(q, k, q_pos, k_pos, key_ok, *per_head, **kwargs))
-        heads.append(g.heads)
-    static_heads = tuple(h for h in range(hq) if not site.rules[h].adaptive)
-    if static_heads:
-        pieces.append(static)
-        heads.append(static_heads)
-    return combine_head_indexes(pieces, heads, hq)
+    return lower_rules(site.rules, q, k, q_pos, k_pos, key_ok, **site.structure, options=options)[0]
 
 
 def _dense_call(site: CapturedSite):
