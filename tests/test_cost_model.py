@@ -31,6 +31,10 @@ ODD = [(1, 1), (63, 63), (100, 137), (257, 257), (640, 700)]
 )
 @pytest.mark.parametrize(("block_m", "block_n"), [(16, 16), (64, 32), (32, 64)])
 def test_closed_form_block_counts_equal_the_index_builder(n_q, n_k, sink, window, site_window, block_m, block_n):
+    assert_counts_equal_the_index(n_q, n_k, sink, window, site_window, block_m, block_n)
+
+
+def assert_counts_equal_the_index(n_q, n_k, sink, window, site_window, block_m, block_n):
     q_pos, k_pos = torch.arange(n_k - n_q, n_k)[None], torch.arange(n_k)[None]
     index = build_block_index(
         q_pos, k_pos, None, torch.tensor([sink]), torch.tensor([window]), causal=True, window=site_window,
@@ -39,8 +43,9 @@ def test_closed_form_block_counts_equal_the_index_builder(n_q, n_k, sink, window
     full, part = local_rule_block_counts(
         n_q, n_k, sink, window, block_m=block_m, block_n=block_n, site_window=site_window
     )
-    assert torch.equal(full, index.full_count[0, 0].float())
-    assert torch.equal(part, index.part_count[0, 0].float())
+    case = dict(n_q=n_q, n_k=n_k, sink=sink, window=window, site_window=site_window, block_m=block_m, block_n=block_n)
+    assert torch.equal(full, index.full_count[0, 0].float()), case
+    assert torch.equal(part, index.part_count[0, 0].float()), case
 
 
 def test_fit_recovers_known_nonnegative_coefficients():
@@ -299,16 +304,4 @@ def test_closed_form_block_counts_equal_the_index_builder_on_random_streaming_ru
         n_q = draw(1, n_k)
         sink, window, site_window = draw(0, 200), draw(0, 400), draw(0, 1) * draw(1, 500)
         block_m, block_n = 16 * 2 ** draw(0, 2), 16 * 2 ** draw(0, 2)
-        q_pos, k_pos = torch.arange(n_k - n_q, n_k)[None], torch.arange(n_k)[None]
-        index = build_block_index(
-            q_pos, k_pos, None, torch.tensor([sink]), torch.tensor([window]), causal=True, window=site_window,
-            block_m=block_m, block_n=block_n, max_blocks=None,
-        )  # fmt: skip
-        full, part = local_rule_block_counts(
-            n_q, n_k, sink, window, block_m=block_m, block_n=block_n, site_window=site_window
-        )
-        case = dict(
-            n_q=n_q, n_k=n_k, sink=sink, window=window, site_window=site_window, block_m=block_m, block_n=block_n
-        )
-        assert torch.equal(full, index.full_count[0, 0].float()), case
-        assert torch.equal(part, index.part_count[0, 0].float()), case
+        assert_counts_equal_the_index(n_q, n_k, sink, window, site_window, block_m, block_n)
