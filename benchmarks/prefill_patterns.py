@@ -13,7 +13,7 @@ Medians over >= 5 runs (benchmarks/harness.py); SDPA and Flex measured in the sa
 picks the inputs' locality (``LOCALITY``: "strong", or "smollm2", matched to the real model's);
 up to ``--recall-max`` tokens each pattern's attention kept and output error are measured too.
 Index builders are compiled as the sparsecomp backend compiles them in a model (``--eager-index``:
-eager, as sessions 2-3 measured them).
+eager, as the first pattern measurements did).
 
     python benchmarks/prefill_patterns.py --lengths 32768 131072 --inputs smollm2 --out benchmarks/results
 """

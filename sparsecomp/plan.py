@@ -231,7 +231,7 @@ def _json_kind(obj) -> str:
 
 
 def _rule_from_json(obj, where: str) -> Rule:
-    """A rule as plans store it: its spec string, or (session 2's plans) an object with its kind."""
+    """A rule as plans store it: its spec string, or (the first plan format) an object with its kind."""
     if not isinstance(obj, (str, dict)):
         raise ValueError(
             f"{where}: a rule is a spec string such as 'streaming:sink=64,window=1024' or an object "

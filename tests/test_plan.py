@@ -236,7 +236,7 @@ def test_from_json_errors_without_a_file():
         Plan.from_json({"version": 1, "sites": ["a"]})
 
 
-def test_session_2_rule_objects_still_load():
+def test_rule_objects_of_the_first_plan_format_still_load():
     plan = Plan.from_json({"version": 1, "default": {"kind": "streaming", "sink": 4, "window": 16}})
     assert plan.default == Rule("streaming", 4, 16)
 

@@ -1,9 +1,9 @@
 """Cost model coefficients fitted on an H100 80GB HBM3 (torch 2.11, triton 3.6;
 ``benchmarks/cost_model.py``, results in ``benchmarks/results/cost_model.md``), used on a Hopper GPU
 that has no fit of its own yet (``sparsecomp autotune`` fits one and stores it in the tuning cache).
-Session 6 fit: kernels from random and streaming selections at 1K-64K; index builders compiled
-whole (dynamic shapes, sparse ops opaque) and timed as CUDA-graph replays; the builders refitted in
-session 8 after the vertical-slash builder got 1.8x faster."""
+The fit: kernels from random and streaming selections at 1K-64K; index builders compiled whole
+(dynamic shapes, sparse ops opaque) and timed as CUDA-graph replays, refitted after the
+vertical-slash builder got 1.8x faster (``benchmarks/results/cost_model_index_refit.log``)."""
 
 H100_COST_MODEL = {
     "sms": 132,
