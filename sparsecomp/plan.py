@@ -29,7 +29,9 @@ from pathlib import Path
 
 from .patterns import PATTERNS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added decode rules; a plan without them is still written as version 1
+READABLE_VERSIONS = (1, 2)
+PHASES = ("prefill", "decode")
 
 
 class _PatternView(Mapping):
@@ -253,7 +255,19 @@ def _entry_from_json(obj, where: str) -> Rule | list[Rule]:
     return _rule_from_json(obj, where)
 
 
-_PLAN_FIELDS = ("version", "fingerprint", "default", "sites", "block", "densities", "info")
+def _site_entries(sites, what: str) -> dict:
+    """``sites`` checked (a dict of site name -> Rule or non-empty list of Rules), names canonical."""
+    if not isinstance(sites, dict):
+        raise TypeError(f"plan {what} must be a dict of site name -> Rule or list of Rules; got {sites!r}")
+    for name, entry in sites.items():
+        if not (isinstance(entry, Rule) or (entry and isinstance(entry, (list, tuple)) and _all_rules(entry))):
+            raise TypeError(f"plan {what} {name!r} must have a Rule or a non-empty list of Rules; got {entry!r}")
+    return _by_site_name({k: v if isinstance(v, Rule) else list(v) for k, v in sites.items()}, what)
+
+
+_PLAN_FIELDS = (
+    "version", "fingerprint", "default", "sites", "decode_default", "decode_sites", "block", "densities", "info",
+)  # fmt: skip
 
 
 @dataclass
@@ -261,6 +275,10 @@ class Plan:
     default: Rule = field(default_factory=Rule)
     sites: dict[str, Rule | list[Rule]] = field(default_factory=dict)
     fingerprint: dict | None = None
+    # Decode steps (a few query rows against the KV cache) get these rules where given, else the
+    # prefill ones above: e.g. dense prefill with a streaming decode (StreamingLLM).
+    decode_default: Rule | None = None
+    decode_sites: dict[str, Rule | list[Rule]] = field(default_factory=dict)
     # What decisions read (calibration writes them): the sparse-index block size the rules were
     # measured at, and each site's measured kept density per query head (the cost model's work).
     block: int | None = None
@@ -272,12 +290,10 @@ class Plan:
         # Check the types here, once, so that a bad plan fails where it is made, not at compile time.
         if not isinstance(self.default, Rule):
             raise TypeError(f"plan default must be a Rule; got {self.default!r}")
-        if not isinstance(self.sites, dict):
-            raise TypeError(f"plan sites must be a dict of site name -> Rule or list of Rules; got {self.sites!r}")
-        for name, entry in self.sites.items():
-            if not (isinstance(entry, Rule) or (entry and isinstance(entry, (list, tuple)) and _all_rules(entry))):
-                raise TypeError(f"plan site {name!r} must have a Rule or a non-empty list of Rules; got {entry!r}")
-        self.sites = _by_site_name({k: v if isinstance(v, Rule) else list(v) for k, v in self.sites.items()}, "sites")
+        if self.decode_default is not None and not isinstance(self.decode_default, Rule):
+            raise TypeError(f"plan decode_default must be a Rule or None; got {self.decode_default!r}")
+        self.sites = _site_entries(self.sites, "sites")
+        self.decode_sites = _site_entries(self.decode_sites, "decode_sites")
         if isinstance(self.info, dict) and isinstance(self.info.get("measured"), dict):  # calibration's, per site
             self.info = {**self.info, "measured": _by_site_name(self.info["measured"], "info.measured")}
         self._typed_from_info()
@@ -316,6 +332,8 @@ class Plan:
             return cls.load(plan)
         if not isinstance(plan, str):
             raise TypeError(f"plan must be a Plan, a preset string or a .json path; got {type(plan).__name__}")
+        if "=" in plan.partition(":")[0]:  # "prefill=<rule>;decode=<rule>"
+            return cls._from_phase_preset(plan)
         if (kind := plan.partition(":")[0].strip()) not in RULE_PARAMS:
             raise ValueError(
                 f"plan {plan!r} is neither a .json plan file nor a preset (a rule such as "
@@ -326,9 +344,34 @@ class Plan:
         except ValueError as e:
             raise ValueError(f"plan preset {plan!r}: {e}") from None
 
-    def rules_for(self, site: str, q_heads: int, kv_heads: int) -> list[Rule]:
-        """One rule per query head for ``site``."""
-        entry = self.sites.get(canonical_site_name(site), self.default)
+    @classmethod
+    def _from_phase_preset(cls, text: str) -> Plan:
+        """``prefill=<rule>;decode=<rule>`` (either part may be left out: prefill then is dense, decode
+        follows prefill)."""
+        rules: dict[str, Rule] = {}
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            phase, _, spec = (x.strip() for x in part.partition("="))
+            if phase not in PHASES:
+                raise ValueError(f"plan preset {text!r}: {phase!r} is not a phase; give prefill=<rule>;decode=<rule>")
+            if phase in rules:
+                raise ValueError(f"plan preset {text!r} gives {phase} twice")
+            try:
+                rules[phase] = Rule.parse(spec)
+            except ValueError as e:
+                raise ValueError(f"plan preset {text!r}, {phase}: {e}") from None
+        if not rules:
+            raise ValueError(f"plan preset {text!r} gives no rule; give prefill=<rule>;decode=<rule>")
+        return cls(default=rules.get("prefill", Rule()), decode_default=rules.get("decode"), info={"preset": text})
+
+    def rules_for(self, site: str, q_heads: int, kv_heads: int, phase: str = "prefill") -> list[Rule]:
+        """One rule per query head for ``site`` in ``phase`` ("prefill", or "decode": the decode rules
+        where the plan gives them, else the prefill ones)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r}; known: {PHASES}")
+        name = canonical_site_name(site)
+        entry = self.sites.get(name, self.default)
+        if phase == "decode" and (name in self.decode_sites or self.decode_default is not None):
+            entry = self.decode_sites.get(name, self.decode_default)
         if isinstance(entry, Rule):
             return [entry] * q_heads
         if len(entry) == q_heads:
@@ -351,11 +394,17 @@ class Plan:
         def rule(r):
             return r.spec()
 
+        def entries(sites):
+            return {k: [rule(r) for r in v] if isinstance(v, list) else rule(v) for k, v in sites.items()}
+
+        has_decode = self.decode_default is not None or bool(self.decode_sites)
         return {
-            "version": self.version,
+            "version": SCHEMA_VERSION if has_decode else 1,  # readers of version 1 may load it
             "fingerprint": self.fingerprint,
             "default": rule(self.default),
-            "sites": {k: [rule(r) for r in v] if isinstance(v, list) else rule(v) for k, v in self.sites.items()},
+            "sites": entries(self.sites),
+            **({"decode_default": self.decode_default and rule(self.decode_default)} if has_decode else {}),
+            **({"decode_sites": entries(self.decode_sites)} if has_decode else {}),
             "block": self.block,
             "densities": self.densities,
             "info": self.info,
@@ -368,20 +417,24 @@ class Plan:
         if unknown := set(obj) - set(_PLAN_FIELDS):  # a misspelled field would silently mean "all default"
             raise ValueError(f"unknown plan field(s) {sorted(unknown)}; known: {_PLAN_FIELDS}")
         version = obj.get("version")
-        if type(version) is not int or version != SCHEMA_VERSION:
-            raise ValueError(f"plan schema version {version!r}; this sparsecomp reads version {SCHEMA_VERSION}")
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            raise ValueError(f"plan schema version {version!r}; this sparsecomp reads versions {READABLE_VERSIONS}")
         sites, fingerprint, info = obj.get("sites", {}), obj.get("fingerprint"), obj.get("info", {})
+        decode_sites, decode_default = obj.get("decode_sites") or {}, obj.get("decode_default")
         for what, value in (
             ("sites", sites),
+            ("decode_sites", decode_sites),
             ("fingerprint", {} if fingerprint is None else fingerprint),
             ("info", info),
         ):
             if not isinstance(value, dict):
-                detail = " {site name: rule or list of rules}" if what == "sites" else ""
+                detail = " {site name: rule or list of rules}" if what.endswith("sites") else ""
                 raise ValueError(f"plan {what!r} must be an object{detail}; got {_json_kind(value)}")
         return cls(
             default=_rule_from_json(obj.get("default", "dense"), "plan default"),
             sites={k: _entry_from_json(v, f"plan site {k!r}") for k, v in sites.items()},
+            decode_default=None if decode_default is None else _rule_from_json(decode_default, "plan decode_default"),
+            decode_sites={k: _entry_from_json(v, f"plan decode site {k!r}") for k, v in decode_sites.items()},
             fingerprint=fingerprint,
             block=obj.get("block"),
             densities=obj.get("densities") or {},

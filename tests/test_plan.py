@@ -191,7 +191,7 @@ def test_every_parameter_says_what_it_accepts():
         (b"version: 1\n", "is not valid JSON"),
         (b"[1, 2]", "a plan is a JSON object with .*; got a list"),
         (b'"dense"', "a plan is a JSON object .*; got a string"),
-        (b'{"version": 2}', "plan schema version 2; this sparsecomp reads version 1"),
+        (b'{"version": 3}', r"plan schema version 3; this sparsecomp reads versions \(1, 2\)"),
         (b'{"version": true}', "plan schema version True"),
         (b'{"sites": {}}', "plan schema version None"),
         (b'{"version": 1, "site": {}}', "unknown plan field\\(s\\) \\['site'\\]"),

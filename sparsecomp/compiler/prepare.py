@@ -109,7 +109,8 @@ def site_structure(site: AttentionSite, interp: MaskInterpreter) -> MaskStructur
 
 def head_rules(site: AttentionSite, plan: Plan, options: KernelOptions) -> tuple[list[Rule], list[str]]:
     sh = site.shape
-    rules = plan.rules_for(site.name, sh["q_heads"], sh["kv_heads"])
+    phase = "decode" if is_decode_step(site) else "prefill"
+    rules = plan.rules_for(site.name, sh["q_heads"], sh["kv_heads"], phase)
     notes = []
     if not site.structure.causal and any(r.kind != "dense" for r in rules):
         rules = [Rule() for _ in rules]
@@ -140,7 +141,7 @@ def unmatched_plan_sites(plan: Plan, sites: list[AttentionSite]) -> list[str]:
     """The site names the plan gives rules for that the graph does not have (a graph with no
     attention at all, such as a piece split off by a graph break, is not checked)."""
     found = {s.name for s in sites}
-    return [name for name in plan.sites if found and name not in found]
+    return [name for name in {**plan.sites, **plan.decode_sites} if found and name not in found]
 
 
 def check_plan_sites(plan: Plan, sites: list[AttentionSite], strict: bool) -> list[str]:
