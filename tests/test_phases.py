@@ -72,3 +72,19 @@ def test_a_plan_naming_an_absent_decode_site_is_an_error():
     compiled = sparsecomp.compile(model, plan, inner="eager")
     with pytest.raises(Exception, match=r"model\.layers\.9\.self_attn"), torch.no_grad():
         compiled(torch.randint(0, 100, (1, 12)))
+
+
+@pytest.mark.parametrize(
+    "rule", ["vertical_slash:n_vertical=8,n_slash=8,last_q=4", "sample:alpha=0.9", "block_topk:k=2"]
+)
+def test_adaptive_prefill_rules_leave_decode_steps_dense(rule):
+    model = tiny_llama().eval()
+    ids, mask = prompt(2, n=40)
+    compiled = sparsecomp.compile(model, rule, inner="eager", kernel_options=BLOCK)
+    generate(compiled, ids, mask, "dynamic")
+    report = sparsecomp.inspect(compiled)
+    decode = [s for g in report.graphs if g.phase() == "decode" for s in g.sites]
+    prefill = [s for g in report.graphs if g.phase() == "prefill" for s in g.sites]
+    assert prefill and all(s.became == "sparse_attention" for s in prefill), str(report)
+    assert decode and all(s.became == "kept" and "decode step" in s.reason for s in decode), str(report)
+    assert all("adaptive rules are prefill patterns" in s.mask for s in decode), str(report)

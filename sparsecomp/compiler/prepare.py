@@ -115,6 +115,10 @@ def head_rules(site: AttentionSite, plan: Plan, options: KernelOptions) -> tuple
     if not site.structure.causal and any(r.kind != "dense" for r in rules):
         rules = [Rule() for _ in rules]
         notes.append("sparse rules need a causal site: dense")
+    if phase == "decode" and any(r.adaptive for r in rules):
+        # The adaptive builders estimate a prefill pattern from many query rows; a decode step has one.
+        rules = [Rule() if r.adaptive else r for r in rules]
+        notes.append("adaptive rules are prefill patterns: dense at a decode step")
     if not site.structure.positions_are_indices and any(r.adaptive for r in rules):
         rules = [Rule() if r.adaptive else r for r in rules]
         notes.append("adaptive rules need positions that are token indices: those heads dense")
