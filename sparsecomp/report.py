@@ -23,6 +23,7 @@ class SiteReport:
     rules: list[str] = field(default_factory=list)
     density: float | None = None  # kept fraction of the attention pairs, at the traced length
     gqa_folded: bool = False
+    phase: str = "prefill"  # or "decode": a few query rows against a longer KV cache
     decision: object = None  # the sparsecomp.compiler.decide.Decision behind "became" (None: never decided)
 
     def choice(self) -> tuple[str, str, str]:
@@ -57,10 +58,8 @@ class GraphReport:
         return self.graph_module.code
 
     def phase(self) -> str:
-        """ "decode" when its sites read a few query rows against a longer KV cache, else "prefill"."""
-        if self.sites and all(str(s.shape["q_len"]) == "1" and str(s.shape["kv_len"]) != "1" for s in self.sites):
-            return "decode"
-        return "prefill"
+        """ "decode" when every site is a decode step (``SiteReport.phase``), else "prefill"."""
+        return "decode" if self.sites and all(s.phase == "decode" for s in self.sites) else "prefill"
 
 
 class InspectReport:

@@ -124,6 +124,7 @@ def rewrite_graph(
             became="kept",
             reason=site.fallback or "",
             gqa_folded=site.gqa_folded,
+            phase="decode" if is_decode_step(site) else "prefill",
         )
         rows.append(row)
         if site.fallback is not None:
@@ -132,7 +133,7 @@ def rewrite_graph(
         row.rules = [str(r) for r in rules]
         row.mask = site.structure.describe() + "".join(f"; {n}" for n in notes)
         all_dense = all(r.kind == "dense" for r in rules)
-        if all_dense and is_decode_step(site):
+        if all_dense and row.phase == "decode":
             counters["kept_decode"] += 1
             row.reason = "dense decode step: the original attention (its mask is one query row)"
             continue

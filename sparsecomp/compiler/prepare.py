@@ -165,9 +165,11 @@ def check_plan_sites(plan: Plan, sites: list[AttentionSite], strict: bool) -> li
 
 
 def is_decode_step(site: AttentionSite) -> bool:
-    """A few query rows against a longer KV cache (decoding): dense rules keep the original attention."""
+    """A few query rows against a longer KV cache (decoding): dense rules keep the original attention.
+    The one definition the plan's phase, the backend and the report use."""
     s, sh = site.structure, site.shape
-    return s.q_at_end or (isinstance(sh["q_len"], int) and sh["q_len"] == 1 and str(sh["kv_len"]) != "1")
+    at_end = s is not None and s.q_at_end
+    return at_end or (isinstance(sh["q_len"], int) and sh["q_len"] == 1 and str(sh["kv_len"]) != "1")
 
 
 def site_workload(site: AttentionSite) -> Workload:
