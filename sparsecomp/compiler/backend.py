@@ -105,7 +105,7 @@ def rewrite_graph(
     graph = prepare_graph(
         gm, options.plan, names_by_id=names_by_id, kernel_options=options.kernel_options, strict=options.strict
     )
-    counters["plan_sites_unmatched"] += len(graph.warnings)
+    counters["plan_sites_unmatched"] += len(graph.unmatched)
     if warnings is not None:
         warnings.extend(graph.warnings)
     decider = decider or SiteDecider(options.cost_model, options.tuning_cache)

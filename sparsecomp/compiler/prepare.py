@@ -35,7 +35,8 @@ class PreparedSite:
 @dataclass
 class PreparedGraph:
     sites: list[PreparedSite]
-    warnings: list[str]  # plan sites this graph does not have (a non-strict compile)
+    warnings: list[str]  # what a non-strict compile reports about ``unmatched``
+    unmatched: list[str]  # plan site names this graph does not have
 
 
 def prepare_graph(
@@ -63,7 +64,7 @@ def prepare_graph(
         if site.fallback is None:
             item.rules, item.notes = head_rules(site, plan, kernel_options or KernelOptions())
         prepared.append(item)
-    return PreparedGraph(prepared, warnings)
+    return PreparedGraph(prepared, warnings, unmatched_plan_sites(plan, sites))
 
 
 def fallback_reason(site: AttentionSite) -> str | None:
