@@ -1,0 +1,238 @@
+"""What a decode step attends to: approximate scores from the state kept beside the KV cache, then
+the top tokens or pages as a fixed-size list for ``sparse_decode``.
+
+Notation (as in sparse_decode.py; Hs selection heads, G = Hq / Hs query heads each, C channels):
+    Double Sparsity: labels (B, Hkv, Nk, C) = k[..., channels] (the calibrated outlier channels of
+        each KV head, stored contiguously: a step reads C/D of K's bytes);
+        score[b, hs, t] = max over the selection head's query rows of  q[..., channels] . labels[t].
+    Quest: per page of P keys the elementwise min and max of K over its valid keys, (B, Hkv, Np, D);
+        bound[b, hs, p] = max over rows of  sum_d max(q_d * kmin_d, q_d * kmax_d)  >= q . k for every
+        key of the page.
+    Keys that no query row may see (padding, after q_last) score -inf; pages with no valid key too.
+    The max over a group's rows keeps a token that any of its query heads needs.
+
+Each score has a Triton kernel (one program = one block of keys or pages of one selection head) and
+its PyTorch reference; off CUDA the op runs the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# fmt: off
+@triton.jit
+def _label_scores(
+    QC, Labels, QLast, KeyOk, Out,
+    sqb, sqh, sqn, sqc, slb, slh, sln, slc, n_keys, n_q, n_sel, group, sel_per_kv, n_channels,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_KEY_OK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_sel
+    hs = pid_bh % n_sel
+    kvh = hs // sel_per_kv
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < group * n_q
+    head = hs * group + offs_m // n_q
+    qrow = offs_m % n_q
+    c_ok = offs_c < n_channels
+    q = tl.load(QC + b * sqb + head[:, None] * sqh + qrow[:, None] * sqn + offs_c[None, :] * sqc,
+                mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    n_ok = offs_n < n_keys
+    lab = tl.load(Labels + b * slb + kvh * slh + offs_n[:, None] * sln + offs_c[None, :] * slc,
+                  mask=n_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    s = tl.sum(q[:, None, :] * lab[None, :, :], 2)  # (BLOCK_M, BLOCK_N)
+    limit = tl.load(QLast + b) - (n_q - 1 - qrow)
+    see = row_ok[:, None] & (offs_n[None, :] <= limit[:, None])
+    if HAS_KEY_OK:
+        see &= (tl.load(KeyOk + b * n_keys + offs_n, mask=n_ok, other=0) != 0)[None, :]
+    s = tl.max(tl.where(see, s, float("-inf")), 0)
+    tl.store(Out + pid_bh * n_keys + offs_n, s, mask=n_ok)
+
+
+@triton.jit
+def _page_bounds(
+    Q, KMin, KMax, QLast, PageOk, Out,
+    sqb, sqh, sqn, sqd, spb, sph, spp, spd, n_pages, page, n_q, n_sel, group, sel_per_kv,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_sel
+    hs = pid_bh % n_sel
+    kvh = hs // sel_per_kv
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    row_ok = offs_m < group * n_q
+    head = hs * group + offs_m // n_q
+    qrow = offs_m % n_q
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + qrow[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    p_ok = offs_p < n_pages
+    base = b * spb + kvh * sph + offs_p[:, None] * spp + offs_d[None, :] * spd
+    kmin = tl.load(KMin + base, mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    kmax = tl.load(KMax + base, mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    qe = q[:, None, :]
+    bound = tl.sum(tl.maximum(qe * kmin[None, :, :], qe * kmax[None, :, :]), 2)  # (BLOCK_M, BLOCK_P)
+    limit = tl.load(QLast + b) - (n_q - 1 - qrow)
+    see = row_ok[:, None] & (offs_p[None, :] * page <= limit[:, None])
+    see &= (tl.load(PageOk + b * n_pages + offs_p, mask=p_ok, other=0) != 0)[None, :]
+    bound = tl.max(tl.where(see, bound, float("-inf")), 0)
+    tl.store(Out + pid_bh * n_pages + offs_p, bound, mask=p_ok)
+# fmt: on
+
+
+def _rows_of(q: torch.Tensor, n_sel: int):
+    b, hq, nq, _ = q.shape
+    group = hq // n_sel
+    return b, hq, nq, group, max(1, triton.next_power_of_2(group * nq))
+
+
+def _visible(q_last, n_q: int, positions: torch.Tensor) -> torch.Tensor:
+    """(B, Nq, N) bool: query row i of Nq sees position ``positions`` (<= q_last - (Nq-1-i))."""
+    rows = torch.arange(n_q, device=q_last.device)
+    limit = q_last.long()[:, None] - (n_q - 1 - rows)
+    return positions[None, None, :] <= limit[:, :, None]
+
+
+def _group_max(s: torch.Tensor, see: torch.Tensor, n_sel: int) -> torch.Tensor:
+    """(B, Hq, Nq, N) scores, masked, to (B, Hs, N): the max over each selection head's rows."""
+    b, hq, nq, n = s.shape
+    s = s.masked_fill(~see, float("-inf"))
+    return s.view(b, n_sel, (hq // n_sel) * nq, n).amax(2)
+
+
+def label_scores_reference(q_channels, labels, q_last, key_ok, n_sel: int) -> torch.Tensor:
+    """(B, Hs, Nk) fp32 approximate scores (Double Sparsity) in PyTorch. ``q_channels``
+    (B, Hq, Nq, C): each query head's values at its KV head's channels."""
+    b, hq, nq, _ = q_channels.shape
+    hkv, nk = labels.shape[1], labels.shape[2]
+    lab = labels.float().repeat_interleave(hq // hkv, dim=1)
+    s = q_channels.float() @ lab.transpose(-1, -2)  # (B, Hq, Nq, Nk)
+    see = _visible(q_last, nq, torch.arange(nk, device=q_last.device))[:, None]
+    if key_ok is not None:
+        see = see & key_ok[:, None, None, :]
+    return _group_max(s, see.expand(b, hq, nq, nk), n_sel)
+
+
+def page_bounds_reference(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int) -> torch.Tensor:
+    """(B, Hs, Np) fp32 page upper bounds (Quest) in PyTorch."""
+    b, hq, nq, _ = q.shape
+    hkv, n_pages = kmin.shape[1], kmin.shape[2]
+    g = hq // hkv
+    qf = q.float()[:, :, :, None, :]  # (B, Hq, Nq, 1, D)
+    lo = kmin.float().repeat_interleave(g, dim=1)[:, :, None]  # (B, Hq, 1, Np, D)
+    hi = kmax.float().repeat_interleave(g, dim=1)[:, :, None]
+    bound = torch.maximum(qf * lo, qf * hi).sum(-1)  # (B, Hq, Nq, Np)
+    starts = torch.arange(n_pages, device=q.device) * page
+    see = _visible(q_last, nq, starts)[:, None] & page_ok[:, None, None, :]
+    return _group_max(bound, see.expand(b, hq, nq, n_pages), n_sel)
+
+
+def label_scores_triton(q_channels, labels, q_last, key_ok, n_sel: int, launch=None, block_n: int = 128):
+    b, hq, nq, group, block_m = _rows_of(q_channels, n_sel)
+    hkv, nk, c = labels.shape[1], labels.shape[2], labels.shape[3]
+    out = torch.empty(b, n_sel, nk, dtype=torch.float32, device=labels.device)
+    q_last = q_last.contiguous()
+    key_ok = key_ok.contiguous().view(torch.uint8) if key_ok is not None else q_last  # unread without it
+    (launch or (lambda f: f))(_label_scores)[(triton.cdiv(nk, block_n), b * n_sel)](
+        q_channels, labels, q_last, key_ok, out, *q_channels.stride(), *labels.stride(),
+        nk, nq, n_sel, group, n_sel // hkv, c,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=max(2, triton.next_power_of_2(c)), HAS_KEY_OK=key_ok is not q_last,
+    )  # fmt: skip
+    return out
+
+
+def page_bounds_triton(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int, launch=None, block_p: int = 16):
+    b, hq, nq, group, block_m = _rows_of(q, n_sel)
+    hkv, n_pages, d = kmin.shape[1], kmin.shape[2], kmin.shape[3]
+    if kmax.stride() != kmin.stride():
+        kmax = kmax.contiguous()
+        kmin = kmin.contiguous()
+    out = torch.empty(b, n_sel, n_pages, dtype=torch.float32, device=q.device)
+    (launch or (lambda f: f))(_page_bounds)[(triton.cdiv(n_pages, block_p), b * n_sel)](
+        q, kmin, kmax, q_last.contiguous(), page_ok.contiguous().view(torch.uint8), out,
+        *q.stride(), *kmin.stride(), n_pages, page, nq, n_sel, group, n_sel // hkv,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    )  # fmt: skip
+    return out
+
+
+@torch.library.triton_op("sparsecomp::label_scores", mutates_args=())
+def label_scores(
+    q_channels: torch.Tensor, labels: torch.Tensor, q_last: torch.Tensor, key_ok: torch.Tensor | None, n_sel: int
+) -> torch.Tensor:
+    """Double Sparsity's approximate scores (see the notation above)."""
+    if labels.is_cuda:
+        return label_scores_triton(q_channels, labels, q_last, key_ok, n_sel, launch=torch.library.wrap_triton)
+    return label_scores_reference(q_channels, labels, q_last, key_ok, n_sel)
+
+
+@label_scores.register_fake
+def _label_scores_fake(q_channels, labels, q_last, key_ok, n_sel):
+    return labels.new_empty(labels.shape[0], n_sel, labels.shape[2], dtype=torch.float32)
+
+
+@torch.library.triton_op("sparsecomp::page_bounds", mutates_args=())
+def page_bounds(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q_last: torch.Tensor, page_ok: torch.Tensor,
+    page: int, n_sel: int,
+) -> torch.Tensor:  # fmt: skip
+    """Quest's per-page upper bounds of q . k (see the notation above)."""
+    if q.is_cuda:
+        return page_bounds_triton(q, kmin, kmax, q_last, page_ok, page, n_sel, launch=torch.library.wrap_triton)
+    return page_bounds_reference(q, kmin, kmax, q_last, page_ok, page, n_sel)
+
+
+@page_bounds.register_fake
+def _page_bounds_fake(q, kmin, kmax, q_last, page_ok, page, n_sel):
+    return q.new_empty(q.shape[0], n_sel, kmin.shape[2], dtype=torch.float32)
+
+
+def query_channels(q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """(B, Hq, Nq, C): each query head's values at its KV head's channels ((Hkv, C) int64)."""
+    hq, hkv = q.shape[1], channels.shape[0]
+    per_q_head = channels.repeat_interleave(hq // hkv, dim=0)  # (Hq, C)
+    return torch.gather(q, 3, per_q_head[None, :, None, :].expand(q.shape[0], -1, q.shape[2], -1))
+
+
+def key_labels(k: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, N, C) labels of keys ``k`` (B, Hkv, N, D): each KV head's calibrated channels."""
+    return torch.gather(k, 3, channels[None, :, None, :].expand(k.shape[0], -1, k.shape[2], -1))
+
+
+def page_min_max(
+    k: torch.Tensor, key_ok: torch.Tensor | None, page: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kmin, kmax, page_ok) over pages of ``page`` keys of k (B, Hkv, N, D), N a multiple of page:
+    min / max over each page's valid keys (zeros for a page with none, which page_ok marks)."""
+    b, hkv, n, d = k.shape
+    pages = k.view(b, hkv, n // page, page, d)
+    if key_ok is None:
+        return pages.amin(3), pages.amax(3), torch.ones(b, n // page, dtype=torch.bool, device=k.device)
+    ok = key_ok.view(b, 1, n // page, page, 1)
+    big = torch.finfo(k.dtype).max
+    kmin = pages.masked_fill(~ok, big).amin(3)
+    kmax = pages.masked_fill(~ok, -big).amax(3)
+    page_ok = key_ok.view(b, n // page, page).any(-1)
+    none = ~page_ok[:, None, :, None]
+    return kmin.masked_fill(none, 0), kmax.masked_fill(none, 0), page_ok
+
+
+def top_tokens(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, Hs, n) int32: the n highest-scoring keys (unordered; entries scoring -inf are masked by the
+    kernel's validity rule, so a list longer than the valid keys is still exact)."""
+    return torch.topk(scores, n, dim=-1, sorted=False).indices.to(torch.int32)
+
+
+def page_tokens(pages: torch.Tensor, page: int) -> torch.Tensor:
+    """(B, Hs, n_pages * page) int32 token indices of the listed pages (B, Hs, n_pages)."""
+    offs = torch.arange(page, device=pages.device, dtype=torch.int32)
+    return (pages[..., None].to(torch.int32) * page + offs).flatten(-2)
