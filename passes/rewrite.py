@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+import sparsecomp.kernels.decode.sparse_decode  # noqa: F401  (registers torch.ops.sparsecomp.sparse_decode)
 from sparsecomp.kernels import (
     KernelOptions,
     block_index_bound,
@@ -185,6 +186,40 @@ def rewrite_site(
         )  # fmt: skip
         out = graph.call_function(
             sparse_attention_call, (site.q, site.k, site.v, index), dict(structure, options=shared["options", options])
+        )
+        old = meta_val(site.output)
+        if old is not None and old.dtype != site.dtype:
+            out = graph.call_method("to", (out, old.dtype))
+    site.output.replace_all_uses_with(out)
+    return out
+
+
+def last_query_index(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: the cache index of the last query row of a decode step, Nk - 1 (the structure
+    proved the queries sit at the end; a static cache's unwritten rows are masked by its key mask)."""
+    return torch.full((q.shape[0],), k.shape[2] - 1, dtype=torch.int32, device=q.device)
+
+
+def channel_values(channels: tuple[tuple[int, ...], ...], like: torch.Tensor) -> torch.Tensor:
+    """(Hkv, C) int64 calibrated channels on ``like``'s device (a constant of the graph)."""
+    return torch.tensor(channels, dtype=torch.int64, device=like.device)
+
+
+def rewrite_decode_site(
+    gm: fx.GraphModule, site: AttentionSite, select: Callable, params: dict, channels: tuple | None
+) -> fx.Node:
+    """Replace a decode step's attention (``structure.q_at_end``) by selection + sparse_decode:
+    ``select(q, k, key_ok, q_last, channels, **params)`` picks the tokens in the graph (a decode
+    pattern of sparsecomp.patterns, its rule's parameters), the decode kernel attends to those only."""
+    graph = gm.graph
+    with graph.inserting_before(site.output):
+        q_last = graph.call_function(last_query_index, (site.q, site.k))
+        key_ok = _key_ok(graph, site)
+        ch = None if channels is None else graph.call_function(channel_values, (channels, site.q))
+        tokens = graph.call_function(select, (site.q, site.k, key_ok, q_last, ch), params)
+        out = graph.call_function(
+            torch.ops.sparsecomp.sparse_decode.default,
+            (site.q, site.k, site.v, tokens, q_last, key_ok, float(default_scale(site)), float(site.softcap)),
         )
         old = meta_val(site.output)
         if old is not None and old.dtype != site.dtype:

@@ -266,7 +266,8 @@ def _site_entries(sites, what: str) -> dict:
 
 
 _PLAN_FIELDS = (
-    "version", "fingerprint", "default", "sites", "decode_default", "decode_sites", "block", "densities", "info",
+    "version", "fingerprint", "default", "sites", "decode_default", "decode_sites", "block", "densities", "channels",
+    "info",
 )  # fmt: skip
 
 
@@ -283,6 +284,8 @@ class Plan:
     # measured at, and each site's measured kept density per query head (the cost model's work).
     block: int | None = None
     densities: dict[str, list[float]] = field(default_factory=dict)
+    # Double Sparsity's calibrated channels of K: per site, per KV head, the channel indices.
+    channels: dict[str, list[list[int]]] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # how it was made (for people): target, data, tool version
     version: int = SCHEMA_VERSION
 
@@ -307,6 +310,18 @@ class Plan:
                 f"plan densities must map site names to lists of densities in [0, 1]; got {self.densities!r}"
             )
         self.densities = _by_site_name(self.densities, "densities")
+        self.channels = _by_site_name(_checked_channels(self.channels), "channels")
+        self._check_phases()
+
+    def _check_phases(self) -> None:
+        """A decode-only kind (Double Sparsity, Quest) among the prefill rules is an error."""
+        for where, entry in (("default", self.default), *((f"site {k!r}", v) for k, v in self.sites.items())):
+            for r in [entry] if isinstance(entry, Rule) else entry:
+                if "prefill" not in PATTERNS[r.kind].phases:
+                    raise ValueError(
+                        f"plan {where}: {r.kind} is a decode rule; give it as a decode rule "
+                        f"('prefill=<rule>;decode={r.spec()}', decode_default or decode_sites)"
+                    )
 
     def _typed_from_info(self) -> None:
         """Plans saved before the typed fields kept them in ``info`` (calibration's "block" and
@@ -397,7 +412,7 @@ class Plan:
         def entries(sites):
             return {k: [rule(r) for r in v] if isinstance(v, list) else rule(v) for k, v in sites.items()}
 
-        has_decode = self.decode_default is not None or bool(self.decode_sites)
+        has_decode = self.decode_default is not None or bool(self.decode_sites) or bool(self.channels)
         return {
             "version": SCHEMA_VERSION if has_decode else 1,  # readers of version 1 may load it
             "fingerprint": self.fingerprint,
@@ -407,6 +422,7 @@ class Plan:
             **({"decode_sites": entries(self.decode_sites)} if has_decode else {}),
             "block": self.block,
             "densities": self.densities,
+            **({"channels": self.channels} if self.channels else {}),
             "info": self.info,
         }
 
@@ -438,6 +454,7 @@ class Plan:
             fingerprint=fingerprint,
             block=obj.get("block"),
             densities=obj.get("densities") or {},
+            channels=obj.get("channels") or {},
             info=info,
             version=version,
         )
@@ -469,6 +486,22 @@ class Plan:
             return cls.from_json(obj)
         except ValueError as e:
             raise ValueError(f"plan file {path}: {e}") from None
+
+
+def _checked_channels(channels) -> dict:
+    ok = isinstance(channels, dict) and all(
+        isinstance(heads, list)
+        and heads
+        and all(isinstance(h, list) and h and all(type(c) is int and c >= 0 for c in h) for h in heads)
+        and len({len(h) for h in heads}) == 1
+        for heads in channels.values()
+    )
+    if not ok:
+        raise ValueError(
+            "plan channels must map site names to one list of channel indices per KV head, all of one "
+            f"length; got {channels!r}"
+        )
+    return channels
 
 
 def _all_rules(entries: list) -> bool:

@@ -8,7 +8,7 @@ import torch.fx as fx
 
 # What a rewritten site became: the sparse kernel with sparse heads; the same kernel with every head
 # dense (the mask made structure); SDPA's fused causal kernels (a mask proven plain causal).
-REWRITTEN = ("sparse_attention", "dense_attention", "sdpa_causal")
+REWRITTEN = ("sparse_attention", "sparse_decode", "dense_attention", "sdpa_causal")
 
 
 @dataclass
@@ -165,7 +165,7 @@ class InspectReport:
             lines.extend(self._table(graph.sites) if graph.sites else ["no attention sites"])
             lines.extend(f"warning: {w}" for w in graph.warnings)
             lines.append("")
-        n_sparse = sum(s.became == "sparse_attention" for s in self.sites)
+        n_sparse = sum(s.became in ("sparse_attention", "sparse_decode") for s in self.sites)
         lines.append(f"{len(self.sites)} attention sites: {n_sparse} with sparse heads")
         lines.append(self.plan_summary())
         sources = sorted({s.decision.source for s in self.sites if s.decision is not None})

@@ -12,6 +12,7 @@ from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.rewrite import (
     KernelOptions,
     is_plain_causal,
+    rewrite_decode_site,
     rewrite_dense_causal,
     rewrite_site,
 )
@@ -137,6 +138,9 @@ def rewrite_graph(
             counters["kept_decode"] += 1
             row.reason = "dense decode step: the original attention (its mask is one query row)"
             continue
+        if any(PATTERNS[r.kind].select is not None for r in rules):
+            _rewrite_decode_selection(gm, site, rules, options.plan, row)
+            continue
         decision = _decide(site, rules, options, decider, share[_share_key(site, rules)])
         row.decision = decision
         if (all_dense or decision.dense) and is_plain_causal(site):
@@ -170,6 +174,53 @@ def rewrite_graph(
     eliminate_dead_code(gm)  # keeps in-place KV-cache writes
     gm.recompile()
     return rows
+
+
+def site_channels(plan: Plan, site: AttentionSite, rule: Rule) -> tuple | None:
+    """The calibrated channels a rule reads at this site, checked against its KV heads and head_dim
+    (a rule that needs channels the plan lacks is an error: calibration writes them)."""
+    if not PATTERNS[rule.kind].needs_channels:
+        return None
+    heads = plan.channels.get(site.name)
+    hkv, d = site.shape["kv_heads"], site.shape["head_dim"]
+    if heads is None:
+        raise ValueError(
+            f"{rule.kind} at {site.name} needs calibrated channels, and the plan has none for it: make them "
+            f"with sparsecomp.calibrate_channels (or give plan.channels[{site.name!r}], one list per KV head)"
+        )
+    if len(heads) != hkv or any(len(h) != rule.channels or max(h) >= d for h in heads):
+        raise ValueError(
+            f"plan channels for {site.name}: need {hkv} lists (one per KV head) of {rule.channels} indices "
+            f"below head_dim {d}; got {len(heads)} lists of lengths {sorted({len(h) for h in heads})}"
+        )
+    return tuple(tuple(h) for h in heads)
+
+
+def queries_after_cache(site: AttentionSite) -> bool:
+    """Causal (no window) with query i at key index Nk - Nq + i: what the decode kernel's rule means."""
+    s, sh = site.structure, site.shape
+    if not s.causal or s.window or not s.positions_are_indices:
+        return False
+    return s.q_at_end or str(s.q_offset) == str(sh["kv_len"] - sh["q_len"])
+
+
+def _rewrite_decode_selection(gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], plan: Plan, row) -> None:
+    """A decode step whose rules select tokens (Double Sparsity, Quest): selection + decode kernel."""
+    if len(set(rules)) != 1:
+        raise ValueError(
+            f"{site.name}: a decode selection rule serves every head of a site; got {sorted({str(r) for r in rules})}"
+        )
+    rule = rules[0]
+    if row.phase != "decode" or not queries_after_cache(site):
+        counters["kept_decode"] += 1
+        row.reason = f"{rule.kind} is a decode rule and this site is not a causal decode step after a KV cache: kept"
+        return
+    out = rewrite_decode_site(gm, site, PATTERNS[rule.kind].select, dict(rule.params), site_channels(plan, site, rule))
+    out.meta["sparsecomp_site"] = site.name
+    counters["rewritten"] += 1
+    counters["sparse_decode"] += 1
+    row.became = "sparse_decode"
+    row.reason = f"{rule.kind}: the selected tokens only (split-K decode kernel)"
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):

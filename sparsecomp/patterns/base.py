@@ -62,6 +62,12 @@ class Pattern:
     index_work: Callable | None = None
     # Calibration's candidates: f(max_len, sink) -> rules (None: not a calibration candidate).
     candidates: Callable | None = None
+    # The phases a rule of this kind may serve ("prefill", "decode").
+    phases: tuple[str, ...] = ("prefill", "decode")
+    # Decode selection patterns: the tokens a decode step attends to, chosen in the graph from the
+    # site's tensors: f(q, k, key_ok, q_last, channels, **rule params) -> (B, Hs, S) int32.
+    select: Callable | None = None
+    needs_channels: bool = False  # the rule reads calibrated channels of K (the plan's ``channels``)
 
     @property
     def adaptive(self) -> bool:

@@ -1,0 +1,105 @@
+"""Decode selection rules (Double Sparsity, Quest) through the compiler: plans, selection against
+its reference, generate against eager, one decode graph for many steps."""
+
+import pytest
+import torch
+from test_generate import assert_same_generation, generate, prompt
+from tiny_models import tiny_llama
+
+import sparsecomp
+from sparsecomp.kernels.decode.selection import key_labels, label_scores_reference, page_bounds_reference
+from sparsecomp.patterns import pattern
+from sparsecomp.plan import Plan, Rule
+
+pytest.importorskip("transformers")
+
+SITES = ("model.layers.0.self_attn", "model.layers.1.self_attn")
+CHANNELS = {name: [[0, 3, 5, 9], [1, 2, 8, 15]] for name in SITES}  # tiny_llama: 2 KV heads, head_dim 16
+
+
+def decode_plan(rule: str, channels=CHANNELS) -> Plan:
+    return Plan(decode_default=Rule.parse(rule), channels=channels)
+
+
+def test_decode_kinds_are_refused_as_prefill_rules_and_plans_round_trip():
+    with pytest.raises(ValueError, match="double_sparsity is a decode rule"):
+        Plan.from_any("double_sparsity:channels=4,ratio=0.5")
+    plan = decode_plan("double_sparsity:channels=4,ratio=0.25")
+    back = Plan.from_json(plan.to_json())
+    assert back.to_json()["version"] == 2 and back.channels == CHANNELS and back.decode_default == plan.decode_default
+    with pytest.raises(ValueError, match="one list of channel indices per KV head"):
+        Plan(channels={"model.layers.0.self_attn": [[0, 1], [2]]})
+
+
+def test_missing_channels_are_an_error_at_the_decode_step():
+    model = tiny_llama().eval()
+    compiled = sparsecomp.compile(model, "prefill=dense;decode=double_sparsity:channels=4,ratio=0.5", inner="eager")
+    ids, mask = prompt(1)
+    with pytest.raises(Exception, match="needs calibrated channels"):
+        generate(compiled, ids, mask, "dynamic")
+
+
+def test_double_sparsity_selects_the_top_label_scores():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    channels = torch.tensor(CHANNELS[SITES[0]])
+    q_last = torch.tensor([39, 39], dtype=torch.int32)
+    select = pattern("double_sparsity").select
+    tokens = select(q, k, None, q_last, channels, channels=4, ratio=0.0, k=7, heads="kv")
+    from sparsecomp.kernels.decode.selection import query_channels
+
+    scores = label_scores_reference(query_channels(q, channels), key_labels(k, channels), q_last, None, 2)
+    want = scores.topk(7, dim=-1).indices.sort(-1).values
+    assert torch.equal(tokens.long().sort(-1).values, want)
+    per_query_head = select(q, k, None, q_last, channels, channels=4, ratio=0.0, k=7, heads="query")
+    assert per_query_head.shape == (2, 4, 7)
+
+
+def test_quest_selects_the_pages_with_the_highest_bounds():
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 37, 16, generator=g)  # a partial last page
+    q_last = torch.tensor([36], dtype=torch.int32)
+    tokens = pattern("quest").select(q, k, None, q_last, None, page=8, ratio=0.0, pages=2, heads="kv")
+    padded = torch.nn.functional.pad(k, (0, 0, 0, 3))
+    pages = padded.view(1, 2, 5, 8, 16)
+    ok = torch.arange(40).view(5, 8) < 37
+    kmin = pages.masked_fill(~ok[None, None, :, :, None], float("inf")).amin(3)
+    kmax = pages.masked_fill(~ok[None, None, :, :, None], float("-inf")).amax(3)
+    bounds = page_bounds_reference(q, kmin, kmax, q_last, torch.ones(1, 5, dtype=torch.bool), 8, 2)
+    top = bounds.topk(2, dim=-1).indices  # (1, 2, 2)
+    want = (top[..., None] * 8 + torch.arange(8)).flatten(-2).sort(-1).values
+    assert torch.equal(tokens.long().sort(-1).values, want)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize(
+    "rule", ["double_sparsity:channels=4,ratio=1.0", "quest:page=4,ratio=1.0", "double_sparsity:channels=4,k=64"]
+)
+def test_selection_of_every_key_equals_eager_generation(rule, cache):
+    """A budget covering every key keeps every key: decode steps through the selection and the decode
+    kernel (padding, queries after the cache) must give eager's tokens and logits."""
+    model = tiny_llama().eval()
+    ids, mask = prompt(2)
+    ref = generate(model, ids, mask, cache, scores=True)
+    compiled = sparsecomp.compile(model, decode_plan(rule), inner="eager")
+    out = generate(compiled, ids, mask, cache, scores=True)
+    assert_same_generation(out, ref)
+    report = sparsecomp.inspect(compiled)
+    decode = [s for g in report.graphs if g.phase() == "decode" for s in g.sites]
+    assert decode and all(s.became == "sparse_decode" for s in decode), str(report)
+    prefill = [s for g in report.graphs if g.phase() == "prefill" for s in g.sites]
+    assert prefill and all(s.became != "sparse_decode" for s in prefill), str(report)
+    if cache == "static":  # one decode graph serves every step
+        assert sum(g.phase() == "decode" for g in report.graphs) == 1, str(report)
+
+
+@pytest.mark.parametrize("rule", ["double_sparsity:channels=4,ratio=0.25", "quest:page=4,pages=2"])
+def test_sparse_selection_generates_under_inductor(rule):
+    """A real budget (a quarter of the keys, two pages) runs every step through Inductor; its first
+    generated token comes from the prefill (dense) and equals eager's."""
+    model = tiny_llama().eval()
+    ids, mask = prompt(2, n=24)
+    ref = generate(model, ids, mask, "static")
+    out = generate(sparsecomp.compile(model, decode_plan(rule)), ids, mask, "static")
+    assert out.shape == ref.shape and torch.equal(out[:, : ids.shape[1] + 1], ref[:, : ids.shape[1] + 1])
+    assert sparsecomp.counters["sparse_decode"] >= 2
