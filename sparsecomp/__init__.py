@@ -16,6 +16,7 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")) and os.path.isfile(
 from . import kernels, passes  # noqa: F401  (registers torch.ops.sparsecomp.*)
 from .api import compile, inspect
 from .calibration.calibrate import calibrate
+from .calibration.channels import calibrate_channels
 from .compiler.backend import counters, sparsecomp_backend
 from .passes.rewrite import KernelOptions
 from .plan import Plan, Rule, model_fingerprint
@@ -31,6 +32,7 @@ __all__ = [
     "Rule",
     "autotune",
     "calibrate",
+    "calibrate_channels",
     "compile",
     "counters",
     "inspect",

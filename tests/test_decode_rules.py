@@ -103,3 +103,22 @@ def test_sparse_selection_generates_under_inductor(rule):
     out = generate(sparsecomp.compile(model, decode_plan(rule)), ids, mask, "static")
     assert out.shape == ref.shape and torch.equal(out[:, : ids.shape[1] + 1], ref[:, : ids.shape[1] + 1])
     assert sparsecomp.counters["sparse_decode"] >= 2
+
+
+def test_calibrated_channels_are_the_largest_q_k_contributions_and_drive_generation():
+    model = tiny_llama().eval()
+    ids = [torch.randint(1, 100, (32,)) for _ in range(2)]
+    plan = sparsecomp.calibrate_channels(model, ids, "prefill=dense;decode=double_sparsity:channels=4,ratio=0.5")
+    assert set(plan.channels) == set(SITES)
+    assert all(len(heads) == 2 and all(len(h) == 4 for h in heads) for heads in plan.channels.values())
+    # the importance ranks a channel whose q and k are scaled up first
+    from sparsecomp.calibration.channels import channel_importance, top_channels
+
+    q, k = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16)
+    q[..., 7] *= 10
+    k[:, 1, :, 11] *= 10
+    chosen = top_channels(channel_importance(q, k, None), 1)
+    assert chosen == [[7], [11]]
+    ids_b, mask = prompt(1)
+    out = generate(sparsecomp.compile(model, plan, inner="eager"), ids_b, mask, "dynamic")
+    assert out.shape[1] == ids_b.shape[1] + 6 and sparsecomp.counters["sparse_decode"] > 0
