@@ -206,17 +206,20 @@ def channel_values(channels: tuple[tuple[int, ...], ...], like: torch.Tensor) ->
 
 
 def rewrite_decode_site(
-    gm: fx.GraphModule, site: AttentionSite, select: Callable, params: dict, channels: tuple | None
+    gm: fx.GraphModule, site: AttentionSite, pattern, params: dict, channels: tuple | None, state=None
 ) -> fx.Node:
-    """Replace a decode step's attention (``structure.q_at_end``) by selection + sparse_decode:
-    ``select(q, k, key_ok, q_last, channels, **params)`` picks the tokens in the graph (a decode
-    pattern of sparsecomp.patterns, its rule's parameters), the decode kernel attends to those only."""
+    """Replace a decode step's attention (queries after the KV cache) by selection + sparse_decode.
+    ``pattern`` (sparsecomp.patterns) chooses the tokens in the graph from its state: ``state`` (nodes
+    of the state kept beside the cache, already updated for this step), or summarized from all of K
+    here when None. The decode kernel attends to the chosen tokens only."""
     graph = gm.graph
     with graph.inserting_before(site.output):
         q_last = graph.call_function(last_query_index, (site.q, site.k))
         key_ok = _key_ok(graph, site)
         ch = None if channels is None else graph.call_function(channel_values, (channels, site.q))
-        tokens = graph.call_function(select, (site.q, site.k, key_ok, q_last, ch), params)
+        if state is None:
+            state = graph.call_function(pattern.summarize, (site.k, key_ok, ch), params)
+        tokens = graph.call_function(pattern.select_from, (site.q, state, site.k, key_ok, q_last, ch), params)
         out = graph.call_function(
             torch.ops.sparsecomp.sparse_decode.default,
             (site.q, site.k, site.v, tokens, q_last, key_ok, float(default_scale(site)), float(site.softcap)),

@@ -89,8 +89,28 @@ def test_selection_of_every_key_equals_eager_generation(rule, cache):
     assert decode and all(s.became == "sparse_decode" for s in decode), str(report)
     prefill = [s for g in report.graphs if g.phase() == "prefill" for s in g.sites]
     assert prefill and all(s.became != "sparse_decode" for s in prefill), str(report)
-    if cache == "static":  # one decode graph serves every step
+    if cache == "static":  # one decode graph serves every step, its state kept beside the cache
         assert sum(g.phase() == "decode" for g in report.graphs) == 1, str(report)
+        assert (
+            sparsecomp.counters["sparse_decode_cached_state"] == 2 and sparsecomp.counters["decode_state_written"] == 2
+        )
+    else:
+        assert sparsecomp.counters["sparse_decode_state_from_k"] >= 2
+
+
+@pytest.mark.parametrize("rule", ["double_sparsity:channels=4,k=8", "quest:page=4,pages=3"])
+def test_state_kept_beside_the_static_cache_selects_as_the_state_summarized_from_k(rule):
+    """A budget below the keys (a real selection): the static cache's label cache / page min-max,
+    written at prefill and at each step, must choose what summarizing all of K (dynamic cache) does."""
+    model = tiny_llama().eval()
+    ids, mask = prompt(2, n=20)
+    from_k = generate(sparsecomp.compile(model, decode_plan(rule), inner="eager"), ids, mask, "dynamic", scores=True)
+    torch._dynamo.reset()  # else the static run compiles with the lengths the dynamic one saw vary: symbolic
+    kept = generate(sparsecomp.compile(model, decode_plan(rule), inner="eager"), ids, mask, "static", scores=True)
+    assert (
+        sparsecomp.counters["sparse_decode_cached_state"] > 0 and sparsecomp.counters["sparse_decode_state_from_k"] > 0
+    )
+    assert_same_generation(kept, from_k)
 
 
 @pytest.mark.parametrize("rule", ["double_sparsity:channels=4,ratio=0.25", "quest:page=4,pages=2"])

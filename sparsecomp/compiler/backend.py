@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from ..patterns import PATTERNS
 from ..patterns.local import local_rule_density
 from ..plan import Plan, Rule
 from ..report import GraphReport, InspectReport, SiteReport
+from ..runtime.decode_state import DecodeStates, state_inputs, update_decode_state, write_prefill_state
 from ..tuning.cost_model import DEFAULT_CONFIG
 from .decide import Decision, SiteDecider, candidate_configs, decide, shape_bucket
 from .lower import adaptive_groups
@@ -100,9 +102,12 @@ def rewrite_graph(
     decider: SiteDecider | None = None,
     names_by_id: dict[int, str] | None = None,
     warnings: list[str] | None = None,
+    states: DecodeStates | None = None,
 ) -> list[SiteReport]:
     """Run the passes on a Dynamo graph in place; return one report row per site (and append the
-    plan-matching warnings of a non-strict compile to ``warnings``)."""
+    plan-matching warnings of a non-strict compile to ``warnings``). ``states`` holds the decode state
+    beside static KV caches (None: a fresh one, for this graph alone)."""
+    states = DecodeStates() if states is None else states
     graph = prepare_graph(
         gm, options.plan, names_by_id=names_by_id, kernel_options=options.kernel_options, strict=options.strict
     )
@@ -138,8 +143,8 @@ def rewrite_graph(
             counters["kept_decode"] += 1
             row.reason = "dense decode step: the original attention (its mask is one query row)"
             continue
-        if any(PATTERNS[r.kind].select is not None for r in rules):
-            _rewrite_decode_selection(gm, site, rules, options.plan, row)
+        if any(PATTERNS[r.kind].selects for r in rules):
+            _rewrite_decode_selection(gm, site, rules, options.plan, row, states)
             continue
         decision = _decide(site, rules, options, decider, share[_share_key(site, rules)])
         row.decision = decision
@@ -171,9 +176,34 @@ def rewrite_graph(
         row.reason = ("dense rules, mask made structure" if all_dense else "rewritten") + (
             f" (GQA folded, {site.kv_groups} query heads per KV head)" if site.gqa_folded else ""
         )
-    eliminate_dead_code(gm)  # keeps in-place KV-cache writes
+    for prepared in graph.sites:
+        _write_prefill_state(gm, prepared.site, options.plan, states)
+    eliminate_dead_code(gm)  # keeps in-place KV-cache writes (and the decode state's)
     gm.recompile()
     return rows
+
+
+def _decode_selection_rule(plan: Plan, site: AttentionSite) -> Rule | None:
+    """The site's decode rule where it is one selection rule for every head, else None."""
+    sh = site.shape
+    rules = set(plan.rules_for(site.name, sh["q_heads"], sh["kv_heads"], "decode"))
+    rule = rules.pop() if len(rules) == 1 else None
+    return rule if rule is not None and PATTERNS[rule.kind].selects else None
+
+
+def _write_prefill_state(gm: fx.GraphModule, site: AttentionSite, plan: Plan, states: DecodeStates) -> None:
+    """A static cache's prefill (more queries than one, fewer than the cache's keys): write the
+    decode state of a site whose decode rule keeps one, whatever became of its attention."""
+    if meta_val(site.k) is None or is_decode_step(site) or (rule := _decode_selection_rule(plan, site)) is None:
+        return
+    key = states.key(site, rule)
+    n_q = str(site.shape["q_len"])  # may be symbolic (prompts of several lengths)
+    if key is None or n_q in ("1", str(site.shape["kv_len"])):
+        return
+    pattern, params, channels = PATTERNS[rule.kind], dict(rule.params), site_channels(plan, site, rule)
+    state = states.tensors.get(key) or states.allocate(site, rule, pattern, params, channels)
+    write_prefill_state(gm, site, state, pattern, params, channels)
+    counters["decode_state_written"] += 1
 
 
 def site_channels(plan: Plan, site: AttentionSite, rule: Rule) -> tuple | None:
@@ -204,7 +234,9 @@ def queries_after_cache(site: AttentionSite) -> bool:
     return s.q_at_end or str(s.q_offset) == str(sh["kv_len"] - sh["q_len"])
 
 
-def _rewrite_decode_selection(gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], plan: Plan, row) -> None:
+def _rewrite_decode_selection(
+    gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], plan: Plan, row, states: DecodeStates
+) -> None:
     """A decode step whose rules select tokens (Double Sparsity, Quest): selection + decode kernel."""
     if len(set(rules)) != 1:
         raise ValueError(
@@ -215,12 +247,18 @@ def _rewrite_decode_selection(gm: fx.GraphModule, site: AttentionSite, rules: li
         counters["kept_decode"] += 1
         row.reason = f"{rule.kind} is a decode rule and this site is not a causal decode step after a KV cache: kept"
         return
-    out = rewrite_decode_site(gm, site, PATTERNS[rule.kind].select, dict(rule.params), site_channels(plan, site, rule))
+    pattern, params, channels = PATTERNS[rule.kind], dict(rule.params), site_channels(plan, site, rule)
+    state = states.tensors.get(states.key(site, rule) or ())
+    if state is not None:  # kept beside the static cache: this step writes its own key's unit
+        state = update_decode_state(gm, site, state, pattern, params, channels)
+    out = rewrite_decode_site(gm, site, pattern, params, channels, state)
     out.meta["sparsecomp_site"] = site.name
     counters["rewritten"] += 1
     counters["sparse_decode"] += 1
+    counters["sparse_decode_cached_state" if state is not None else "sparse_decode_state_from_k"] += 1
     row.became = "sparse_decode"
-    row.reason = f"{rule.kind}: the selected tokens only (split-K decode kernel)"
+    kept = "its state kept beside the static cache" if state is not None else "its state summarized from K each step"
+    row.reason = f"{rule.kind}: the selected tokens only (split-K decode kernel); {kept}"
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
@@ -257,12 +295,20 @@ class SparsecompBackend:
         self.decider = SiteDecider(self.options.cost_model, self.options.tuning_cache)
         self.names_by_id = names_by_id  # the model's named_modules() names, when the model is known
         self.graphs: list[GraphReport] = []
+        self.states = DecodeStates()  # shared by the prefill and decode graphs of one model
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        # Rewrite a copy: Dynamo reads its graph's inputs after this returns, and decode state may
+        # add inputs of its own.
+        gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         warnings: list[str] = []
-        rows = rewrite_graph(gm, self.options, self.decider, self.names_by_id, warnings)
+        rows = rewrite_graph(gm, self.options, self.decider, self.names_by_id, warnings, self.states)
         self.graphs.append(GraphReport(gm, rows, warnings))
-        return _inner_compile(gm, example_inputs, self.options.inner)
+        extra = state_inputs(gm)  # decode state beside a static cache, passed after the graph's inputs
+        compiled = _inner_compile(gm, [*example_inputs, *extra], self.options.inner)
+        if not extra:
+            return compiled
+        return lambda *args: compiled(*args, *extra)
 
     def report(self) -> InspectReport:
         return InspectReport(self.graphs, self.options.plan)

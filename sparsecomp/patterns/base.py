@@ -64,10 +64,24 @@ class Pattern:
     candidates: Callable | None = None
     # The phases a rule of this kind may serve ("prefill", "decode").
     phases: tuple[str, ...] = ("prefill", "decode")
-    # Decode selection patterns: the tokens a decode step attends to, chosen in the graph from the
-    # site's tensors: f(q, k, key_ok, q_last, channels, **rule params) -> (B, Hs, S) int32.
-    select: Callable | None = None
+    # Decode selection patterns, in the graph: ``summarize(k, key_ok, channels, **params)`` -> the
+    # state kept beside the KV cache (tensors with keys, or units of ``state_unit(params)`` keys,
+    # along dim 2); ``select_from(q, state, k, key_ok, q_last, channels, **params)`` -> the
+    # tokens a step attends to, (B, Hs, S) int32 (kernels/decode).
+    summarize: Callable | None = None
+    select_from: Callable | None = None
+    state_unit: Callable | None = None
     needs_channels: bool = False  # the rule reads calibrated channels of K (the plan's ``channels``)
+
+    @property
+    def selects(self) -> bool:
+        """A decode selection pattern (its steps attend to chosen tokens only)."""
+        return self.select_from is not None
+
+    def select(self, q, keys, key_ok, q_last, channel_index, **params):
+        """The tokens a step attends to, its state summarized from all of ``keys`` (no cache kept)."""
+        state = self.summarize(keys, key_ok, channel_index, **params)
+        return self.select_from(q, state, keys, key_ok, q_last, channel_index, **params)
 
     @property
     def adaptive(self) -> bool:
