@@ -166,7 +166,8 @@ def main(argv=None):
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
             torch.cuda.empty_cache()
-    write_results(Path(args.out), "decode_attention", environment(), rows, markdown_table(rows, COLUMNS))
+            # after every row: a run cut short still leaves what it measured
+            write_results(Path(args.out), "decode_attention", environment(), rows, markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":
