@@ -56,6 +56,7 @@ class ShapeRecordingBackend(SparsecompBackend):
 
     def __call__(self, gm, example_inputs):
         compiled = super().__call__(gm, example_inputs)
+        gm = self.graphs[-1].graph_module  # the rewritten graph (the backend rewrites a copy of Dynamo's)
         ShapeProp(gm).propagate(*example_inputs)
         self.shapes = [
             tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if hasattr(n.meta.get("tensor_meta"), "shape")
