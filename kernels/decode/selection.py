@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_decode import selection_rows
+
 
 # fmt: off
 @triton.jit
@@ -31,18 +33,12 @@ def _label_scores(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_sel
-    hs = pid_bh % n_sel
-    kvh = hs // sel_per_kv
-    offs_m = tl.arange(0, BLOCK_M)
+    b, kvh, qrow, row_ok, q = selection_rows(QC, pid_bh, sqb, sqh, sqn, sqc, n_q, n_sel, group, sel_per_kv,
+                                             n_channels, BLOCK_M, BLOCK_C)
+    q = q.to(tl.float32)
     offs_c = tl.arange(0, BLOCK_C)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_m < group * n_q
-    head = hs * group + offs_m // n_q
-    qrow = offs_m % n_q
     c_ok = offs_c < n_channels
-    q = tl.load(QC + b * sqb + head[:, None] * sqh + qrow[:, None] * sqn + offs_c[None, :] * sqc,
-                mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     n_ok = offs_n < n_keys
     lab = tl.load(Labels + b * slb + kvh * slh + offs_n[:, None] * sln + offs_c[None, :] * slc,
                   mask=n_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
@@ -63,18 +59,12 @@ def _page_bounds(
 ):
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_sel
-    hs = pid_bh % n_sel
-    kvh = hs // sel_per_kv
-    offs_m = tl.arange(0, BLOCK_M)
+    b, kvh, qrow, row_ok, q = selection_rows(Q, pid_bh, sqb, sqh, sqn, sqd, n_q, n_sel, group, sel_per_kv,
+                                             HEAD_DIM, BLOCK_M, BLOCK_D)
+    q = q.to(tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    row_ok = offs_m < group * n_q
-    head = hs * group + offs_m // n_q
-    qrow = offs_m % n_q
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + qrow[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     p_ok = offs_p < n_pages
     base = b * spb + kvh * sph + offs_p[:, None] * spp + offs_d[None, :] * spd
     kmin = tl.load(KMin + base, mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)

@@ -35,6 +35,24 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # fmt: off
 @triton.jit
+def selection_rows(Q, pid_bh, sqb, sqh, sqn, sqc, n_q, n_sel, group, sel_per_kv, n_cols,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The query rows of selection head ``pid_bh % n_sel`` of batch row ``pid_bh // n_sel`` as a
+    (BLOCK_M, BLOCK_C) tile (row r: query head hs*group + r // n_q, query row r % n_q; padded rows
+    and columns are zeros); returns (b, kv head, query row, row valid, tile)."""
+    b = pid_bh // n_sel
+    hs = pid_bh % n_sel
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    row_ok = offs_m < group * n_q
+    head = hs * group + offs_m // n_q
+    qrow = offs_m % n_q
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + qrow[:, None] * sqn + offs_c[None, :] * sqc,
+                mask=row_ok[:, None] & (offs_c < n_cols)[None, :], other=0.0)
+    return b, hs // sel_per_kv, qrow, row_ok, q
+
+
+@triton.jit
 def _decode_split(
     Q, K, V, Tokens, QLast, KeyOk, MPart, LPart, AccPart,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, stb, sth, sts, s_last,
@@ -44,16 +62,11 @@ def _decode_split(
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_sel
+    b, kvh, qrow, row_ok, q = selection_rows(Q, pid_bh, sqb, sqh, sqn, sqd, n_q, n_sel, group, sel_per_kv,
+                                             HEAD_DIM, BLOCK_M, BLOCK_D)
     hs = pid_bh % n_sel
-    kvh = hs // sel_per_kv
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < group * n_q
-    head = hs * group + offs_m // n_q
-    qrow = offs_m % n_q
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + qrow[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     # row i of Nq sees keys up to q_last - (Nq - 1 - i)
     limit = tl.load(QLast + b * s_last) - (n_q - 1 - qrow)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
