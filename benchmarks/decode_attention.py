@@ -113,7 +113,11 @@ def measure(b: int, n: int, flex) -> dict:
         row[f"{name}_attention_ms"] = median_ms(lambda t=tokens: sparse_decode(q, k, v, t, q_last, None, SCALE, 0.0))
         read = labels.numel() * 2 + kv_bytes / fraction
         row[f"{name}_bound_vs_dense"] = kv_bytes / read  # the bytes-read limit of the speedup
-        if name == "ds16":
+        if name == "ds16":  # where the selection time goes
+            qc = query_channels(q, channels)
+            row["ds16_scores_ms"] = median_ms(lambda qc=qc: label_scores(qc, labels, q_last, None, HKV))
+            scores = label_scores(qc, labels, q_last, None, HKV)
+            row["ds16_topk_ms"] = median_ms(lambda sc=scores, s=s: top_tokens(sc, s))
             ref = sparse_decode_reference(q, k, v, tokens, q_last, None, SCALE)
             out = sparse_decode(q, k, v, tokens, q_last, None, SCALE, 0.0)
             row["ds16_max_abs_err_vs_fp32_ref"] = (out.float() - ref.float()).abs().max().item()
@@ -140,6 +144,8 @@ COLUMNS = [
     ("ds8_ms", "DS 1/8 ms", ".4f"),
     ("ds8_vs_dense", "DS 1/8 x", ".2f"),
     ("ds16_ms", "DS 1/16 ms", ".4f"),
+    ("ds16_scores_ms", "of which label scores ms", ".4f"),
+    ("ds16_topk_ms", "of which top-k ms", ".4f"),
     ("ds16_attention_ms", "of which attention ms", ".4f"),
     ("ds16_vs_dense", "DS 1/16 x", ".2f"),
     ("ds16_bound_vs_dense", "bytes limit x", ".2f"),
