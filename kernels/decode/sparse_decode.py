@@ -40,7 +40,7 @@ def selection_rows(Q, pid_bh, sqb, sqh, sqn, sqc, n_q, n_sel, group, sel_per_kv,
     """The query rows of selection head ``pid_bh % n_sel`` of batch row ``pid_bh // n_sel`` as a
     (BLOCK_M, BLOCK_C) tile (row r: query head hs*group + r // n_q, query row r % n_q; padded rows
     and columns are zeros); returns (b, kv head, query row, row valid, tile)."""
-    b = pid_bh // n_sel
+    b = (pid_bh // n_sel).to(tl.int64)  # b * batch stride passes 2^31 elements on long caches
     hs = pid_bh % n_sel
     offs_m = tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
@@ -120,7 +120,7 @@ def _decode_combine(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One program = one query row of one selection head: the splits' partials into the output."""
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1)  # row of the head's tile: head hs*group + r // n_q, query row r % n_q
     b = pid_bh // n_sel
     hs = pid_bh % n_sel

@@ -156,7 +156,7 @@ def _sparse_attention_fwd(
     # A program takes BLOCK_M query rows, 1 / SUB_M of an index block's rows.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     index_row = pid_m // SUB_M
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # batch x head offsets pass 2^31 elements on long caches
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kvh = h // groups

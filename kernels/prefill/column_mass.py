@@ -121,7 +121,7 @@ def _row_lse_kernel(
 ):
     """Partial log2-sum-exp2 of a row tile over one split of the keys (-inf where it keeps none)."""
     scale2 = tl.cast(scale2, tl.float32)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # batch x head offsets pass 2^31 elements on long inputs
     split = tl.program_id(2)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     q, q_pos, offs_m, valid_m = _load_rows(Q, QPos, b, h, tl.program_id(0) * BLOCK_M, n_rows, stride_qb,
@@ -160,7 +160,8 @@ def _column_mass_kernel(
     head: the tile is loaded once for the group (GQA)."""
     scale2 = tl.cast(scale2, tl.float32)
     n_kv = n_heads // groups
-    b, kvh = tl.program_id(1) // n_kv, tl.program_id(1) % n_kv
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b, kvh = pid_bh // n_kv, pid_bh % n_kv
     k, k_pos, ok, offs_n, valid_n = _load_keys(K, KPos, KeyOk, b, kvh, tl.program_id(0) * BLOCK_N, n_k,
                                                stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kob,
                                                HEAD_DIM, BLOCK_D, BLOCK_N, HAS_KEY_OK)
