@@ -1,5 +1,5 @@
 """Launch configurations of the decode kernels on this GPU: label scores (keys per program, warps)
-and split-K attention (keys per tile, warps), and our top-k against torch.topk, at the decode
+and split-K attention (keys per tile, warps), and torch.topk on fp32 against fp16 scores, at the decode
 benchmark's shapes (32 query / 8 KV heads, d=128, bf16, 1/16 of the keys selected). Medians of
 CUDA-graph replays; the fastest configuration per shape is what the defaults should be.
 
@@ -17,9 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, markdown_table, median_ms, write_results  # noqa: E402
 
-from sparsecomp.kernels.decode.selection import key_labels, label_scores_triton, query_channels  # noqa: E402
+from sparsecomp.kernels.decode.selection import key_labels, label_scores_triton, query_channels, top_tokens  # noqa: E402
 from sparsecomp.kernels.decode.sparse_decode import sparse_decode_triton  # noqa: E402
-from sparsecomp.kernels.decode.top_k import top_tokens_reference, top_tokens_triton  # noqa: E402
 
 HQ, HKV, D, CHANNELS = 32, 8, 128, 16
 
@@ -45,9 +44,10 @@ def measure(b: int, n: int) -> list[dict]:
                          "ms": ms, "tb_s": labels.numel() * 2 / ms / 1e9})  # fmt: skip
     scores = label_scores_triton(qc, labels, q_last, None, HKV)
     s = n // 16
-    for name, fn in (("torch.topk", top_tokens_reference), ("radix top_k", top_tokens_triton)):
-        rows.append({"batch": b, "kv_len": n, "kernel": name, "ms": median_ms(lambda fn=fn: fn(scores, s))})
-    tokens = top_tokens_triton(scores, s)
+    for name, dtype in (("torch.topk fp32 scores", torch.float32), ("torch.topk fp16 scores", torch.float16)):
+        typed = scores.to(dtype)
+        rows.append({"batch": b, "kv_len": n, "kernel": name, "ms": median_ms(lambda t=typed: top_tokens(t, s))})
+    tokens = top_tokens(scores, s)
     for block_n in (32, 64, 128):
         for warps in (2, 4, 8):
             ms = median_ms(lambda bn=block_n, w=warps: sparse_decode_triton(q, k, v, tokens, q_last, None, D**-0.5,

@@ -15,6 +15,7 @@ from sparsecomp.kernels.decode.selection import (
     page_min_max,
     page_tokens,
     query_channels,
+    top_tokens,
 )
 from sparsecomp.kernels.decode.sparse_decode import (
     decode_keep,
@@ -22,7 +23,6 @@ from sparsecomp.kernels.decode.sparse_decode import (
     sparse_decode_reference,
     sparse_decode_triton,
 )
-from sparsecomp.kernels.decode.top_k import top_tokens, top_tokens_reference, top_tokens_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -137,44 +137,6 @@ def test_top_tokens_and_page_tokens():
     scores = torch.tensor([[[0.1, 5.0, -1.0, 3.0, float("-inf")]]])
     assert sorted(top_tokens(scores, 2)[0, 0].tolist()) == [1, 3]
     assert page_tokens(torch.tensor([[[2, 0]]]), 4).tolist() == [[[8, 9, 10, 11, 0, 1, 2, 3]]]
-
-
-def _selected_sets(tokens):
-    return [set(row) for row in tokens.reshape(-1, tokens.shape[-1]).tolist()]
-
-
-@pytest.mark.parametrize("n_keys,n", [(2500, 160), (1024, 1), (777, 777), (3000, 2999)])
-def test_top_tokens_kernel_selects_the_same_keys_as_topk(n_keys, n):
-    """Distinct random scores (some -inf, as after the causal rule): the radix threshold lists n
-    distinct keys, the finite ones exactly torch.topk's."""
-    g = torch.Generator().manual_seed(n_keys + n)
-    scores = torch.randn(2, 3, n_keys, generator=g) * 10
-    scores[1, :, n_keys // 2 :] = float("-inf")
-    scores = scores.to(DEVICE)
-    got = top_tokens_triton(scores, n)
-    assert got.shape == (2, 3, n) and got.dtype == torch.int32
-    assert all(len(r) == n for r in _selected_sets(got))
-    finite = [set(torch.nonzero(torch.isfinite(row)).flatten().tolist()) for row in scores.view(-1, n_keys).cpu()]
-    # -inf keys tie: either list may hold any of them; the finite keys listed must agree
-    picked = [r & f for r, f in zip(_selected_sets(got), finite, strict=True)]
-    assert picked == [r & f for r, f in zip(_selected_sets(top_tokens_reference(scores, n)), finite, strict=True)]
-
-
-def test_top_tokens_kernel_with_ties_lists_every_higher_key_and_n_in_all():
-    """Many equal scores at the threshold: every key above it is listed, ties fill the rest."""
-    g = torch.Generator().manual_seed(1)
-    scores = torch.randint(0, 8, (4, 1500), generator=g).float()  # ~190 keys per value
-    got = top_tokens_triton(scores.to(DEVICE), 300).cpu()
-    for row, picked in zip(scores, _selected_sets(got), strict=True):
-        assert len(picked) == 300
-        cut = row.topk(300).values.min()
-        assert set(torch.nonzero(row > cut).flatten().tolist()) <= picked
-        assert (row[list(picked)] >= cut).all()
-
-
-def test_top_tokens_refuses_a_budget_beyond_the_keys():
-    with pytest.raises(ValueError, match="top 6 of 5 keys"):
-        top_tokens(torch.zeros(1, 1, 5), 6)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs 17 GB of GPU memory")

@@ -30,12 +30,12 @@ def _label_scores(
     QC, Labels, QLast, KeyOk, Out,
     sqb, sqh, sqn, sqc, slb, slh, sln, slc, n_keys, n_q, n_sel, group, sel_per_kv, n_channels,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_KEY_OK: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b, kvh, qrow, row_ok, q = selection_rows(QC, pid_bh, sqb, sqh, sqn, sqc, n_q, n_sel, group, sel_per_kv,
                                              n_channels, BLOCK_M, BLOCK_C)
-    q = q.to(tl.float32)
     offs_c = tl.arange(0, BLOCK_C)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = offs_c < n_channels
@@ -43,8 +43,12 @@ def _label_scores(
     last = tl.load(QLast + b)
     # keys after the last query are never read (a static cache is longer than what it holds)
     lab = tl.load(Labels + b * slb + kvh * slh + offs_n[:, None] * sln + offs_c[None, :] * slc,
-                  mask=(n_ok & (offs_n <= last))[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    s = tl.sum(q[:, None, :] * lab[None, :, :], 2)  # (BLOCK_M, BLOCK_N)
+                  mask=(n_ok & (offs_n <= last))[:, None] & c_ok[None, :], other=0.0)
+    # (BLOCK_M, BLOCK_N) on tensor cores: an elementwise product and sum ran at 0.7 TB/s
+    if IEEE:
+        s = tl.dot(q.to(tl.float32), tl.trans(lab.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q.to(lab.dtype), tl.trans(lab))
     limit = last - (n_q - 1 - qrow)
     see = row_ok[:, None] & (offs_n[None, :] <= limit[:, None])
     if HAS_KEY_OK:
@@ -128,9 +132,10 @@ def page_bounds_reference(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int)
     return _group_max(bound, see.expand(b, hq, nq, n_pages), n_sel)
 
 
-def label_scores_triton(q_channels, labels, q_last, key_ok, n_sel: int, launch=None, block_n: int = 512,
+def label_scores_triton(q_channels, labels, q_last, key_ok, n_sel: int, launch=None, block_n: int = 256,
                         num_warps: int = 4):  # fmt: skip
     b, hq, nq, group, block_m = _rows_of(q_channels, n_sel)
+    block_m = max(16, block_m)  # tl.dot's smallest tile
     hkv, nk, c = labels.shape[1], labels.shape[2], labels.shape[3]
     out = torch.empty(b, n_sel, nk, dtype=torch.float32, device=labels.device)
     q_last = q_last.contiguous()
@@ -138,8 +143,8 @@ def label_scores_triton(q_channels, labels, q_last, key_ok, n_sel: int, launch=N
     (launch or (lambda f: f))(_label_scores)[(triton.cdiv(nk, block_n), b * n_sel)](
         q_channels, labels, q_last, key_ok, out, *q_channels.stride(), *labels.stride(),
         nk, nq, n_sel, group, n_sel // hkv, c,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=max(2, triton.next_power_of_2(c)), HAS_KEY_OK=key_ok is not q_last,
-        num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=max(16, triton.next_power_of_2(c)), HAS_KEY_OK=key_ok is not q_last,
+        IEEE=labels.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -218,6 +223,14 @@ def page_min_max(
     page_ok = key_ok.view(b, n // page, page).any(-1)
     none = ~page_ok[:, None, :, None]
     return kmin.masked_fill(none, 0), kmax.masked_fill(none, 0), page_ok
+
+
+def top_tokens(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., n) int32: the n highest-scoring keys of each row of ``scores`` (..., N), unordered
+    (entries scoring -inf are masked by the kernel's validity rule, so a list longer than the valid
+    keys is still exact). torch.topk: a radix threshold selection of our own (histograms of the
+    score bits with tl.histogram, atomic slot counters) measured 1.8-6x slower on the H200."""
+    return torch.topk(scores, n, dim=-1, sorted=False).indices.to(torch.int32)
 
 
 def page_tokens(pages: torch.Tensor, page: int) -> torch.Tensor:

@@ -82,8 +82,9 @@ def _decode_split(
         if HAS_KEY_OK:
             valid &= tl.load(KeyOk + b * n_keys + tok, mask=valid, other=0) != 0
         tok = tl.where(valid, tok, 0)
+        row = tok.to(tl.int64)  # token x row stride passes 2^31 elements past 16M keys
         d_ok = (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(K + b * skb + kvh * skh + tok[:, None] * skn + offs_d[None, :] * skd,
+        k = tl.load(K + b * skb + kvh * skh + row[:, None] * skn + offs_d[None, :] * skd,
                     mask=valid[:, None] & d_ok, other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -101,7 +102,7 @@ def _decode_split(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + kvh * svh + tok[:, None] * svn + offs_d[None, :] * svd,
+        v = tl.load(V + b * svb + kvh * svh + row[:, None] * svn + offs_d[None, :] * svd,
                     mask=valid[:, None] & d_ok, other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")

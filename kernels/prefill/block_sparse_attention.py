@@ -156,21 +156,23 @@ def _sparse_attention_fwd(
     # A program takes BLOCK_M query rows, 1 / SUB_M of an index block's rows.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     index_row = pid_m // SUB_M
-    pid_bh = tl.program_id(1).to(tl.int64)  # batch x head offsets pass 2^31 elements on long caches
+    pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kvh = h // groups
+    # element offsets of a batch row and head pass 2^31 on long inputs (TMA coordinates stay int32)
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_q = offs_m < n_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=in_q[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=in_q, other=0)
     sink_h = tl.load(HeadSink + h)
     win_h = tl.load(HeadWindow + h)
     key_start = tl.load(KeyStart + b * stride_ksb)
-    k_base = b * stride_kb + kvh * stride_kh
-    v_base = b * stride_vb + kvh * stride_vh
+    k_base = b64 * stride_kb + kvh64 * stride_kh
+    v_base = b64 * stride_vb + kvh64 * stride_vh
     kpos_base = b * stride_kpb
     keyok_base = b * stride_kob
 
@@ -217,7 +219,7 @@ def _sparse_attention_fwd(
                 True, False, CAUSAL, HAS_WINDOW, HAS_KEY_OK, HAS_SOFTCAP, IEEE)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    tl.store(Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=in_q[:, None] & (offs_d < HEAD_DIM)[None, :])
 # fmt: on
 

@@ -1,8 +1,7 @@
 """Double Sparsity (decode): per KV head, the keys scoring highest on a few offline-calibrated
 channels (the label cache: those channels of K), then attention over those keys only."""
 
-from sparsecomp.kernels.decode.selection import key_labels, label_scores, query_channels
-from sparsecomp.kernels.decode.top_k import top_tokens
+from sparsecomp.kernels.decode.selection import key_labels, label_scores, query_channels, top_tokens
 
 from .base import COUNT, POSITIVE, SHARE, Pattern, register
 from .selection import SELECTION_HEADS, budget, check_budget, selection_heads

@@ -3,8 +3,7 @@ elementwise min and max of K) is highest, then attention over those pages only."
 
 import torch
 
-from sparsecomp.kernels.decode.selection import page_bounds, page_min_max, page_tokens
-from sparsecomp.kernels.decode.top_k import top_tokens
+from sparsecomp.kernels.decode.selection import page_bounds, page_min_max, page_tokens, top_tokens
 
 from .base import COUNT, POSITIVE, SHARE, Pattern, register
 from .selection import SELECTION_HEADS, budget, check_budget, selection_heads
