@@ -1,0 +1,191 @@
+"""Per-token decode latency of a Llama-3-8B-shaped model (random bf16 weights) with a long static KV
+cache: dense (eager Hugging Face, and torch.compile with CUDA graphs, the path HF recommends for a
+static cache) against sparsecomp's decode rules, and the floor: the same model with attention made
+free (it returns its queries; the cache is still written), compiled with CUDA graphs.
+
+Each row runs the decode step ``generate`` runs (one token per sequence, ``cache_position`` = the
+step's index, a static cache of fixed length, greedy next token from the logits, no host sync)
+after a 16-token prompt, with the cache then filled with random keys and values up to the context
+length (speed does not depend on the values; a 128K x B=8 prefill would not fit beside the cache).
+The decode state sparsecomp keeps beside the cache (label cache, page min/max) is filled the same
+way. Channels are random (accuracy is benchmarks/decode_accuracy.py's question). Medians over
+``--steps`` steps; every ratio is against the best dense path of the same shape.
+
+    python benchmarks/generate.py --context 131072 --batches 8 1 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import environment, markdown_table, write_results  # noqa: E402
+
+import sparsecomp  # noqa: E402
+from sparsecomp.demo import SHAPES, build_model  # noqa: E402
+from sparsecomp.plan import Plan, Rule  # noqa: E402
+
+PROMPT = 16
+MEMORY_GIB = 110  # weights + KV cache; the rest is left for activations and compile
+
+
+def free_attention(module, query, key, value, attention_mask, **kwargs):
+    """The floor: attention that reads nothing ((B, Hq, N, D) queries back as (B, N, Hq, D))."""
+    return query.transpose(1, 2), None
+
+
+def layers_that_fit(shape: str, batch: int, context: int) -> int:
+    hidden, layers, heads, kv_heads, inter = SHAPES[shape]
+    head_dim = hidden // heads
+    weights = 2 * (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter)
+    cache = 2 * 2 * batch * context * kv_heads * head_dim
+    return max(1, min(layers, int(MEMORY_GIB * 2**30 // (weights + cache))))
+
+
+def random_channels(model, count: int = 16) -> dict:
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    return {
+        f"model.layers.{i}.self_attn": [
+            torch.randperm(head_dim, generator=g)[:count].tolist() for _ in range(cfg.num_key_value_heads)
+        ]
+        for i in range(cfg.num_hidden_layers)
+    }
+
+
+def fill_randomly(cache, backend) -> None:
+    """Keys and values of every layer, and sparsecomp's decode state, as after a long prompt."""
+    for layer in cache.layers:
+        layer.keys.normal_()
+        layer.values.normal_()
+    states = [] if backend is None else backend.states.tensors.values()
+    for state in states:
+        for t in state:
+            t.fill_(True) if t.dtype == torch.bool else t.normal_()
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_times(forward, model, batch: int, context: int, steps: int, backend_of=None) -> list[float]:
+    """Seconds per decode step at cache positions context .. context + steps - 1."""
+    from transformers import StaticCache
+
+    dev = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_cache_len=context + steps + 1)
+    mask = torch.ones(batch, context + steps + 1, dtype=torch.long, device=dev)
+    ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=dev)
+    with torch.no_grad():
+        out = forward(
+            input_ids=ids, attention_mask=mask, past_key_values=cache,
+            cache_position=torch.arange(PROMPT, device=dev), logits_to_keep=1,
+        )  # fmt: skip
+        fill_randomly(cache, backend_of() if backend_of else None)
+        token = out.logits[:, -1:].argmax(-1)
+        times = []
+        for t in range(steps):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = forward(
+                input_ids=token, attention_mask=mask, past_key_values=cache,
+                cache_position=torch.tensor([context + t], device=dev), logits_to_keep=1,
+            )  # fmt: skip
+            token = out.logits[:, -1:].argmax(-1)
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def runner(path: str, model):
+    """(forward, backend getter) for one row's path."""
+    if path == "eager":
+        return model, None
+    if path in ("torch.compile", "floor"):
+        return torch.compile(model, mode="reduce-overhead", fullgraph=True), None
+    plan = Plan(decode_default=Rule.parse(path.removeprefix("sparsecomp ")), channels=random_channels(model))
+    compiled = sparsecomp.compile(model, plan, dynamic=False)
+    return compiled, lambda: compiled._sparsecomp_backend
+
+
+def measure(path: str, model, batch: int, context: int, steps: int) -> dict:
+    torch._dynamo.reset()
+    model.config._attn_implementation = "free" if path == "floor" else "sdpa"
+    forward, backend_of = runner(path, model)
+    row = {"path": path, "batch": batch, "context": context, "layers": model.config.num_hidden_layers}
+    t0 = time.perf_counter()
+    times = step_times(forward, model, batch, context, steps, backend_of)
+    row["first_steps_s"] = time.perf_counter() - t0
+    row["ms_per_token"] = statistics.median(times[steps // 4 :]) * 1e3  # after warm-up and CUDA-graph capture
+    row["tokens_per_s"] = batch / row["ms_per_token"] * 1e3
+    if backend_of is not None:
+        sites = sparsecomp.inspect(forward).sites
+        row["became"] = ", ".join(sorted({s.became for s in sites}))
+    print(row, flush=True)
+    return row
+
+
+COLUMNS = [
+    ("batch", "B", ""),
+    ("context", "context", ""),
+    ("layers", "layers", ""),
+    ("path", "path", ""),
+    ("ms_per_token", "ms / step", ".3f"),
+    ("tokens_per_s", "tokens/s", ".0f"),
+    ("vs_best_dense", "x best dense", ".2f"),
+    ("vs_floor", "x floor time", ".2f"),
+    ("became", "sites became", ""),
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--context", type=int, nargs="+", default=[131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 1])
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument(
+        "--paths", nargs="+",
+        default=["eager", "torch.compile", "floor", "sparsecomp double_sparsity:channels=16,ratio=0.0625"],
+    )  # fmt: skip
+    p.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a tiny shape")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("free", free_attention)
+    rows = []
+    for context in args.context:
+        for batch in args.batches:
+            model = build_model(args.shape, layers_that_fit(args.shape, batch, context), torch.bfloat16, args.device)
+            shape_rows = []
+            for path in args.paths:
+                try:
+                    shape_rows.append(measure(path, model, batch, context, args.steps))
+                except Exception:  # noqa: BLE001  (recorded; the other paths still run)
+                    traceback.print_exc()
+            dense = [r["ms_per_token"] for r in shape_rows if r["path"] in ("eager", "torch.compile")]
+            floor = [r["ms_per_token"] for r in shape_rows if r["path"] == "floor"]
+            for r in shape_rows:
+                if dense:
+                    r["vs_best_dense"] = min(dense) / r["ms_per_token"]
+                if floor:
+                    r["vs_floor"] = r["ms_per_token"] / floor[0]
+            rows += shape_rows
+            del model
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            write_results(Path(args.out), "generate", environment(), rows, markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
