@@ -123,7 +123,7 @@ def test_page_bounds_bound_every_key_and_kernel_matches_reference():
     page = 8
     q, k, _, _, q_last, key_ok = make_inputs(2, 4, 2, 2, 1, 96, 16, 1, True, torch.float32, seed=5)
     kmin, kmax, page_ok = page_min_max(k, key_ok, page)
-    out = page_bounds_triton(q, kmin, kmax, q_last, page_ok, page, 2, block_p=4)
+    out = page_bounds_triton(q, kmin, kmax, q_last, page_ok, page, 2, block_p=16)
     ref = page_bounds_reference(q, kmin, kmax, q_last, page_ok, page, 2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # the bound is >= the exact score of every valid key of its page, for every query head of the group

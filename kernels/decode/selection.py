@@ -62,22 +62,32 @@ def _page_bounds(
     Q, KMin, KMax, QLast, PageOk, Out,
     sqb, sqh, sqn, sqd, spb, sph, spp, spd, n_pages, page, n_q, n_sel, group, sel_per_kv,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b, kvh, qrow, row_ok, q = selection_rows(Q, pid_bh, sqb, sqh, sqn, sqd, n_q, n_sel, group, sel_per_kv,
                                              HEAD_DIM, BLOCK_M, BLOCK_D)
-    q = q.to(tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     d_ok = offs_d < HEAD_DIM
     p_ok = offs_p < n_pages
+    last = tl.load(QLast + b)
+    read = ((p_ok & (offs_p * page <= last))[:, None]) & d_ok[None, :]  # pages after the last query: unread
     base = b * spb + kvh * sph + offs_p[:, None] * spp + offs_d[None, :] * spd
-    kmin = tl.load(KMin + base, mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    kmax = tl.load(KMax + base, mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    qe = q[:, None, :]
-    bound = tl.sum(tl.maximum(qe * kmin[None, :, :], qe * kmax[None, :, :]), 2)  # (BLOCK_M, BLOCK_P)
-    limit = tl.load(QLast + b) - (n_q - 1 - qrow)
+    kmin = tl.load(KMin + base, mask=read, other=0.0)
+    kmax = tl.load(KMax + base, mask=read, other=0.0)
+    # sum_d max(q_d kmin_d, q_d kmax_d) = max(q, 0) . kmax + min(q, 0) . kmin (kmin <= kmax): two
+    # products on tensor cores, exact as the elementwise form
+    q_pos = tl.maximum(q, 0.0)
+    q_neg = tl.minimum(q, 0.0)
+    if IEEE:
+        bound = tl.dot(q_pos.to(tl.float32), tl.trans(kmax.to(tl.float32)), input_precision="ieee")
+        bound = tl.dot(q_neg.to(tl.float32), tl.trans(kmin.to(tl.float32)), bound, input_precision="ieee")
+    else:
+        bound = tl.dot(q_pos.to(kmax.dtype), tl.trans(kmax))
+        bound = tl.dot(q_neg.to(kmin.dtype), tl.trans(kmin), bound)
+    limit = last - (n_q - 1 - qrow)
     see = row_ok[:, None] & (offs_p[None, :] * page <= limit[:, None])
     see &= (tl.load(PageOk + b * n_pages + offs_p, mask=p_ok, other=0) != 0)[None, :]
     bound = tl.max(tl.where(see, bound, float("-inf")), 0)
@@ -149,8 +159,9 @@ def label_scores_triton(q_channels, labels, q_last, key_ok, n_sel: int, launch=N
     return out
 
 
-def page_bounds_triton(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int, launch=None, block_p: int = 16):
+def page_bounds_triton(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int, launch=None, block_p: int = 64):
     b, hq, nq, group, block_m = _rows_of(q, n_sel)
+    block_m = max(16, block_m)  # tl.dot's smallest tile
     hkv, n_pages, d = kmin.shape[1], kmin.shape[2], kmin.shape[3]
     if kmax.stride() != kmin.stride():
         kmax = kmax.contiguous()
@@ -160,6 +171,7 @@ def page_bounds_triton(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int, la
         q, kmin, kmax, q_last.contiguous(), page_ok.contiguous().view(torch.uint8), out,
         *q.stride(), *kmin.stride(), n_pages, page, nq, n_sel, group, n_sel // hkv,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        IEEE=kmin.dtype == torch.float32,
     )  # fmt: skip
     return out
 
