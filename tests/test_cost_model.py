@@ -179,12 +179,13 @@ def test_auto_uses_the_shipped_h100_fit_on_hopper_only(monkeypatch):
     """No fit of this GPU's own: a Hopper GPU decides with the shipped H100 coefficients, another
     follows the plan until tuned (the device is only asked its capability)."""
     from sparsecomp.compiler.decide import load_cost_model
-    from sparsecomp.tuning.cost_defaults import H100_COST_MODEL
+    from sparsecomp.tuning.cost_defaults import H100_COST_MODEL, H200_DECODE_COST_MODEL
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     model, source = load_cost_model("auto", cuda, None)
-    assert model.to_json() == CostModel.from_json(H100_COST_MODEL).to_json() and "H100 fit" in source
+    shipped = CostModel.from_json({**H100_COST_MODEL, "decode": H200_DECODE_COST_MODEL})
+    assert model.to_json() == shipped.to_json() and "H100 fit" in source and model.decode is not None
     w = Workload(1, 32, 8, 65536, 65536, 128)
     counts = static_block_counts(w, [Rule("streaming", sink=64, window=1024)] * 32, KERNEL_CONFIGS["b128"])
     assert model.kernel_ms("b128", w, counts) < model.dense_ms(w) / 5  # long streaming: sparse by far

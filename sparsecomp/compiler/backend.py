@@ -25,7 +25,7 @@ from ..plan import Plan, Rule
 from ..report import GraphReport, InspectReport, SiteReport
 from ..runtime.decode_state import DecodeStates, state_inputs, update_decode_state, write_prefill_state
 from ..tuning.cost_model import DEFAULT_CONFIG
-from .decide import Decision, SiteDecider, candidate_configs, decide, shape_bucket
+from .decide import Decision, SiteDecider, candidate_configs, decide, decide_decode, shape_bucket
 from .lower import adaptive_groups
 from .prepare import calibrated_densities, is_decode_step, prepare_graph, site_workload
 
@@ -144,7 +144,7 @@ def rewrite_graph(
             row.reason = "dense decode step: the original attention (its mask is one query row)"
             continue
         if any(PATTERNS[r.kind].selects for r in rules):
-            _rewrite_decode_selection(gm, site, rules, options.plan, row, states)
+            _rewrite_decode_selection(gm, site, rules, options.plan, row, states, decider)
             continue
         decision = _decide(site, rules, options, decider, share[_share_key(site, rules)])
         row.decision = decision
@@ -235,9 +235,11 @@ def queries_after_cache(site: AttentionSite) -> bool:
 
 
 def _rewrite_decode_selection(
-    gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], plan: Plan, row, states: DecodeStates
-) -> None:
-    """A decode step whose rules select tokens (Double Sparsity, Quest): selection + decode kernel."""
+    gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], plan: Plan, row, states: DecodeStates,
+    decider: SiteDecider,
+) -> None:  # fmt: skip
+    """A decode step whose rules select tokens (Double Sparsity, Quest): selection + decode kernel,
+    where the decode cost model (if any) predicts it faster than the dense step."""
     if len(set(rules)) != 1:
         raise ValueError(
             f"{site.name}: a decode selection rule serves every head of a site; got {sorted({str(r) for r in rules})}"
@@ -248,6 +250,14 @@ def _rewrite_decode_selection(
         row.reason = f"{rule.kind} is a decode rule and this site is not a causal decode step after a KV cache: kept"
         return
     pattern, params, channels = PATTERNS[rule.kind], dict(rule.params), site_channels(plan, site, rule)
+    model, source, _ = decider.context(meta_val(site.q).device)
+    why = source
+    if model is not None and model.decode is not None:
+        select, why = decide_decode(model.decode, source, site, rule)
+        if not select:
+            counters["kept_dense_faster"] += 1
+            row.reason = f"{rule.kind}: the dense step is faster here ({why}): the original attention"
+            return
     state = states.tensors.get(states.key(site, rule) or ())
     if state is not None:  # kept beside the static cache: this step writes its own key's unit
         state = update_decode_state(gm, site, state, pattern, params, channels)
@@ -258,7 +268,7 @@ def _rewrite_decode_selection(
     counters["sparse_decode_cached_state" if state is not None else "sparse_decode_state_from_k"] += 1
     row.became = "sparse_decode"
     kept = "its state kept beside the static cache" if state is not None else "its state summarized from K each step"
-    row.reason = f"{rule.kind}: the selected tokens only (split-K decode kernel); {kept}"
+    row.reason = f"{rule.kind}: the selected tokens only (split-K decode kernel); {kept} ({why})"
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):

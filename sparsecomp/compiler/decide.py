@@ -17,6 +17,7 @@ from sparsecomp.passes.rewrite import KernelOptions
 
 from ..plan import Rule
 from ..tuning.cost_model import DEFAULT_CONFIG, DENSE, KERNEL_CONFIGS, CostModel, Workload, ranked
+from ..tuning.decode_cost import DecodeCostModel, DecodeWork
 
 COST_MODEL_ENTRY = "cost_model"
 
@@ -117,14 +118,48 @@ def load_cost_model(setting, device: torch.device, cache) -> tuple[CostModel | N
         raise ValueError(f"cost_model={setting!r}; expected 'auto', False or a CostModel")
     if device.type != "cuda":
         return None, f"no cost model on {device.type} (the op runs the PyTorch reference): the plan is followed"
+    from ..tuning.cost_defaults import H100_COST_MODEL, H200_DECODE_COST_MODEL
+
+    hopper = torch.cuda.get_device_capability(device)[0] == 9  # the shipped fits describe Hopper only
     stored = cache.get(COST_MODEL_ENTRY) if cache is not None else None
     if stored is not None:
-        return CostModel.from_json(stored), "cost model (fitted on this GPU)"
-    if torch.cuda.get_device_capability(device)[0] != 9:  # the shipped fit describes Hopper only
+        model = CostModel.from_json(stored)
+        if model.decode is None and hopper:  # autotune fits prefill only
+            model.decode = DecodeCostModel.from_json(H200_DECODE_COST_MODEL)
+        return model, "cost model (fitted on this GPU)"
+    if not hopper:
         return None, "no cost model fitted for this GPU (run sparsecomp autotune): the plan is followed"
-    from ..tuning.cost_defaults import H100_COST_MODEL
+    model = CostModel.from_json({**H100_COST_MODEL, "decode": H200_DECODE_COST_MODEL})
+    return model, "cost model (H100 fit, decode: H200 fit; run sparsecomp autotune to fit this GPU)"
 
-    return CostModel.from_json(H100_COST_MODEL), "cost model (H100 fit; run sparsecomp autotune to fit this GPU)"
+
+def decide_decode(model: DecodeCostModel, source: str, site, rule: Rule) -> tuple[bool, str]:
+    """(select, why) for a decode selection rule: the selection where predicted faster than the
+    dense step at the site's key count (a symbolic count: past the crossover, through a guard)."""
+    from ..patterns.selection import budget, selection_heads
+
+    sh, params = site.shape, dict(rule.params)
+    count = params.get("k", params.get("pages", 0))
+
+    def work_at(n: int) -> DecodeWork:
+        unit = params.get("page", 1)
+        selected = budget(count, params["ratio"], -(-n // unit)) * unit
+        return DecodeWork(
+            batch=size_hint(sh["batch"]), kv_heads=sh["kv_heads"],
+            sel_heads=selection_heads(params["heads"], sh["q_heads"], sh["kv_heads"]), n_keys=n,
+            head_dim=sh["head_dim"], element_bytes=site.dtype.itemsize, selected=selected, kind=rule.kind,
+            channels=params.get("channels", 0), page=params.get("page", 0),
+        )  # fmt: skip
+
+    n = sh["kv_len"]
+    at = work_at(size_hint(n))
+    dense, selection = model.dense_ms(at), model.selection_ms(at)
+    why = f"predicted {selection:.4f} ms vs dense {dense:.4f} ms at {size_hint(n)} keys, {source}"
+    if isinstance(n, torch.SymInt):
+        crossover = model.crossover(work_at)
+        select = crossover is not None and bool(n >= crossover)
+        return select, f"{why}; crossover {crossover} keys"
+    return selection < dense, why
 
 
 class SiteDecider:

@@ -48,3 +48,21 @@ H100_COST_MODEL = {
         "densities": [0.05, 0.3, 1.0],
     },
 }
+
+# Decode steps (sparsecomp/tuning/decode_cost.py), fitted on an H200 by benchmarks/decode_cost_fit.py
+# (benchmarks/results/decode_cost_fit.md); used on Hopper GPUs, the H100 included (its lower
+# bandwidth slows dense and selection steps alike, so their crossover moves little).
+H200_DECODE_COST_MODEL = {
+    "coefficients": {
+        "dense": [0.008445578253183225, 2.1882423442692529e-10],
+        "summary": [0.0013521420360285649, 3.520691983214655e-10],
+        "top_k": [0.055519621500877386, 1.3937744041593363e-08],
+        "attention": [0.004641085681270838, 2.925202859215129e-10],
+    },
+    "info": {
+        "gpu": "NVIDIA H200",
+        "torch": "2.11.0+cu130",
+        "triton": "3.6.0",
+        "fitted_on": "benchmarks/results/decode_attention.json",
+    },
+}

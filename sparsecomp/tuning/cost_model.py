@@ -213,13 +213,15 @@ class Prediction:
 class CostModel:
     """Fitted coefficients of one GPU: ``engines[name][head_dim]`` -> ENGINE_FEATURES coefficients
     (names: "sdpa", "sdpa_masked", and the KERNEL_CONFIGS names), ``index[kind]`` -> INDEX_FEATURES
-    coefficients, ``sms``: the GPU's multiprocessors; ``info``: where they came from."""
+    coefficients, ``sms``: the GPU's multiprocessors; ``info``: where they came from; ``decode``: the
+    decode-step model (``decode_cost.DecodeCostModel``) or None."""
 
-    def __init__(self, engines: dict, index: dict, sms: int, info: dict | None = None):
+    def __init__(self, engines: dict, index: dict, sms: int, info: dict | None = None, decode=None):
         self.engines = {name: {int(d): list(c) for d, c in by_dim.items()} for name, by_dim in engines.items()}
         self.index = {kind: list(c) for kind, c in index.items()}
         self.sms = sms
         self.info = dict(info or {})
+        self.decode = decode
         self._crossovers: dict[tuple, int | None] = {}  # every layer of a model asks the same question
 
     def _coefficients(self, engine: str, head_dim: int) -> list[float]:
@@ -324,11 +326,15 @@ class CostModel:
             "engines": {name: {str(d): c for d, c in by_dim.items()} for name, by_dim in self.engines.items()},
             "index": self.index,
             "info": self.info,
+            **({"decode": self.decode.to_json()} if self.decode is not None else {}),
         }
 
     @classmethod
     def from_json(cls, obj: dict) -> CostModel:
-        return cls(obj["engines"], obj["index"], int(obj["sms"]), obj.get("info"))
+        from .decode_cost import DecodeCostModel  # (it imports this module's fit)
+
+        decode = DecodeCostModel.from_json(obj["decode"]) if obj.get("decode") else None
+        return cls(obj["engines"], obj["index"], int(obj["sms"]), obj.get("info"), decode)
 
 
 def fit_coefficients(features: list[list[float]], times: list[float]) -> list[float]:
