@@ -33,7 +33,9 @@ def test_decode_kinds_are_refused_as_prefill_rules_and_plans_round_trip():
 
 def test_missing_channels_are_an_error_at_the_decode_step():
     model = tiny_llama().eval()
-    compiled = sparsecomp.compile(model, "prefill=dense;decode=double_sparsity:channels=4,ratio=0.5", inner="eager")
+    compiled = sparsecomp.compile(
+        model, "prefill=dense;decode=double_sparsity:channels=4,ratio=0.5", inner="eager", cost_model=False
+    )
     ids, mask = prompt(1)
     with pytest.raises(Exception, match="needs calibrated channels"):
         generate(compiled, ids, mask, "dynamic")
@@ -81,7 +83,7 @@ def test_selection_of_every_key_equals_eager_generation(rule, cache):
     model = tiny_llama().eval()
     ids, mask = prompt(2)
     ref = generate(model, ids, mask, cache, scores=True)
-    compiled = sparsecomp.compile(model, decode_plan(rule), inner="eager")
+    compiled = sparsecomp.compile(model, decode_plan(rule), inner="eager", cost_model=False)
     out = generate(compiled, ids, mask, cache, scores=True)
     assert_same_generation(out, ref)
     report = sparsecomp.inspect(compiled)
@@ -104,9 +106,10 @@ def test_state_kept_beside_the_static_cache_selects_as_the_state_summarized_from
     written at prefill and at each step, must choose what summarizing all of K (dynamic cache) does."""
     model = tiny_llama().eval()
     ids, mask = prompt(2, n=20)
-    from_k = generate(sparsecomp.compile(model, decode_plan(rule), inner="eager"), ids, mask, "dynamic", scores=True)
+    plan, follow = decode_plan(rule), dict(inner="eager", cost_model=False)
+    from_k = generate(sparsecomp.compile(model, plan, **follow), ids, mask, "dynamic", scores=True)
     torch._dynamo.reset()  # else the static run compiles with the lengths the dynamic one saw vary: symbolic
-    kept = generate(sparsecomp.compile(model, decode_plan(rule), inner="eager"), ids, mask, "static", scores=True)
+    kept = generate(sparsecomp.compile(model, plan, **follow), ids, mask, "static", scores=True)
     assert (
         sparsecomp.counters["sparse_decode_cached_state"] > 0 and sparsecomp.counters["sparse_decode_state_from_k"] > 0
     )
@@ -120,7 +123,7 @@ def test_sparse_selection_generates_under_inductor(rule):
     model = tiny_llama().eval()
     ids, mask = prompt(2, n=24)
     ref = generate(model, ids, mask, "static")
-    out = generate(sparsecomp.compile(model, decode_plan(rule)), ids, mask, "static")
+    out = generate(sparsecomp.compile(model, decode_plan(rule), cost_model=False), ids, mask, "static")
     assert out.shape == ref.shape and torch.equal(out[:, : ids.shape[1] + 1], ref[:, : ids.shape[1] + 1])
     assert sparsecomp.counters["sparse_decode"] >= 2
 
@@ -140,5 +143,5 @@ def test_calibrated_channels_are_the_largest_q_k_contributions_and_drive_generat
     chosen = top_channels(channel_importance(q, k, None), 1)
     assert chosen == [[7], [11]]
     ids_b, mask = prompt(1)
-    out = generate(sparsecomp.compile(model, plan, inner="eager"), ids_b, mask, "dynamic")
+    out = generate(sparsecomp.compile(model, plan, inner="eager", cost_model=False), ids_b, mask, "dynamic")
     assert out.shape[1] == ids_b.shape[1] + 6 and sparsecomp.counters["sparse_decode"] > 0
