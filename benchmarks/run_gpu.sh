@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything we measure on a lent GPU, in one call (device time is scarce): install without
+# Everything we measure on a GPU machine, in as few calls as possible: install without
 # dependencies (the machine has torch/triton/transformers), the test suite (GPU tests included),
 # time to first token against the best dense path, and the prefill attention benchmark. Results go
 # to $2 (default $OUT). A device call may run 10 minutes: each stage takes 5-9; "all" needs three.
