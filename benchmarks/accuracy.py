@@ -160,6 +160,7 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--calibration-lengths", type=int, nargs="+", default=None, help="default: --lengths")
     p.add_argument("--plans", default=None, help="folder of accuracy_plan_*.json to evaluate instead of calibrating")
+    p.add_argument("--save-plans", default=None, help="folder to save the calibrated plans in (for --plans)")
     p.add_argument("--name", default="accuracy", help="results file name")
     p.add_argument("--influence", action="store_true", help="calibrate on MoA's attention x gradient influence")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -178,8 +179,9 @@ def main(argv=None):
     else:
         lengths = args.calibration_lengths or args.lengths
         plans = calibrated_plans(model, tok, lengths, args.targets, args.block, args.influence, args.budgets)
-        for name, plan in plans.items():
-            plan.save(Path(args.out) / plan_file(name))
+        for name, plan in plans.items() if args.save_plans else ():
+            Path(args.save_plans).mkdir(parents=True, exist_ok=True)
+            plan.save(Path(args.save_plans) / plan_file(name))
     plans.update({text: Plan(default=Rule.parse(text), info={"preset": text}) for text in args.rules})
 
     env = environment() | {"model": args.model, "eval_docs": ", ".join(EVALUATION_FILES), "block": args.block}
