@@ -34,7 +34,8 @@ def compile(
     everywhere. ``kernel_options`` forces one config (block sizes, warps...); ``inner`` picks what
     compiles the rewritten graph (``"inductor"``; ``"aot_eager"`` or ``"eager"`` for debugging).
     A plan naming a site the traced graph does not have is an error (``strict=False``: a warning
-    in the report). Other keyword arguments go to ``torch.compile`` (``dynamic``, ``mode``...).
+    in the report). ``mode`` is Inductor's (``"reduce-overhead"``: CUDA graphs, the decode steps
+    included); other keyword arguments go to ``torch.compile`` (``dynamic``, ``fullgraph``...).
     """
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     root = root if isinstance(root, torch.nn.Module) else None
@@ -46,6 +47,9 @@ def compile(
             "cost_model": cost_model,
             "tuning_cache": tuning_cache,
             "strict": strict,
+            # Inductor's mode (CUDA graphs...) is applied inside the backend: torch.compile takes a
+            # mode only for its own Inductor backend
+            "mode": torch_compile_kwargs.pop("mode", None),
         }
     )
     if root is not None:

@@ -42,6 +42,7 @@ class BackendOptions:
     cost_model: object = "auto"  # "auto", False (follow the plan) or a CostModel (see decide.load_cost_model)
     tuning_cache: object = None  # a TuningCache; None: this GPU's default cache; False: none
     strict: bool = True  # a plan naming a site the graph does not have is an error (else a warning)
+    mode: str | None = None  # torch.compile's mode for Inductor ("reduce-overhead": CUDA graphs)
 
     @classmethod
     def from_any(cls, options) -> BackendOptions:
@@ -56,14 +57,19 @@ class BackendOptions:
             cost_model=options.pop("cost_model", "auto"),
             tuning_cache=options.pop("tuning_cache", None),
             strict=options.pop("strict", True),
+            mode=options.pop("mode", None),
         )
         if options:
-            known = "plan, kernel_options, inner, cost_model, tuning_cache, strict"
+            known = "plan, kernel_options, inner, cost_model, tuning_cache, strict, mode"
             raise ValueError(f"unknown sparsecomp options {sorted(options)}; known: {known}")
         if opts.inner not in INNER_COMPILERS:
             raise ValueError(f"inner={opts.inner!r}; known: {INNER_COMPILERS}")
         if not isinstance(opts.strict, bool):
             raise ValueError(f"strict={opts.strict!r}; give True or False")
+        if opts.mode is not None:
+            import torch._inductor
+
+            torch._inductor.list_mode_options(opts.mode)  # an unknown mode: torch's own error, now
         return opts
 
 
@@ -271,7 +277,7 @@ def _rewrite_decode_selection(
     row.reason = f"{rule.kind}: the selected tokens only (split-K decode kernel); {kept} ({why})"
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
+def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None = None):
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
@@ -285,8 +291,9 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
     # - on CUDA the launcher reads the strides of the tensors it gets. Traced, it would bake the
     #   strides seen at trace time, and torch 2.11's Inductor only keeps their order: a batch of 2
     #   then read out of bounds on the H100. Opaque, the kernel always sees the real strides.
+    config = torch._inductor.list_mode_options(mode) if mode else {}  # e.g. CUDA graphs
     with torch._functorch.config.patch(decompose_custom_triton_ops=False):
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=config)
 
 
 def inductor_with_opaque_ops(gm: fx.GraphModule, example_inputs):
@@ -295,6 +302,18 @@ def inductor_with_opaque_ops(gm: fx.GraphModule, example_inputs):
     it. (Inductor's default decomposition of the column-mass Triton ops fails under dynamic shapes
     on torch 2.11.)"""
     return _inner_compile(gm, example_inputs, "inductor")
+
+
+def _copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = copy.deepcopy(gm.graph)
+    for old, new in zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder"), strict=True):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    out = fx.GraphModule(gm, graph)
+    out.meta = dict(gm.meta)  # "dynamo_compile_id": AOT then reads the sources
+    if hasattr(gm, "_param_name_to_source"):
+        out._param_name_to_source = gm._param_name_to_source
+    return out
 
 
 class SparsecompBackend:
@@ -309,13 +328,14 @@ class SparsecompBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         # Rewrite a copy: Dynamo reads its graph's inputs after this returns, and decode state may
-        # add inputs of its own.
-        gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        # add inputs of its own. Dynamo's input sources go along: AOT reads from them which inputs
+        # are static (weights, the KV cache), so that CUDA graphs never copy those.
+        gm = _copy_dynamo_graph(gm)
         warnings: list[str] = []
         rows = rewrite_graph(gm, self.options, self.decider, self.names_by_id, warnings, self.states)
         self.graphs.append(GraphReport(gm, rows, warnings))
         extra = state_inputs(gm)  # decode state beside a static cache, passed after the graph's inputs
-        compiled = _inner_compile(gm, [*example_inputs, *extra], self.options.inner)
+        compiled = _inner_compile(gm, [*example_inputs, *extra], self.options.inner, self.options.mode)
         if not extra:
             return compiled
         return lambda *args: compiled(*args, *extra)

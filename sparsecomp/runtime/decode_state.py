@@ -90,7 +90,11 @@ def _state_nodes(gm: fx.GraphModule, state: tuple[torch.Tensor, ...]) -> list[fx
             with gm.graph.inserting_after(last):
                 nodes[name] = gm.graph.placeholder(name)
             nodes[name].meta["val"] = tensor
-            torch._dynamo.mark_static_address(tensor)  # CUDA graphs read it in place, never copied
+            # static for CUDA graphs (read and written in place, never copied): AOT reads the mark
+            # from the placeholder, which has no source in the user's code
+            torch._dynamo.mark_static_address(tensor)
+            nodes[name]._dynamo_source = None
+            nodes[name].meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
             inputs[name] = tensor
         out.append(nodes[name])
     return out
