@@ -109,7 +109,7 @@ def main(argv=None):
         "--channels", type=int, default=16, help="label channels per KV head (8 of head_dim 64 lost too much)"
     )
     p.add_argument("--passkeys", type=int, default=3)
-    p.add_argument("--only", nargs="*", default=None, help="rows named starting so (dense always runs)")
+    p.add_argument("--only", nargs="*", default=None, help="rows by name (up to any parenthesis; dense always runs)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -119,7 +119,8 @@ def main(argv=None):
     calibration = [torch.tensor(d) for d in document_ids(tokenizer, CALIBRATION_FILES, 2048)]
     rows, dense = [], None
     for name, preset in rows_for(args.length, args.channels):
-        if args.only is not None and name != "dense" and not any(name.startswith(o) for o in args.only):
+        wanted = args.only is None or any(name == o or name.startswith(o + " (") for o in args.only)
+        if name != "dense" and not wanted:
             continue
         t0 = time.time()
         plan = preset
