@@ -402,7 +402,7 @@ def calibrate(
     candidate kinds (see ``candidate_rules``) or a list of Rules. ``block``: the sparse index
     block size the plan is measured at (use the compile's ``kernel_options`` block size). The
     defaults (CRA 0.9, output error 0.1) gave the best accuracy per density on SmolLM2
-    (docs/calibration-notes.md); ``max_error=None`` selects on CRA alone. ``influence=True``: MoA's
+    (docs/internals/calibration-notes.md); ``max_error=None`` selects on CRA alone. ``influence=True``: MoA's
     attention x gradient influence (``recall.kept_mass``) replaces CRA as what ``target`` bounds;
     each input then also runs backward from its next-token loss.
 
