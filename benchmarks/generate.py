@@ -9,7 +9,8 @@ after a 16-token prompt, with the cache then filled with random keys and values 
 length (speed does not depend on the values; a 128K x B=8 prefill would not fit beside the cache).
 The decode state sparsecomp keeps beside the cache (label cache, page min/max) is filled the same
 way. Channels are random (accuracy is benchmarks/decode_accuracy.py's question). Medians over
-``--steps`` steps; every ratio is against the best dense path of the same shape.
+``--steps`` steps; every ratio is against the best dense path of the same shape. Each row runs in a
+process of its own (a crash loses that row only).
 
     python benchmarks/generate.py --context 131072 --batches 8 1 --out DIR
 """
@@ -17,10 +18,11 @@ way. Channels are random (accuracy is benchmarks/decode_accuracy.py's question).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -144,7 +146,32 @@ COLUMNS = [
     ("vs_best_dense", "x best dense", ".2f"),
     ("vs_floor", "x floor time", ".2f"),
     ("became", "sites became", ""),
+    ("note", "note", ""),
 ]
+
+
+def one_row(args) -> None:
+    """The child process: one path at one shape, its row as JSON on the last line of stdout."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("free", free_attention)
+    model = build_model(args.shape, layers_that_fit(args.shape, args.batch, args.context), torch.bfloat16, args.device)
+    row = measure(args.path, model, args.batch, args.context, args.steps)
+    print(json.dumps(row), flush=True)
+
+
+def run_row(args, path: str, batch: int, context: int) -> dict | None:
+    """Each row in a process of its own: a crash (a compile that segfaults, out of memory) loses
+    that row only, and every path starts from a fresh allocator."""
+    cmd = [sys.executable, __file__, "--one", "--path", path, "--batch", str(batch), "--context", str(context),
+           "--shape", args.shape, "--steps", str(args.steps), "--device", args.device]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stderr.write(done.stderr[-4000:])
+    last = done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []
+    if done.returncode != 0 or not last or not last[0].startswith("{"):
+        print(f"{path} B={batch} N={context}: exit {done.returncode}", flush=True)
+        return {"path": path, "batch": batch, "context": context, "note": f"failed: exit {done.returncode}"}
+    return json.loads(last[0])
 
 
 def main(argv=None):
@@ -159,31 +186,26 @@ def main(argv=None):
     )  # fmt: skip
     p.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a tiny shape")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("free", free_attention)
+    if args.one:
+        args.context = args.context[0]
+        return one_row(args)
     rows = []
     for context in args.context:
         for batch in args.batches:
-            model = build_model(args.shape, layers_that_fit(args.shape, batch, context), torch.bfloat16, args.device)
-            shape_rows = []
-            for path in args.paths:
-                try:
-                    shape_rows.append(measure(path, model, batch, context, args.steps))
-                except Exception:  # noqa: BLE001  (recorded; the other paths still run)
-                    traceback.print_exc()
-            dense = [r["ms_per_token"] for r in shape_rows if r["path"] in ("eager", "torch.compile")]
-            floor = [r["ms_per_token"] for r in shape_rows if r["path"] == "floor"]
-            for r in shape_rows:
+            shape_rows = [run_row(args, path, batch, context) for path in args.paths]
+            timed = [r for r in shape_rows if "ms_per_token" in r]
+            dense = [r["ms_per_token"] for r in timed if r["path"] in ("eager", "torch.compile")]
+            floor = [r["ms_per_token"] for r in timed if r["path"] == "floor"]
+            for r in timed:
                 if dense:
                     r["vs_best_dense"] = min(dense) / r["ms_per_token"]
                 if floor:
                     r["vs_floor"] = r["ms_per_token"] / floor[0]
             rows += shape_rows
-            del model
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
             write_results(Path(args.out), "generate", environment(), rows, markdown_table(rows, COLUMNS))
 
 
