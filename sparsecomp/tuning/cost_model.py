@@ -308,17 +308,7 @@ class CostModel:
             at = Workload(w.batch, w.q_heads, w.kv_heads, n, n, w.head_dim, w.dtype, w.causal, w.masked)
             return self.predictions(at, rules, configs, densities, static_share, site_window)[0].option != DENSE
 
-        lo, hi = 128, 128
-        while not sparse_wins(hi):
-            if hi >= max_len:
-                return None
-            lo, hi = hi, hi * 2
-        if hi == 128:
-            return 128
-        while hi - lo > 128:  # bisect on multiples of 128
-            mid = (lo + hi) // 256 * 128
-            lo, hi = (lo, mid) if sparse_wins(mid) else (mid, hi)
-        return hi
+        return first_winning_length(sparse_wins, max_len)
 
     def to_json(self) -> dict:
         return {
@@ -335,6 +325,22 @@ class CostModel:
 
         decode = DecodeCostModel.from_json(obj["decode"]) if obj.get("decode") else None
         return cls(obj["engines"], obj["index"], int(obj["sms"]), obj.get("info"), decode)
+
+
+def first_winning_length(wins, max_len: int) -> int | None:
+    """The smallest multiple of 128 (up to ``max_len``) at which ``wins(n)`` holds, by doubling then
+    bisection (``wins`` holds from some length on); None if it never does."""
+    lo, hi = 128, 128
+    while not wins(hi):
+        if hi >= max_len:
+            return None
+        lo, hi = hi, hi * 2
+    if hi == 128:
+        return 128
+    while hi - lo > 128:  # bisect on multiples of 128
+        mid = (lo + hi) // 256 * 128
+        lo, hi = (lo, mid) if wins(mid) else (mid, hi)
+    return hi
 
 
 def fit_coefficients(features: list[list[float]], times: list[float]) -> list[float]:

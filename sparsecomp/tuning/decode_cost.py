@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cost_model import fit_coefficients
+from .cost_model import first_winning_length, fit_coefficients
 
 TERMS = ("dense", "summary", "top_k", "attention")
 
@@ -83,15 +83,7 @@ class DecodeCostModel:
             w = work_at(n)
             return self.selection_ms(w) < self.dense_ms(w)
 
-        lo, hi = 0, 128
-        while not sparse_wins(hi):
-            if hi >= 1 << 24:
-                return None
-            lo, hi = hi, hi * 2
-        while hi - lo > 128:
-            mid = (lo + hi) // 256 * 128
-            lo, hi = (lo, mid) if sparse_wins(mid) else (mid, hi)
-        return hi
+        return first_winning_length(sparse_wins, 1 << 24)
 
     def to_json(self) -> dict:
         return {"coefficients": self.coefficients, "info": self.info}
