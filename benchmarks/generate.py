@@ -109,19 +109,24 @@ def step_times(forward, model, batch: int, context: int, steps: int, backend_of=
 
 
 def runner(path: str, model):
-    """(forward, backend getter) for one row's path."""
-    if path == "eager":
+    """(forward, backend getter) for one row's path: "eager", "torch.compile", "floor" or
+    "sparsecomp RULE", each compiled one with "+cudagraphs" after the name for Inductor's
+    reduce-overhead mode (CUDA graphs, the mode HF recommends for a static cache)."""
+    head, _, rule = path.partition(" ")
+    name, _, graphs = head.partition("+")
+    mode = "reduce-overhead" if graphs == "cudagraphs" else None
+    if name == "eager":
         return model, None
-    if path in ("torch.compile", "floor"):
-        return torch.compile(model, mode="reduce-overhead", fullgraph=True), None
-    plan = Plan(decode_default=Rule.parse(path.removeprefix("sparsecomp ")), channels=random_channels(model))
-    compiled = sparsecomp.compile(model, plan, dynamic=False)
+    if name in ("torch.compile", "floor"):
+        return torch.compile(model, mode=mode, fullgraph=True), None
+    plan = Plan(decode_default=Rule.parse(rule), channels=random_channels(model))
+    compiled = sparsecomp.compile(model, plan, dynamic=False, mode=mode)
     return compiled, lambda: compiled._sparsecomp_backend
 
 
 def measure(path: str, model, batch: int, context: int, steps: int) -> dict:
     torch._dynamo.reset()
-    model.config._attn_implementation = "free" if path == "floor" else "sdpa"
+    model.config._attn_implementation = "free" if path.startswith("floor") else "sdpa"
     forward, backend_of = runner(path, model)
     row = {"path": path, "batch": batch, "context": context, "layers": model.config.num_hidden_layers}
     t0 = time.perf_counter()
@@ -182,7 +187,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=24)
     p.add_argument(
         "--paths", nargs="+",
-        default=["eager", "torch.compile", "floor", "sparsecomp double_sparsity:channels=16,ratio=0.0625"],
+        default=["eager", "torch.compile+cudagraphs", "torch.compile", "floor+cudagraphs",
+                 "sparsecomp+cudagraphs double_sparsity:channels=16,ratio=0.0625",
+                 "sparsecomp double_sparsity:channels=16,ratio=0.0625"],
     )  # fmt: skip
     p.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a tiny shape")
     p.add_argument("--out", default="benchmarks/results")
@@ -196,18 +203,25 @@ def main(argv=None):
     rows = []
     for context in args.context:
         for batch in args.batches:
-            shape_rows = [run_row(args, path, batch, context) for path in args.paths]
-            timed = [r for r in shape_rows if "ms_per_token" in r]
-            dense = [r["ms_per_token"] for r in timed if r["path"] in ("eager", "torch.compile")]
-            floor = [r["ms_per_token"] for r in timed if r["path"] == "floor"]
-            for r in timed:
-                if dense:
-                    r["vs_best_dense"] = min(dense) / r["ms_per_token"]
-                if floor:
-                    r["vs_floor"] = r["ms_per_token"] / floor[0]
+            shape_rows = []
+            for path in args.paths:  # results are written after every row: a later crash loses nothing
+                shape_rows.append(run_row(args, path, batch, context))
+                add_ratios(shape_rows)
+                write_results(Path(args.out), "generate", environment(), rows + shape_rows,
+                              markdown_table(rows + shape_rows, COLUMNS))  # fmt: skip
             rows += shape_rows
-            write_results(Path(args.out), "generate", environment(), rows, markdown_table(rows, COLUMNS))
 
+
+def add_ratios(shape_rows: list[dict]) -> None:
+    """Each timed row against the best dense row and the floor of its shape."""
+    timed = [r for r in shape_rows if "ms_per_token" in r]
+    dense = [r["ms_per_token"] for r in timed if r["path"].split("+")[0] in ("eager", "torch.compile")]
+    floor = [r["ms_per_token"] for r in timed if r["path"].startswith("floor")]
+    for r in timed:
+        if dense:
+            r["vs_best_dense"] = min(dense) / r["ms_per_token"]
+        if floor:
+            r["vs_floor"] = r["ms_per_token"] / min(floor)
 
 if __name__ == "__main__":
     main()
