@@ -74,6 +74,11 @@ def fill_randomly(cache, backend) -> None:
             t.fill_(True) if t.dtype == torch.bool else t.normal_()
 
 
+def progress(line: str) -> None:
+    """A child's progress on stderr: where a slow row spends its time shows in the log."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -87,11 +92,13 @@ def step_times(forward, model, batch: int, context: int, steps: int, backend_of=
     cache = StaticCache(config=model.config, max_cache_len=context + steps + 1)
     mask = torch.ones(batch, context + steps + 1, dtype=torch.long, device=dev)
     ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=dev)
+    start = time.perf_counter()
     with torch.no_grad():
         out = forward(
             input_ids=ids, attention_mask=mask, past_key_values=cache,
             cache_position=torch.arange(PROMPT, device=dev), logits_to_keep=1,
         )  # fmt: skip
+        progress(f"prompt (compile included) {time.perf_counter() - start:.1f} s")
         fill_randomly(cache, backend_of() if backend_of else None)
         token = out.logits[:, -1:].argmax(-1)
         times = []
@@ -105,6 +112,7 @@ def step_times(forward, model, batch: int, context: int, steps: int, backend_of=
             token = out.logits[:, -1:].argmax(-1)
             sync(dev)
             times.append(time.perf_counter() - t0)
+            progress(f"step {t}: {times[-1] * 1e3:.1f} ms")
     return times
 
 
@@ -160,7 +168,10 @@ def one_row(args) -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register("free", free_attention)
-    model = build_model(args.shape, layers_that_fit(args.shape, args.batch, args.context), torch.bfloat16, args.device)
+    layers = args.layers or layers_that_fit(args.shape, args.batch, args.context)
+    t0 = time.perf_counter()
+    model = build_model(args.shape, layers, torch.bfloat16, args.device)
+    progress(f"{args.path} B={args.batch} N={args.context}: {layers} layers built in {time.perf_counter() - t0:.1f} s")
     row = measure(args.path, model, args.batch, args.context, args.steps)
     print(json.dumps(row), flush=True)
 
@@ -170,8 +181,12 @@ def run_row(args, path: str, batch: int, context: int) -> dict | None:
     that row only, and every path starts from a fresh allocator."""
     cmd = [sys.executable, __file__, "--one", "--path", path, "--batch", str(batch), "--context", str(context),
            "--shape", args.shape, "--steps", str(args.steps), "--device", args.device]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    sys.stderr.write(done.stderr[-4000:])
+    cmd += ["--layers", str(args.layers)] if args.layers else []
+    try:  # the child's stderr (its progress lines) passes through to ours
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.row_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{path} B={batch} N={context}: over {args.row_timeout} s", flush=True)
+        return {"path": path, "batch": batch, "context": context, "note": f"over {args.row_timeout} s"}
     last = done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []
     if done.returncode != 0 or not last or not last[0].startswith("{"):
         print(f"{path} B={batch} N={context}: exit {done.returncode}", flush=True)
@@ -191,6 +206,8 @@ def main(argv=None):
                  "sparsecomp+cudagraphs double_sparsity:channels=16,ratio=0.0625",
                  "sparsecomp double_sparsity:channels=16,ratio=0.0625"],
     )  # fmt: skip
+    p.add_argument("--layers", type=int, help="fewer layers than fit (per-step time scales with layers)")
+    p.add_argument("--row-timeout", type=float, default=None, help="seconds one row may take")
     p.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a tiny shape")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
