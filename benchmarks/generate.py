@@ -13,6 +13,7 @@ way. Channels are random (accuracy is benchmarks/decode_accuracy.py's question).
 process of its own (a crash loses that row only).
 
     python benchmarks/generate.py --context 131072 --batches 8 1 --out DIR
+    python benchmarks/generate.py --batches 8 --layers 4 --row-timeout 280 --out DIR  # fits one device call
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ def add_ratios(shape_rows: list[dict]) -> None:
             r["vs_best_dense"] = min(dense) / r["ms_per_token"]
         if floor:
             r["vs_floor"] = r["ms_per_token"] / min(floor)
+
 
 if __name__ == "__main__":
     main()
