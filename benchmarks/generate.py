@@ -117,13 +117,19 @@ def step_times(forward, model, batch: int, context: int, steps: int, backend_of=
     return times
 
 
+def path_parts(path: str) -> tuple[str, str | None, str]:
+    """A row's path as (name, Inductor mode, rule): "sparsecomp+cudagraphs RULE" ->
+    ("sparsecomp", "reduce-overhead", RULE)."""
+    head, _, rule = path.partition(" ")
+    name, _, graphs = head.partition("+")
+    return name, "reduce-overhead" if graphs == "cudagraphs" else None, rule
+
+
 def runner(path: str, model):
     """(forward, backend getter) for one row's path: "eager", "torch.compile", "floor" or
     "sparsecomp RULE", each compiled one with "+cudagraphs" after the name for Inductor's
     reduce-overhead mode (CUDA graphs, the mode HF recommends for a static cache)."""
-    head, _, rule = path.partition(" ")
-    name, _, graphs = head.partition("+")
-    mode = "reduce-overhead" if graphs == "cudagraphs" else None
+    name, mode, rule = path_parts(path)
     if name == "eager":
         return model, None
     if name in ("torch.compile", "floor"):
@@ -135,7 +141,7 @@ def runner(path: str, model):
 
 def measure(path: str, model, batch: int, context: int, steps: int) -> dict:
     torch._dynamo.reset()
-    model.config._attn_implementation = "free" if path.startswith("floor") else "sdpa"
+    model.config._attn_implementation = "free" if path_parts(path)[0] == "floor" else "sdpa"
     forward, backend_of = runner(path, model)
     row = {"path": path, "batch": batch, "context": context, "layers": model.config.num_hidden_layers}
     t0 = time.perf_counter()
@@ -233,8 +239,8 @@ def main(argv=None):
 def add_ratios(shape_rows: list[dict]) -> None:
     """Each timed row against the best dense row and the floor of its shape."""
     timed = [r for r in shape_rows if "ms_per_token" in r]
-    dense = [r["ms_per_token"] for r in timed if r["path"].split("+")[0] in ("eager", "torch.compile")]
-    floor = [r["ms_per_token"] for r in timed if r["path"].startswith("floor")]
+    dense = [r["ms_per_token"] for r in timed if path_parts(r["path"])[0] in ("eager", "torch.compile")]
+    floor = [r["ms_per_token"] for r in timed if path_parts(r["path"])[0] == "floor"]
     for r in timed:
         if dense:
             r["vs_best_dense"] = min(dense) / r["ms_per_token"]
