@@ -157,3 +157,27 @@ def test_calibrated_channels_are_the_largest_q_k_contributions_and_drive_generat
     ids_b, mask = prompt(1)
     out = generate(sparsecomp.compile(model, plan, inner="eager", cost_model=False), ids_b, mask, "dynamic")
     assert out.shape[1] == ids_b.shape[1] + 6 and sparsecomp.counters["sparse_decode"] > 0
+
+
+def test_decode_state_reaches_inductor_as_static_fakes(monkeypatch):
+    """The state tensors go to Inductor as fakes of Dynamo's mode with plain int sizes: real ones
+    would be faked with size symbols no input owns, and a guard on them (Inductor's 32-bit indexing
+    check on CUDA) made the step's compile fail at 128K keys on the H200."""
+    from sparsecomp.compiler import backend
+
+    seen = []
+    inner = backend._inner_compile
+
+    def capture(gm, example_inputs, *args):
+        if n := len(backend.state_inputs(gm)):  # the state comes after the graph's own inputs
+            seen.extend(example_inputs[-n:])
+        return inner(gm, example_inputs, *args)
+
+    monkeypatch.setattr(backend, "_inner_compile", capture)
+    model = tiny_llama().eval()
+    ids, mask = prompt(2, n=24)
+    generate(sparsecomp.compile(model, decode_plan("double_sparsity:channels=4,ratio=0.25"), cost_model=False),
+             ids, mask, "static")  # fmt: skip
+    assert sparsecomp.counters["sparse_decode_cached_state"] >= 2 and seen
+    assert all(isinstance(t, torch._subclasses.FakeTensor) for t in seen)
+    assert all(isinstance(n, int) for t in seen for n in t.shape)

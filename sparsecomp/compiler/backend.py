@@ -277,6 +277,14 @@ def _rewrite_decode_selection(
     row.reason = f"{rule.kind}: the selected tokens only (split-K decode kernel); {kept} ({why})"
 
 
+def _static_fakes(example_inputs, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` as static-shaped fakes of Dynamo's fake mode. Handed over real, AOT would fake
+    them with fresh size symbols that no Dynamo input owns; a guard Inductor then puts on them (its
+    32-bit indexing check, on CUDA) cannot be written and the compile fails."""
+    mode = torch._guards.detect_fake_mode(example_inputs)
+    return tensors if mode is None else [mode.from_tensor(t, static_shapes=True) for t in tensors]
+
+
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None = None):
     if inner == "eager":
         return gm.forward
@@ -335,7 +343,8 @@ class SparsecompBackend:
         rows = rewrite_graph(gm, self.options, self.decider, self.names_by_id, warnings, self.states)
         self.graphs.append(GraphReport(gm, rows, warnings))
         extra = state_inputs(gm)  # decode state beside a static cache, passed after the graph's inputs
-        compiled = _inner_compile(gm, [*example_inputs, *extra], self.options.inner, self.options.mode)
+        compiled = _inner_compile(gm, [*example_inputs, *_static_fakes(example_inputs, extra)], self.options.inner,
+                                  self.options.mode)  # fmt: skip
         if not extra:
             return compiled
         return lambda *args: compiled(*args, *extra)
