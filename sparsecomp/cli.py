@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     tune.add_argument("--refit", action="store_true", help="fit the cost model again even if one is stored")
     tune.add_argument("--device", default="cuda")
+    insp = sub.add_parser("inspect", help="compile a model with a plan, run it once and say what each site became")
+    insp.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    insp.add_argument("--plan", default=None, help="a plan .json or preset (default: dense)")
+    insp.add_argument("--length", type=_positive_int, default=1024, help="tokens of the example input")
+    insp.add_argument("--device", default=None)
+    insp.add_argument("--plot", default=None, help="write a site x head map of the plan's rules to this image")
+    insp.add_argument("--plot-site", default=None, help="with --plot: the kept pairs of this site's heads instead")
     return parser
 
 
@@ -94,7 +101,7 @@ def main(argv=None) -> int:
     """Run a command; a bad argument is one line on stderr and exit status 2 (no traceback)."""
     try:
         args = _parser().parse_args(argv)
-        return {"calibrate": _calibrate, "autotune": _autotune, "demo": _demo}[args.command](args)
+        return {"calibrate": _calibrate, "autotune": _autotune, "demo": _demo, "inspect": _inspect}[args.command](args)
     except UsageError as e:
         print(f"sparsecomp: error: {e}", file=sys.stderr)
         return 2
@@ -205,17 +212,21 @@ def _calibrate(args) -> int:
     return 0
 
 
-def _autotune(args) -> int:
-    import torch
-
+def _load_plan(text: str | None):
     from .plan import Plan
 
     try:
-        plan = Plan.from_any(args.plan)
+        return Plan.from_any(text)
     except FileNotFoundError as e:
         raise UsageError(f"--plan: plan file not found: {e.filename}") from None
     except ValueError as e:
         raise UsageError(f"--plan: {e}") from None
+
+
+def _autotune(args) -> int:
+    import torch
+
+    plan = _load_plan(args.plan)
     _check_model(args.model)
     if not torch.cuda.is_available():
         raise UsageError(f"autotune needs a CUDA GPU and none is available ({_torch_build()})")
@@ -230,6 +241,39 @@ def _autotune(args) -> int:
     for n in args.lengths:  # one shape bucket per length: the first calibration document cut to n tokens
         ids = torch.tensor([default_calibration_ids(tokenizer, [n], passkeys=0)[0]], device=args.device)
         print(autotune(model, (ids,), plan, refit=args.refit))
+    return 0
+
+
+def _inspect(args) -> int:
+    import torch
+
+    plan = _load_plan(args.plan)
+    if args.plot_site and not args.plot:
+        raise UsageError("--plot-site names the site to draw: give --plot PATH too")
+    if args.plot:
+        _check_out(args.plot)
+    _check_device(args.device)
+    _check_model(args.model)
+
+    from . import compile as sparsecomp_compile
+    from . import inspect
+    from .calibration.calibration_data import default_calibration_ids
+    from .calibration.observe import site_inputs
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_model(args.model, device=device)
+    ids = torch.tensor([default_calibration_ids(tokenizer, [args.length], passkeys=0)[0]], device=device)
+    compiled = sparsecomp_compile(model, plan, dynamic=False)
+    with torch.no_grad():
+        compiled(ids)
+    report = inspect(compiled)
+    print(report)
+    if args.plot:
+        if args.plot_site not in (None, *(s.name for s in report.sites)):
+            raise UsageError(f"--plot-site {args.plot_site!r}: no such site; sites: {[s.name for s in report.sites]}")
+        q, k = site_inputs(model, ids, args.plot_site) if args.plot_site else (None, None)
+        report.plot(args.plot, site=args.plot_site, q=q, k=k)
+        print(f"wrote {args.plot}")
     return 0
 
 

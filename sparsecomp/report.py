@@ -136,6 +136,27 @@ class InspectReport:
                 g.add_edge(inp.name, node.name)
         return g
 
+    def plot(self, path, site: str | None = None, length: int | None = None, *, q=None, k=None, pixels: int = 128):
+        """Write a picture to ``path`` (matplotlib): with ``site``, per head the pairs its prefill rules
+        keep at ``length`` keys (default: the traced length; adaptive rules on that site's ``q`` and
+        ``k``); without, a site x head map of the plan's rules and calibrated densities."""
+        from . import plots
+
+        if self.plan is None or not self.sites:
+            raise ValueError("nothing to plot: compile and run the model first")
+        heads = {s.name: (s.shape["q_heads"], s.shape["kv_heads"]) for s in self.sites}
+        if site is None:
+            return plots.plot_plan(path, self.plan, [(name, *h) for name, h in heads.items()])
+        s = self.site(site)
+        length = length or s.shape["kv_len"]
+        if not isinstance(length, int):
+            raise ValueError(f"site {site} was traced with a symbolic length {length}: give length=")
+        rules = self.plan.rules_for(site, *heads[site])
+        plots.plot_kept(
+            path, rules, length, q=q, k=k, kv_heads=heads[site][1], head_dim=s.shape["head_dim"], pixels=pixels,
+            title=f"{site}: kept pairs at N={length} (rows: queries, columns: keys)",
+        )  # fmt: skip
+
     def _table(self, sites: list[SiteReport]) -> list[str]:
         header = ("site", "form", "B,Hq/Hkv,Nq,Nk,D", "dtype", "became", "rules", "density", "calib. CRA / density",
                   "choice", "ms", "runner-up ms", "mask / reason")  # fmt: skip

@@ -12,12 +12,10 @@ import dataclasses
 
 import torch
 
-from sparsecomp.passes.fxutil import eliminate_dead_code
-from sparsecomp.passes.rewrite import observe_site
 from sparsecomp.passes.site import module_names_by_id
 
-from ..compiler.prepare import prepare_graph
 from ..plan import Plan
+from .observe import observing_backend
 
 
 def channel_importance(q, k, key_ok) -> torch.Tensor:
@@ -37,6 +35,10 @@ def top_channels(importance: torch.Tensor, channels: int) -> list[list[int]]:
     return [sorted(row.topk(channels).indices.tolist()) for row in importance]
 
 
+def _is_prefill(site) -> bool:
+    return str(site.shape["q_len"]) == str(site.shape["kv_len"])
+
+
 class ChannelObserver:
     """A Dynamo backend that routes every causal prefill site through ``observe``."""
 
@@ -45,19 +47,7 @@ class ChannelObserver:
         self.importance: dict[str, torch.Tensor] = {}
 
     def backend(self, gm, example_inputs):
-        with torch.no_grad():
-            graph = prepare_graph(gm, Plan(), names_by_id=self.names_by_id)
-        for prepared in graph.sites:
-            site = prepared.site
-            if (
-                site.fallback is None
-                and site.structure.causal
-                and str(site.shape["q_len"]) == str(site.shape["kv_len"])
-            ):
-                observe_site(gm, site, self.observe)
-        eliminate_dead_code(gm)
-        gm.recompile()
-        return gm.forward
+        return observing_backend(self.observe, self.names_by_id, _is_prefill)(gm, example_inputs)
 
     def observe(self, out, q, k, v, q_pos, k_pos, key_ok, *, site, scale, causal, window):
         with torch.no_grad():

@@ -1,0 +1,93 @@
+"""Pictures: the kept-pair map of a site's rules against a token-level reference, the images the
+report and the ``inspect`` command write (non-empty PNGs), and their errors."""
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+import sparsecomp
+from sparsecomp import cli, plots
+from sparsecomp.calibration.observe import site_inputs
+from sparsecomp.plan import Plan, Rule
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("transformers")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path) -> bool:
+    data = path.read_bytes()
+    return data.startswith(PNG) and len(data) > 2000
+
+
+def test_kept_fraction_of_a_streaming_head_is_its_token_mask_pooled():
+    n, sink, window, cell = 96, 8, 16, 4
+    rules = [Rule("streaming", sink=sink, window=window), Rule("dense")]
+    got = plots.kept_fraction(rules, n, kv_heads=1, block=16, pixels=n // cell)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    causal = j <= i
+    kept = causal & ((j < sink) | (i - j < window))
+    pooled = kept.double().view(n // cell, cell, n // cell, cell).sum((1, 3))
+    allowed = causal.double().view(n // cell, cell, n // cell, cell).sum((1, 3))
+    want = (pooled / allowed).where(allowed > 0, float("nan")).float()
+    assert torch.allclose(got[0], want, equal_nan=True)
+    assert torch.allclose(got[1], torch.ones_like(want).where(allowed > 0, float("nan")), equal_nan=True)
+
+
+def test_adaptive_rules_need_the_inputs_they_are_drawn_on():
+    with pytest.raises(ValueError, match="adaptive rules .*vertical_slash.* give q and k"):
+        plots.kept_fraction([Rule("vertical_slash", n_vertical=8, n_slash=8)], 64)
+
+
+def compiled_tiny(plan):
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 100, (1, 128), generator=torch.Generator().manual_seed(0))
+    compiled = sparsecomp.compile(model, plan, dynamic=False)
+    with torch.no_grad():
+        compiled(ids)
+    return model, ids, sparsecomp.inspect(compiled)
+
+
+def test_report_plots_the_plan_map_and_a_sites_kept_pairs(tmp_path):
+    plan = Plan.from_any("prefill=streaming:sink=8,window=32;decode=double_sparsity:channels=4,ratio=0.25")
+    _, _, report = compiled_tiny(plan)
+    report.plot(tmp_path / "plan.png")
+    report.plot(tmp_path / "site.png", site="model.layers.1.self_attn")
+    assert is_png(tmp_path / "plan.png") and is_png(tmp_path / "site.png")
+    with pytest.raises(KeyError, match="no site named 'model.layers.9.self_attn'"):
+        report.plot(tmp_path / "x.png", site="model.layers.9.self_attn")
+
+
+def test_an_adaptive_site_is_drawn_on_its_own_inputs(tmp_path):
+    plan = Plan(default=Rule("vertical_slash", n_vertical=16, n_slash=16, last_q=32, sink=8, local=16))
+    model, ids, report = compiled_tiny(plan)
+    q, k = site_inputs(model, ids, "model.layers.0.self_attn")
+    assert q.shape == (1, 4, 128, 16) and k.shape == (1, 2, 128, 16)
+    with pytest.raises(ValueError, match="give q and k"):
+        report.plot(tmp_path / "site.png", site="model.layers.0.self_attn")
+    report.plot(tmp_path / "site.png", site="model.layers.0.self_attn", q=q, k=k)
+    assert is_png(tmp_path / "site.png")
+    kept = plots.kept_fraction(plan.rules_for("model.layers.0.self_attn", 4, 2), 128, q=q, k=k, block=16)
+    assert 0 < kept.nanmean() < 1  # a budget below the causal pairs keeps some of them
+
+
+class CharTokenizer:
+    def __call__(self, text):
+        return {"input_ids": [ord(c) % 100 for c in text]}
+
+
+def test_inspect_command_prints_the_report_and_writes_the_picture(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(cli, "_load_model", lambda name, **kwargs: (tiny_llama().eval(), CharTokenizer()))
+    argv = ["inspect", "--model", str(folder), "--plan", "vertical_slash:n_vertical=16,n_slash=16,last_q=32",
+            "--length", "128", "--device", "cpu", "--plot", str(tmp_path / "site.png"),
+            "--plot-site", "model.layers.1.self_attn"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 attention sites: 2 sparse_attention" in out and f"wrote {tmp_path / 'site.png'}" in out
+    assert is_png(tmp_path / "site.png")
+    assert cli.main([*argv[:-1], "model.layers.7.self_attn"]) == 2
+    assert "--plot-site 'model.layers.7.self_attn': no such site" in capsys.readouterr().err
