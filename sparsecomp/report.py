@@ -136,6 +136,15 @@ class InspectReport:
                 g.add_edge(inp.name, node.name)
         return g
 
+    def to_mlir(self, graph: int = -1):
+        """Graph ``graph`` (default: the latest) as an MLIR module of the torch dialect, the sparse
+        ops as custom ops (torch-mlir: ``pip install 'sparsecomp[mlir]'``); ``str()`` gives its text."""
+        from .mlir_export import to_mlir
+
+        if not self.graphs:
+            raise ValueError("nothing to lower: compile and run the model first")
+        return to_mlir(self.graphs[graph].graph_module)
+
     def plot(self, path, site: str | None = None, length: int | None = None, *, q=None, k=None, pixels: int = 128):
         """Write a picture to ``path`` (matplotlib): with ``site``, per head the pairs its prefill rules
         keep at ``length`` keys (default: the traced length; adaptive rules on that site's ``q`` and
