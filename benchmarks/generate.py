@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, markdown_table, write_results  # noqa: E402
+from harness import environment, free_attention, markdown_table, write_results  # noqa: E402
 
 import sparsecomp  # noqa: E402
 from sparsecomp.demo import SHAPES, build_model  # noqa: E402
@@ -37,11 +37,6 @@ from sparsecomp.plan import Plan, Rule  # noqa: E402
 
 PROMPT = 16
 MEMORY_GIB = 110  # weights + KV cache; the rest is left for activations and compile
-
-
-def free_attention(module, query, key, value, attention_mask, **kwargs):
-    """The floor: attention that reads nothing ((B, Hq, N, D) queries back as (B, N, Hq, D))."""
-    return query.transpose(1, 2), None
 
 
 def layers_that_fit(shape: str, batch: int, context: int) -> int:

@@ -25,6 +25,12 @@ def compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def free_attention(module, query, key, value, attention_mask, **kwargs):
+    """The floor: attention that reads nothing ((B, Hq, N, D) queries back as (B, N, Hq, D)), for
+    transformers' AttentionInterface (``register("free", free_attention)``)."""
+    return query.transpose(1, 2), None
+
+
 def environment() -> dict:
     import transformers  # noqa: F401  (optional: only its version is recorded)
 

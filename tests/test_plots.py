@@ -91,3 +91,26 @@ def test_inspect_command_prints_the_report_and_writes_the_picture(tmp_path, monk
     assert is_png(tmp_path / "site.png")
     assert cli.main([*argv[:-1], "model.layers.7.self_attn"]) == 2
     assert "--plot-site 'model.layers.7.self_attn': no such site" in capsys.readouterr().err
+
+
+def test_ttft_plots_speedup_and_memory_per_batch(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import ttft
+
+    rows = [
+        {"path": path, "N": n, "batch": b, "ms": ms * n / 1024, "peak_gib": n / 4096}
+        for b in (1, 4)
+        for n in (1024, 4096)
+        for path, ms in (("eager", 2.0), ("streaming", 1.0), ("floor", 0.5))
+    ]
+    for b in (1, 4):
+        for n in (1024, 4096):
+            ttft.with_ratios([r for r in rows if r["batch"] == b and r["N"] == n])
+    assert {r["vs_best_dense"] for r in rows if r["path"] == "streaming"} == {2.0}
+    assert {r["vs_floor"] for r in rows if r["path"] == "streaming"} == {2.0}
+    written = ttft.plot(rows, tmp_path / "ttft")
+    assert [p.name for p in written] == [f"ttft_{kind}_b{b}.png" for b in (1, 4) for kind in ("speedup", "memory")]
+    assert all(is_png(p) for p in written)
