@@ -22,6 +22,7 @@ from sparsecomp.kernels import (
     index_positions,
     sparse_attention_call,
 )
+from sparsecomp.kernels.decode.selection import merge_selections, window_tokens
 from sparsecomp.kernels.prefill.adaptive_index import combine_head_indexes
 
 from .match import default_scale
@@ -32,6 +33,15 @@ def trailing_positions(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Positions of queries that follow a KV cache: ``Nk - Nq + arange(Nq)`` as a (1, Nq) tensor."""
     n_q, n_k = q.shape[2], k.shape[2]
     return (torch.arange(n_q, device=q.device) + (n_k - n_q)).unsqueeze(0)
+
+
+def positions_after_valid_keys(q: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+    """(B', Nq) positions of queries that end at each row's last existing key. A static cache marks
+    its rows not written yet as missing keys: its step's query sits there, not at the cache's end
+    (the same keys for a causal rule, but a window counts from the real position)."""
+    n_q, n_k = q.shape[2], key_ok.shape[-1]
+    last = (key_ok * torch.arange(n_k, device=key_ok.device)).amax(-1, keepdim=True)
+    return last - (n_q - 1) + torch.arange(n_q, device=key_ok.device)
 
 
 def key_prefix(key_ok: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -45,6 +55,8 @@ def key_prefix(key_ok: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def _query_positions(graph, site: AttentionSite):
     s = site.structure
+    if s.q_at_end and s.key_ok is not None:
+        return graph.call_function(positions_after_valid_keys, (site.q, _key_ok(graph, site)))
     if s.q_at_end:
         return graph.call_function(trailing_positions, (site.q, site.k))
     return _positions(graph, s.q_source, site.q, 2, s.q_offset)
@@ -205,21 +217,45 @@ def channel_values(channels: tuple[tuple[int, ...], ...], like: torch.Tensor) ->
     return torch.tensor(channels, dtype=torch.int64, device=like.device)
 
 
-def rewrite_decode_site(
-    gm: fx.GraphModule, site: AttentionSite, pattern, params: dict, channels: tuple | None, state=None
-) -> fx.Node:
-    """Replace a decode step's attention (queries after the KV cache) by selection + sparse_decode.
-    ``pattern`` (sparsecomp.patterns) chooses the tokens in the graph from its state: ``state`` (nodes
-    of the state kept beside the cache, already updated for this step), or summarized from all of K
-    here when None. The decode kernel attends to the chosen tokens only."""
+@dataclass
+class HeadSelection:
+    """How some selection heads (``heads``) of a decode site choose their tokens: by a selection
+    ``pattern`` (its params, calibrated channels, and the nodes of its state kept beside the cache,
+    or None: summarized from all of K here), or, with no pattern, a local rule (``sink``, ``window``)."""
+
+    heads: tuple[int, ...]
+    pattern: object = None
+    params: dict = dataclasses.field(default_factory=dict)
+    channels: tuple | None = None
+    state: list | None = None
+    sink: int = 0
+    window: int = 0
+
+
+def _selected_tokens(graph, site: AttentionSite, part: HeadSelection, n_sel: int, key_ok, q_last) -> fx.Node:
+    """(B, n_sel, S) tokens of every selection head by one part's rule (the caller keeps its heads')."""
+    if part.pattern is None:
+        return graph.call_function(window_tokens, (key_ok, site.k, n_sel, part.sink, part.window))
+    ch = None if part.channels is None else graph.call_function(channel_values, (part.channels, site.q))
+    state = part.state
+    if state is None:
+        state = graph.call_function(part.pattern.summarize, (site.k, key_ok, ch), part.params)
+    return graph.call_function(part.pattern.select_from, (site.q, state, site.k, key_ok, q_last, ch), part.params)
+
+
+def rewrite_decode_site(gm: fx.GraphModule, site: AttentionSite, parts: list[HeadSelection], n_sel: int) -> fx.Node:
+    """Replace a decode step's attention (queries after the KV cache) by selection + sparse_decode:
+    each of ``n_sel`` selection heads attends to the tokens its part of ``parts`` chooses in the
+    graph (parts of several rules: each rule's list for every head, then each head's own picked)."""
     graph = gm.graph
     with graph.inserting_before(site.output):
         q_last = graph.call_function(last_query_index, (site.q, site.k))
         key_ok = _key_ok(graph, site)
-        ch = None if channels is None else graph.call_function(channel_values, (channels, site.q))
-        if state is None:
-            state = graph.call_function(pattern.summarize, (site.k, key_ok, ch), params)
-        tokens = graph.call_function(pattern.select_from, (site.q, state, site.k, key_ok, q_last, ch), params)
+        lists = [_selected_tokens(graph, site, part, n_sel, key_ok, q_last) for part in parts]
+        tokens = lists[0]
+        if len(parts) > 1:
+            owner = tuple(next(i for i, p in enumerate(parts) if hs in p.heads) for hs in range(n_sel))
+            tokens = graph.call_function(merge_selections, (lists, owner))
         out = graph.call_function(
             torch.ops.sparsecomp.sparse_decode.default,
             (site.q, site.k, site.v, tokens, q_last, key_ok, float(default_scale(site)), float(site.softcap)),

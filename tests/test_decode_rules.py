@@ -3,7 +3,7 @@ its reference, generate against eager, one decode graph for many steps."""
 
 import pytest
 import torch
-from test_generate import assert_same_generation, generate, prompt
+from test_generate import NEW_TOKENS, assert_same_generation, generate, prompt
 from tiny_models import tiny_llama
 
 import sparsecomp
@@ -181,3 +181,90 @@ def test_decode_state_reaches_inductor_as_static_fakes(monkeypatch):
     assert sparsecomp.counters["sparse_decode_cached_state"] >= 2 and seen
     assert all(isinstance(t, torch._subclasses.FakeTensor) for t in seen)
     assert all(isinstance(n, int) for t in seen for n in t.shape)
+
+
+def test_window_tokens_list_the_sinks_and_the_recent_keys_once():
+    from sparsecomp.kernels.decode.selection import window_tokens
+
+    key_ok = torch.ones(2, 12, dtype=torch.bool)
+    key_ok[1, :3] = False  # a left-padded row: its sinks count from its first key
+    key_ok[:, 10:] = False  # a static cache's rows not written yet
+    tokens = window_tokens(key_ok, torch.randn(2, 2, 12, 4), n_sel=2, sink=2, window=4)
+    assert tokens.shape == (2, 2, 6) and torch.equal(tokens[:, 0], tokens[:, 1])
+    assert sorted(t for t in tokens[0, 0].tolist() if t >= 0) == [0, 1, 6, 7, 8, 9]
+    assert sorted(t for t in tokens[1, 0].tolist() if t >= 0) == [3, 4, 6, 7, 8, 9]
+    short = window_tokens(None, torch.randn(1, 1, 5, 4), n_sel=1, sink=2, window=4)  # sinks and window overlap
+    assert sorted(t for t in short[0, 0].tolist() if t >= 0) == [0, 1, 2, 3, 4]
+
+
+def test_merged_selections_give_each_head_its_own_rules_tokens():
+    from sparsecomp.kernels.decode.selection import merge_selections
+
+    a = torch.randint(0, 50, (2, 3, 5), dtype=torch.int32)
+    b = torch.randint(0, 50, (2, 3, 2), dtype=torch.int32)
+    merged = merge_selections([a, b], owner=(1, 0, 1))
+    assert merged.shape == (2, 3, 5) and torch.equal(merged[:, 1], a[:, 1])
+    assert torch.equal(merged[:, 0, :2], b[:, 0]) and (merged[:, 0, 2:] == -1).all()
+    assert torch.equal(merged[:, 2, :2], b[:, 2])
+
+
+def per_head_decode_plan(first_group: str, second_group: str) -> Plan:
+    """tiny_llama's KV group 0 (query heads 0, 1) and group 1 (heads 2, 3) with their own decode rules."""
+    rules = [Rule.parse(first_group)] * 2 + [Rule.parse(second_group)] * 2
+    return Plan(decode_sites={name: rules for name in SITES}, channels=CHANNELS)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_selection_beside_streaming_heads_equals_dense_beside_them(cache):
+    """Double Sparsity over every key on one KV group and a sink + window on the other, in one decode
+    kernel call, give what dense heads beside the same streaming heads give (the prefill kernel's path)."""
+    model = tiny_llama().eval()
+    ids, mask = prompt(2, n=14)
+    follow = dict(inner="eager", cost_model=False)
+    streaming = "streaming:sink=2,window=4"
+    ref = generate(sparsecomp.compile(model, per_head_decode_plan("dense", streaming), **follow), ids, mask, cache,
+                   scores=True)  # fmt: skip
+    torch._dynamo.reset()
+    mixed = sparsecomp.compile(model, per_head_decode_plan("double_sparsity:channels=4,ratio=1.0", streaming), **follow)
+    out = generate(mixed, ids, mask, cache, scores=True)
+    assert_same_generation(out, ref)
+    decode = [s for g in sparsecomp.inspect(mixed).graphs if g.phase() == "decode" for s in g.sites]
+    assert decode and all(s.became == "sparse_decode" and "double_sparsity+streaming" in s.reason for s in decode)
+    if cache == "static":
+        assert sparsecomp.counters["decode_state_written"] == 2
+        assert sparsecomp.counters["sparse_decode_cached_state"] > 0
+
+
+def test_mixed_selection_with_real_budgets_generates_under_inductor():
+    model = tiny_llama().eval()
+    ids, mask = prompt(2, n=24)
+    plan = per_head_decode_plan("quest:page=4,pages=2", "streaming:sink=2,window=4")
+    out = generate(sparsecomp.compile(model, plan, cost_model=False), ids, mask, "static")
+    assert out.shape == (2, 24 + NEW_TOKENS) and sparsecomp.counters["sparse_decode"] >= 2
+
+
+@pytest.mark.parametrize(
+    "rules,message",
+    [
+        (["double_sparsity:channels=4,k=8", "streaming:sink=2,window=4"] * 2, "share one selection and need one"),
+        (["dense"] * 2 + ["quest:page=4,pages=2"] * 2, "mixes selection rules only with sink \\+ window rules"),
+    ],
+)
+def test_decode_rules_one_selection_cannot_serve_are_an_error(rules, message):
+    plan = Plan(decode_sites={name: [Rule.parse(r) for r in rules] for name in SITES}, channels=CHANNELS)
+    ids, mask = prompt(1)
+    with pytest.raises(Exception, match=message):
+        generate(sparsecomp.compile(tiny_llama().eval(), plan, inner="eager", cost_model=False), ids, mask, "static")
+
+
+def test_a_streaming_decode_step_counts_its_window_from_the_step_not_the_static_caches_end():
+    """A static cache's rows not written yet are missing keys: the step's query sits at the last
+    written one. Counted from the cache's end, the window held only unwritten rows (sinks alone)."""
+    model = tiny_llama().eval()
+    ids, mask = prompt(2, n=14)
+    plan = Plan(decode_default=Rule.parse("streaming:sink=2,window=4"))
+    follow = dict(inner="eager", cost_model=False)
+    dynamic = generate(sparsecomp.compile(model, plan, **follow), ids, mask, "dynamic", scores=True)
+    torch._dynamo.reset()
+    static = generate(sparsecomp.compile(model, plan, **follow), ids, mask, "static", scores=True)
+    assert_same_generation(static, dynamic)

@@ -17,6 +17,8 @@ its PyTorch reference; off CUDA the op runs the reference.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -249,3 +251,33 @@ def page_tokens(pages: torch.Tensor, page: int) -> torch.Tensor:
     """(B, Hs, n_pages * page) int32 token indices of the listed pages (B, Hs, n_pages)."""
     offs = torch.arange(page, device=pages.device, dtype=torch.int32)
     return (pages[..., None].to(torch.int32) * page + offs).flatten(-2)
+
+
+def window_tokens(key_ok: torch.Tensor | None, k: torch.Tensor, n_sel: int, sink: int, window: int) -> torch.Tensor:
+    """(B, n_sel, sink + window) int32: a one-row decode step's StreamingLLM keys, the same for every
+    selection head: each batch row's first ``sink`` existing keys (sinks count from the first one,
+    as in the prefill kernel) and the ``window`` keys ending at the step's key (the last existing
+    one); a key in both is listed once, unused slots are -1 (the kernel skips them)."""
+    b, n_k = k.shape[0], k.shape[2]
+    if key_ok is None:
+        start = torch.zeros(1, 1, dtype=torch.int64, device=k.device)
+        last = torch.full((1, 1), n_k - 1, dtype=torch.int64, device=k.device)
+    else:
+        start = key_ok.to(torch.int8).argmax(-1, keepdim=True)
+        last = (key_ok * torch.arange(n_k, device=k.device)).amax(-1, keepdim=True)
+    sinks = start + torch.arange(sink, device=k.device)
+    recent = last - window + 1 + torch.arange(window, device=k.device)
+    sinks = sinks.where(sinks <= last, -1)
+    recent = recent.where(recent >= start + sink, -1)  # among the sinks already, or before the first key
+    tokens = torch.cat([sinks, recent], -1).to(torch.int32)
+    return tokens[:, None].expand(b, n_sel, sink + window).contiguous()
+
+
+def merge_selections(token_lists: list[torch.Tensor], owner: tuple[int, ...]) -> torch.Tensor:
+    """(B, Hs, S) int32: selection head hs's tokens from ``token_lists[owner[hs]]`` (each (B, Hs, S_i),
+    the shorter ones padded with -1 up to the longest, S)."""
+    longest = functools.reduce(torch.sym_max, [t.shape[-1] for t in token_lists])
+    padded = torch.stack([torch.nn.functional.pad(t, (0, longest - t.shape[-1]), value=-1) for t in token_lists])
+    heads = torch.arange(len(owner), device=padded.device)
+    pick = torch.tensor(owner, device=padded.device)
+    return padded[pick, :, heads].transpose(0, 1).contiguous()  # (Hs, B, S) -> (B, Hs, S)

@@ -219,7 +219,7 @@ def decode_keep(tokens, q_last, key_ok, n_q: int, n_keys: int, q_heads: int) -> 
     t = tokens.long()
     valid = (t >= 0) & (t < n_keys)
     if key_ok is not None:
-        valid &= torch.gather(key_ok, 1, t.clamp(0, n_keys - 1).view(b, -1)).view_as(t)
+        valid &= torch.gather(key_ok, 1, t.clamp(0, n_keys - 1).reshape(b, -1)).view_as(t)
     rows = torch.arange(n_q, device=tokens.device)
     limit = q_last.long()[:, None] - (n_q - 1 - rows)  # (B, Nq)
     keep = valid[:, :, None, :] & (t[:, :, None, :] <= limit[:, None, :, None])  # (B, Hs, Nq, S)

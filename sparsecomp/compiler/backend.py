@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from sparsecomp.passes.fxutil import eliminate_dead_code
 from sparsecomp.passes.rewrite import (
+    HeadSelection,
     KernelOptions,
     is_plain_causal,
     rewrite_decode_site,
@@ -21,6 +22,7 @@ from sparsecomp.passes.site import AttentionSite, meta_val
 
 from ..patterns import PATTERNS
 from ..patterns.local import local_rule_density
+from ..patterns.selection import selection_heads
 from ..plan import Plan, Rule
 from ..report import GraphReport, InspectReport, SiteReport
 from ..runtime.decode_state import DecodeStates, state_inputs, update_decode_state, write_prefill_state
@@ -189,27 +191,26 @@ def rewrite_graph(
     return rows
 
 
-def _decode_selection_rule(plan: Plan, site: AttentionSite) -> Rule | None:
-    """The site's decode rule where it is one selection rule for every head, else None."""
+def _decode_selection_rules(plan: Plan, site: AttentionSite) -> list[Rule]:
+    """The selection rules among the site's decode rules (each keeps its state, for every KV head)."""
     sh = site.shape
-    rules = set(plan.rules_for(site.name, sh["q_heads"], sh["kv_heads"], "decode"))
-    rule = rules.pop() if len(rules) == 1 else None
-    return rule if rule is not None and PATTERNS[rule.kind].selects else None
+    rules = plan.rules_for(site.name, sh["q_heads"], sh["kv_heads"], "decode")
+    return [r for r in dict.fromkeys(rules) if PATTERNS[r.kind].selects]
 
 
 def _write_prefill_state(gm: fx.GraphModule, site: AttentionSite, plan: Plan, states: DecodeStates) -> None:
     """A static cache's prefill (more queries than one, fewer than the cache's keys): write the
-    decode state of a site whose decode rule keeps one, whatever became of its attention."""
-    if meta_val(site.k) is None or is_decode_step(site) or (rule := _decode_selection_rule(plan, site)) is None:
-        return
-    key = states.key(site, rule)
+    decode state of each selection rule of the site's decode rules, whatever became of its attention."""
     n_q = str(site.shape["q_len"])  # may be symbolic (prompts of several lengths)
-    if key is None or n_q in ("1", str(site.shape["kv_len"])):
+    if meta_val(site.k) is None or is_decode_step(site) or n_q in ("1", str(site.shape["kv_len"])):
         return
-    pattern, params, channels = PATTERNS[rule.kind], dict(rule.params), site_channels(plan, site, rule)
-    state = states.tensors.get(key) or states.allocate(site, rule, pattern, params, channels)
-    write_prefill_state(gm, site, state, pattern, params, channels)
-    counters["decode_state_written"] += 1
+    for rule in _decode_selection_rules(plan, site):
+        if (key := states.key(site, rule)) is None:
+            return
+        pattern, params, channels = PATTERNS[rule.kind], dict(rule.params), site_channels(plan, site, rule)
+        state = states.tensors.get(key) or states.allocate(site, rule, pattern, params, channels)
+        write_prefill_state(gm, site, state, pattern, params, channels)
+        counters["decode_state_written"] += 1
 
 
 def site_channels(plan: Plan, site: AttentionSite, rule: Rule) -> tuple | None:
@@ -240,41 +241,88 @@ def queries_after_cache(site: AttentionSite) -> bool:
     return s.q_at_end or str(s.q_offset) == str(sh["kv_len"] - sh["q_len"])
 
 
+def _selection_groups(site: AttentionSite, rules: list[Rule]) -> tuple[int, list[Rule]]:
+    """(selection heads, the rule of each) of a decode site with a selection rule: every selection
+    rule selects per KV group (or every one per query head), the query heads sharing a selection
+    share its rule, and the other rules are local (sink + window) ones. Anything else: ValueError."""
+    sh, selecting = site.shape, [r for r in rules if PATTERNS[r.kind].selects]
+    layouts = {selection_heads(dict(r.params)["heads"], sh["q_heads"], sh["kv_heads"]) for r in selecting}
+    if len(layouts) > 1:
+        raise ValueError(f"{site.name}: its decode selection rules select per KV group and per query head at once")
+    n_sel = layouts.pop()
+    group = sh["q_heads"] // n_sel
+    head_rules = []
+    for hs in range(n_sel):
+        shared = set(rules[hs * group : (hs + 1) * group])
+        if len(shared) > 1:
+            raise ValueError(
+                f"{site.name}: query heads {hs * group}-{(hs + 1) * group - 1} share one selection and need one "
+                f"decode rule; got {sorted(map(str, shared))}"
+            )
+        head_rules.append(rules[hs * group])
+    for r in set(head_rules):
+        if not PATTERNS[r.kind].selects and (PATTERNS[r.kind].adaptive or r.kind == "dense"):
+            raise ValueError(
+                f"{site.name}: a decode site mixes selection rules only with sink + window rules; got {r} "
+                f"(a dense head there: give it the selection rule with ratio=1)"
+            )
+    return n_sel, head_rules
+
+
 def _rewrite_decode_selection(
     gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], plan: Plan, row, states: DecodeStates,
     decider: SiteDecider,
 ) -> None:  # fmt: skip
-    """A decode step whose rules select tokens (Double Sparsity, Quest): selection + decode kernel,
-    where the decode cost model (if any) predicts it faster than the dense step."""
-    if len(set(rules)) != 1:
-        raise ValueError(
-            f"{site.name}: a decode selection rule serves every head of a site; got {sorted({str(r) for r in rules})}"
-        )
-    rule = rules[0]
+    """A decode step whose rules select tokens (Double Sparsity, Quest; per KV group, beside sink +
+    window rules on other groups): selection + decode kernel, where the decode cost model (if any)
+    predicts each selection rule faster than the dense step."""
+    n_sel, head_rules = _selection_groups(site, rules)
+    distinct = list(dict.fromkeys(head_rules))
+    kinds = "+".join(dict.fromkeys(r.kind for r in distinct))
     if row.phase != "decode" or not queries_after_cache(site):
         counters["kept_decode"] += 1
-        row.reason = f"{rule.kind} is a decode rule and this site is not a causal decode step after a KV cache: kept"
+        row.reason = f"{kinds} is a decode rule and this site is not a causal decode step after a KV cache: kept"
         return
-    pattern, params, channels = PATTERNS[rule.kind], dict(rule.params), site_channels(plan, site, rule)
+    if len(distinct) > 1 and str(site.shape["q_len"]) != "1":
+        counters["kept_decode"] += 1
+        row.reason = (
+            f"{kinds}: a window beside a selection needs one query row per step (got {site.shape['q_len']}): kept"
+        )
+        return
     model, source, _ = decider.context(meta_val(site.q).device)
-    why = source
+    whys = [source]
     if model is not None and model.decode is not None:
-        select, why = decide_decode(model.decode, source, site, rule)
-        if not select:
-            counters["kept_dense_faster"] += 1
-            row.reason = f"{rule.kind}: the dense step is faster here ({why}): the original attention"
-            return
-    state = states.tensors.get(states.key(site, rule) or ())
-    if state is not None:  # kept beside the static cache: this step writes its own key's unit
-        state = update_decode_state(gm, site, state, pattern, params, channels)
-    out = rewrite_decode_site(gm, site, pattern, params, channels, state)
+        whys = []
+        for rule in (r for r in distinct if PATTERNS[r.kind].selects):
+            select, why = decide_decode(model.decode, source, site, rule)
+            if not select:
+                counters["kept_dense_faster"] += 1
+                row.reason = f"{rule.kind}: the dense step is faster here ({why}): the original attention"
+                return
+            whys.append(why)
+    n_keys = int(site.shape["kv_len"]) if any(PATTERNS[r.kind].length_dependent for r in distinct) else None
+    parts, kept_state = [], []
+    for rule in distinct:
+        heads = tuple(hs for hs, r in enumerate(head_rules) if r == rule)
+        pattern, params = PATTERNS[rule.kind], dict(rule.params)
+        if not pattern.selects:
+            sink, window = rule.head_params(n_keys)
+            parts.append(HeadSelection(heads, sink=sink, window=window))
+            continue
+        channels = site_channels(plan, site, rule)
+        state = states.tensors.get(states.key(site, rule) or ())
+        if state is not None:  # kept beside the static cache: this step writes its own key's unit
+            state = update_decode_state(gm, site, state, pattern, params, channels)
+        kept_state.append(state is not None)
+        parts.append(HeadSelection(heads, pattern, params, channels, state))
+    out = rewrite_decode_site(gm, site, parts, n_sel)
     out.meta["sparsecomp_site"] = site.name
     counters["rewritten"] += 1
     counters["sparse_decode"] += 1
-    counters["sparse_decode_cached_state" if state is not None else "sparse_decode_state_from_k"] += 1
+    counters["sparse_decode_cached_state" if all(kept_state) else "sparse_decode_state_from_k"] += 1
     row.became = "sparse_decode"
-    kept = "its state kept beside the static cache" if state is not None else "its state summarized from K each step"
-    row.reason = f"{rule.kind}: the selected tokens only (split-K decode kernel); {kept} ({why})"
+    kept = "its state kept beside the static cache" if all(kept_state) else "its state summarized from K each step"
+    row.reason = f"{kinds}: the selected tokens only (split-K decode kernel); {kept} ({'; '.join(whys)})"
 
 
 def _static_fakes(example_inputs, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
