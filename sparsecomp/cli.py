@@ -262,7 +262,10 @@ def _inspect(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_model(args.model, device=device)
-    ids = torch.tensor([default_calibration_ids(tokenizer, [args.length], passkeys=0)[0]], device=device)
+    documents = default_calibration_ids(tokenizer, [args.length], passkeys=0)
+    if not documents:
+        raise UsageError(f"--length {args.length}: longer than every calibration document; give a shorter one")
+    ids = torch.tensor([documents[0]], device=device)
     compiled = sparsecomp_compile(model, plan, dynamic=False)
     with torch.no_grad():
         compiled(ids)

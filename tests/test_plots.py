@@ -91,6 +91,8 @@ def test_inspect_command_prints_the_report_and_writes_the_picture(tmp_path, monk
     assert is_png(tmp_path / "site.png")
     assert cli.main([*argv[:-1], "model.layers.7.self_attn"]) == 2
     assert "--plot-site 'model.layers.7.self_attn': no such site" in capsys.readouterr().err
+    too_long = ["inspect", "--model", str(folder), "--length", str(10**8), "--device", "cpu"]
+    assert cli.main(too_long) == 2 and "longer than every calibration document" in capsys.readouterr().err
 
 
 def test_ttft_plots_speedup_and_memory_per_batch(tmp_path):
