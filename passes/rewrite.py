@@ -24,6 +24,7 @@ from sparsecomp.kernels import (
 )
 from sparsecomp.kernels.decode.selection import merge_selections, window_tokens
 from sparsecomp.kernels.prefill.adaptive_index import combine_head_indexes
+from sparsecomp.kernels.prefill.block_index import last_valid_key
 
 from .match import default_scale
 from .site import AttentionSite, meta_val
@@ -39,9 +40,8 @@ def positions_after_valid_keys(q: torch.Tensor, key_ok: torch.Tensor) -> torch.T
     """(B', Nq) positions of queries that end at each row's last existing key. A static cache marks
     its rows not written yet as missing keys: its step's query sits there, not at the cache's end
     (the same keys for a causal rule, but a window counts from the real position)."""
-    n_q, n_k = q.shape[2], key_ok.shape[-1]
-    last = (key_ok * torch.arange(n_k, device=key_ok.device)).amax(-1, keepdim=True)
-    return last - (n_q - 1) + torch.arange(n_q, device=key_ok.device)
+    n_q = q.shape[2]
+    return last_valid_key(key_ok) - (n_q - 1) + torch.arange(n_q, device=key_ok.device)
 
 
 def key_prefix(key_ok: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

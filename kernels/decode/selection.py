@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..prefill.block_index import first_valid_key, last_valid_key
 from .sparse_decode import selection_rows
 
 
@@ -263,8 +264,7 @@ def window_tokens(key_ok: torch.Tensor | None, k: torch.Tensor, n_sel: int, sink
         start = torch.zeros(1, 1, dtype=torch.int64, device=k.device)
         last = torch.full((1, 1), n_k - 1, dtype=torch.int64, device=k.device)
     else:
-        start = key_ok.to(torch.int8).argmax(-1, keepdim=True)
-        last = (key_ok * torch.arange(n_k, device=k.device)).amax(-1, keepdim=True)
+        start, last = first_valid_key(key_ok, k.device)[:, None], last_valid_key(key_ok)
     sinks = start + torch.arange(sink, device=k.device)
     recent = last - window + 1 + torch.arange(window, device=k.device)
     sinks = sinks.where(sinks <= last, -1)

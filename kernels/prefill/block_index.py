@@ -71,6 +71,11 @@ def first_valid_key(key_ok: torch.Tensor | None, device: torch.device) -> torch.
     return key_ok.to(torch.int8).argmax(dim=-1)
 
 
+def last_valid_key(key_ok: torch.Tensor) -> torch.Tensor:
+    """Index of each batch row's last existing key, shape (B or 1, 1)."""
+    return (key_ok * torch.arange(key_ok.shape[-1], device=key_ok.device)).amax(-1, keepdim=True)
+
+
 def block_index_bound(
     head_sink: list[int],
     head_window: list[int],
