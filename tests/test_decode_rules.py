@@ -4,7 +4,7 @@ its reference, generate against eager, one decode graph for many steps."""
 import pytest
 import torch
 from test_generate import NEW_TOKENS, assert_same_generation, generate, prompt
-from tiny_models import tiny_llama
+from tiny_models import DEVICE, tiny_llama
 
 import sparsecomp
 from sparsecomp.kernels.decode.selection import key_labels, label_scores_reference, page_bounds_reference
@@ -128,6 +128,10 @@ def test_sparse_selection_generates_under_inductor(rule):
     assert sparsecomp.counters["sparse_decode"] >= 2
 
 
+@pytest.mark.skipif(
+    DEVICE == "cuda" and torch.__version__ < (2, 12),
+    reason="torch 2.11's Inductor segfaults capturing CUDA graphs of a decode step, dense ones too",
+)
 def test_sparse_selection_generates_under_cuda_graphs():
     """mode="reduce-overhead" (CUDA graphs on a GPU; Inductor skips them for CPU graphs): the decode
     state is a static input, read and written in place, so replays give the tokens of plain Inductor."""
