@@ -175,17 +175,24 @@ def test_cost_model_off_follows_the_plan():
     assert "no cost model on cpu" in str(report)
 
 
-def test_auto_uses_the_shipped_h100_fit_on_hopper_only(monkeypatch):
-    """No fit of this GPU's own: a Hopper GPU decides with the shipped H100 coefficients, another
-    follows the plan until tuned (the device is only asked its capability)."""
+@pytest.mark.parametrize(
+    "gpu, fit", [("NVIDIA H200", "H200 fit"), ("NVIDIA H100 80GB HBM3", "H100 fit"), ("NVIDIA GH200 480GB", "H100 fit")]
+)
+def test_auto_uses_the_shipped_fit_of_the_gpu_on_hopper_only(monkeypatch, gpu, fit):
+    """No fit of this GPU's own: a Hopper GPU decides with the shipped coefficients of its name (the
+    H200's on an H200, the H100's on the others), another follows the plan until tuned (the device is
+    only asked its capability and name)."""
     from sparsecomp.compiler.decide import load_cost_model
-    from sparsecomp.tuning.cost_defaults import H100_COST_MODEL, H200_DECODE_COST_MODEL
+    from sparsecomp.tuning.cost_defaults import H100_COST_MODEL, H200_COST_MODEL, H200_DECODE_COST_MODEL
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
     model, source = load_cost_model("auto", cuda, None)
-    shipped = CostModel.from_json({**H100_COST_MODEL, "decode": H200_DECODE_COST_MODEL})
-    assert model.to_json() == shipped.to_json() and "H100 fit" in source and model.decode is not None
+    prefill = H200_COST_MODEL if fit == "H200 fit" else H100_COST_MODEL
+    shipped = CostModel.from_json({**prefill, "decode": H200_DECODE_COST_MODEL})
+    assert model.to_json() == shipped.to_json() and fit in source and model.decode is not None
+    assert gpu.split()[1] in prefill["info"]["gpu"] or fit == "H100 fit"
     w = Workload(1, 32, 8, 65536, 65536, 128)
     counts = static_block_counts(w, [Rule("streaming", sink=64, window=1024)] * 32, KERNEL_CONFIGS["b128"])
     assert model.kernel_ms("b128", w, counts) < model.dense_ms(w) / 5  # long streaming: sparse by far

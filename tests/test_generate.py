@@ -81,7 +81,10 @@ def test_sparse_decode_steps_are_rewritten_and_exact_when_the_window_covers_ever
     ids, mask = prompt(2)
     ref = generate(model, ids, mask, cache, scores=True)
     compiled = sparsecomp.compile(
-        model, "streaming:sink=0,window=64", inner="eager", cost_model=False,
+        model,
+        "streaming:sink=0,window=64",
+        inner="eager",
+        cost_model=False,
         kernel_options={"block_m": 16, "block_n": 16},
     )  # the rewrite is under test, not the decision (on a GPU the cost model keeps tiny sites dense)
     out = generate(compiled, ids, mask, cache, scores=True)
@@ -126,7 +129,10 @@ def test_padded_batches_are_rewritten_at_every_length():
     model = tiny_llama().eval()
     # A window past every length keeps every key: the rewritten model must then equal eager.
     compiled = sparsecomp.compile(
-        model, "streaming:sink=2,window=64", inner="eager", cost_model=False,
+        model,
+        "streaming:sink=2,window=64",
+        inner="eager",
+        cost_model=False,
         kernel_options={"block_m": 16, "block_n": 16},
     )
     for n in (20, 24, 28):

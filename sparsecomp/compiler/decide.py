@@ -107,9 +107,9 @@ def decide(
 
 def load_cost_model(setting, device: torch.device, cache) -> tuple[CostModel | None, str]:
     """The cost model a compile uses, and what the report says about it. ``setting``: "auto" (the
-    coefficients fitted on this GPU by ``sparsecomp autotune``, else the shipped H100 fit on a
-    Hopper GPU; off on other GPUs until tuned, and where the op runs the PyTorch reference), False
-    (off: the plan is followed), or a CostModel."""
+    coefficients fitted on this GPU by ``sparsecomp autotune``, else the shipped fit on a Hopper GPU:
+    the H200's on an H200, the H100's on the others; off on other GPUs until tuned, and where the op
+    runs the PyTorch reference), False (off: the plan is followed), or a CostModel."""
     if isinstance(setting, CostModel):
         return setting, "cost model (given)"
     if setting is False or setting is None:
@@ -118,7 +118,7 @@ def load_cost_model(setting, device: torch.device, cache) -> tuple[CostModel | N
         raise ValueError(f"cost_model={setting!r}; expected 'auto', False or a CostModel")
     if device.type != "cuda":
         return None, f"no cost model on {device.type} (the op runs the PyTorch reference): the plan is followed"
-    from ..tuning.cost_defaults import H100_COST_MODEL, H200_DECODE_COST_MODEL
+    from ..tuning.cost_defaults import H200_DECODE_COST_MODEL, shipped_fit
 
     hopper = torch.cuda.get_device_capability(device)[0] == 9  # the shipped fits describe Hopper only
     stored = cache.get(COST_MODEL_ENTRY) if cache is not None else None
@@ -129,8 +129,9 @@ def load_cost_model(setting, device: torch.device, cache) -> tuple[CostModel | N
         return model, "cost model (fitted on this GPU)"
     if not hopper:
         return None, "no cost model fitted for this GPU (run sparsecomp autotune): the plan is followed"
-    model = CostModel.from_json({**H100_COST_MODEL, "decode": H200_DECODE_COST_MODEL})
-    return model, "cost model (H100 fit, decode: H200 fit; run sparsecomp autotune to fit this GPU)"
+    prefill, fit = shipped_fit(torch.cuda.get_device_name(device))
+    model = CostModel.from_json({**prefill, "decode": H200_DECODE_COST_MODEL})
+    return model, f"cost model ({fit}, decode: H200 fit; run sparsecomp autotune to fit this GPU)"
 
 
 def decide_decode(model: DecodeCostModel, source: str, site, rule: Rule) -> tuple[bool, str]:

@@ -1,9 +1,20 @@
-"""Cost model coefficients fitted on an H100 80GB HBM3 (torch 2.11, triton 3.6;
-``benchmarks/cost_model.py``, results in ``benchmarks/results/cost_model.md``), used on a Hopper GPU
-that has no fit of its own yet (``sparsecomp autotune`` fits one and stores it in the tuning cache).
-The fit: kernels from random and streaming selections at 1K-64K; index builders compiled whole
-(dynamic shapes, sparse ops opaque) and timed as CUDA-graph replays, refitted after the
-vertical-slash builder got 1.8x faster (``benchmarks/results/cost_model_index_refit.log``)."""
+"""Shipped cost model coefficients, used on a Hopper GPU that has no fit of its own yet
+(``sparsecomp autotune`` fits one and stores it in the tuning cache); ``shipped_fit`` picks one by
+GPU name.
+
+- ``H200_COST_MODEL``: fitted on an H200 by ``benchmarks/cost_model.py`` (torch 2.11, triton 3.6),
+  stored beside this module as ``h200_cost_model.json``; its accuracy on the H200 in
+  ``benchmarks/results/cost_model_h200.md``.
+- ``H100_COST_MODEL``: fitted on an H100 80GB HBM3 (torch 2.11, triton 3.6;
+  ``benchmarks/results/cost_model.md``), used on every other Hopper GPU. The fit: kernels from
+  random and streaming selections at 1K-64K; index builders compiled whole (dynamic shapes, sparse
+  ops opaque) and timed as CUDA-graph replays, refitted after the vertical-slash builder got 1.8x
+  faster (``benchmarks/results/cost_model_index_refit.json``).
+"""
+
+import json
+import re
+from pathlib import Path
 
 H100_COST_MODEL = {
     "sms": 132,
@@ -33,7 +44,7 @@ H100_COST_MODEL = {
             "128": [0.004767089218686911, 1.8426198639854838, 0.0, 516.6711698170769],
         },
     },
-    "index": {  # refit (benchmarks/results/cost_model_index_refit.log)
+    "index": {  # refit (benchmarks/results/cost_model_index_refit.json)
         "static": [0.024905272414018603, 140.84849220836404],
         "vertical_slash": [0.141805076328991, 5.178990956207412],
         "sample": [0.11572939096755619, 1.411484406769767],
@@ -66,3 +77,12 @@ H200_DECODE_COST_MODEL = {
         "fitted_on": "benchmarks/results/decode_attention.json",
     },
 }
+
+H200_COST_MODEL = json.loads((Path(__file__).parent / "h200_cost_model.json").read_text())
+
+
+def shipped_fit(gpu_name: str) -> tuple[dict, str]:
+    """The shipped prefill fit for a Hopper GPU of this name, and the fit's name for the report."""
+    if re.search(r"\bH200\b", gpu_name):  # the H200 only (not a GH200: another board, not measured)
+        return H200_COST_MODEL, "H200 fit"
+    return H100_COST_MODEL, "H100 fit"
