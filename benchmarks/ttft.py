@@ -9,6 +9,7 @@ and the time against the floor's. Plots of speedup and peak memory against lengt
 
     python benchmarks/ttft.py --layers 4 --batches 1 4 --lengths 1024 2048 4096 8192 16384 32768 65536 131072
     python benchmarks/ttft.py --plot-only benchmarks/results/ttft.json --plot docs/ttft  # pictures again
+    python benchmarks/ttft.py --merge short.json long.json --out benchmarks/results  # lengths run apart
 """
 
 from __future__ import annotations
@@ -86,6 +87,17 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def merged(results: list[dict]) -> tuple[dict, list[dict]]:
+    """One environment and the rows of several runs (a grid split over device calls), by B then N;
+    runs from different GPUs or versions are refused (their ratios would not compare)."""
+    env = results[0]["environment"]
+    for other in results[1:]:
+        if other["environment"] != env:
+            raise ValueError(f"runs differ in environment: {env} vs {other['environment']}")
+    rows = [r for res in results for r in res["rows"]]
+    return env, sorted(rows, key=lambda r: (r["batch"], r["N"]))  # stable: path order kept
+
+
 def plot(rows: list[dict], stem: Path, title: str = "") -> list[Path]:
     """Per batch size, speedup against the best dense row and peak memory against length, one line
     per path, written as ``{stem}_speedup_b{B}.png`` and ``{stem}_memory_b{B}.png``."""
@@ -127,7 +139,14 @@ def main(argv=None):
     p.add_argument("--stem", default="ttft")
     p.add_argument("--plot", default=None, help="write the plots to files starting with this path (e.g. docs/ttft)")
     p.add_argument("--plot-only", default=None, help="plot the rows of this results .json; measure nothing")
+    p.add_argument("--merge", nargs="+", default=None, help="join results .json files of one GPU; measure nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        env, rows = merged([json.loads(Path(f).read_text()) for f in args.merge])
+        write_results(Path(args.out), args.stem, env, rows, markdown_table(rows, COLUMNS))
+        if args.plot:
+            print(*plot(rows, Path(args.plot), env.get("gpu", "")), sep="\n")
+        return
     if args.plot_only:
         saved = json.loads(Path(args.plot_only).read_text())
         print(*plot(saved["rows"], Path(args.plot or args.stem), saved["environment"].get("gpu", "")), sep="\n")

@@ -116,3 +116,27 @@ def test_ttft_plots_speedup_and_memory_per_batch(tmp_path):
     written = ttft.plot(rows, tmp_path / "ttft")
     assert [p.name for p in written] == [f"ttft_{kind}_b{b}.png" for b in (1, 4) for kind in ("speedup", "memory")]
     assert all(is_png(p) for p in written)
+
+
+def test_ttft_merge_joins_runs_of_one_gpu_and_refuses_others(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import ttft
+
+    env = {"gpu": "NVIDIA H200", "torch": "2.11.0"}
+    long = {"environment": env, "rows": [{"path": p, "N": 131072, "batch": 1, "ms": 9.0} for p in ("eager", "floor")]}
+    shapes = [(b, n) for b in (4, 1) for n in (2048, 1024)]
+    short = {
+        "environment": env,
+        "rows": [{"path": p, "N": n, "batch": b, "ms": 1.0} for b, n in shapes for p in ("eager", "floor")],
+    }
+    merged_env, rows = ttft.merged([long, short])
+    assert merged_env == env
+    assert [(r["batch"], r["N"], r["path"]) for r in rows] == [
+        (1, 1024, "eager"), (1, 1024, "floor"), (1, 2048, "eager"), (1, 2048, "floor"), (1, 131072, "eager"),
+        (1, 131072, "floor"), (4, 1024, "eager"), (4, 1024, "floor"), (4, 2048, "eager"), (4, 2048, "floor"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="differ in environment"):
+        ttft.merged([long, {**short, "environment": {**env, "gpu": "NVIDIA H100 80GB HBM3"}}])
