@@ -61,3 +61,22 @@ def test_every_command_and_option_the_docs_use_exists(doc):
 def test_every_relative_link_points_at_a_file(doc):
     broken = [t for t in LINK.findall(doc.read_text()) if not (doc.parent / t).exists()]
     assert not broken, f"{doc.name} links to missing files: {broken}"
+
+
+def test_the_results_index_lists_every_result_and_only_files_that_exist():
+    """benchmarks/results/README.md is the record's index: each file it names exists, and each result
+    (a .md with its .json / .csv, or a standalone file) is named there."""
+    results = ROOT / "benchmarks" / "results"
+    index = (results / "README.md").read_text()
+    named = set()
+    for cell in re.findall(r"`([^`]+)`", index):
+        if "/" in cell:  # a path: a script or its argument
+            continue
+        for name in re.findall(r"[\w{},]+\.(?:md|json|txt|log)", cell):
+            brace = re.fullmatch(r"(\w*)\{([\w,]+)\}(\w*\.\w+)", name)
+            named |= {f"{brace[1]}{p}{brace[3]}" for p in brace[2].split(",")} if brace else {name}
+    missing = sorted(n for n in named if not (results / n).exists())
+    assert not missing, f"the results index names files that do not exist: {missing}"
+    stems = {Path(n).stem for n in named}
+    unlisted = sorted(p.name for p in results.iterdir() if p.name != "README.md" and p.stem not in stems)
+    assert not unlisted, f"results not in benchmarks/results/README.md: {unlisted}"
