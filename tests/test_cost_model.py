@@ -314,3 +314,36 @@ def test_closed_form_block_counts_equal_the_index_builder_on_random_streaming_ru
         sink, window, site_window = draw(0, 200), draw(0, 400), draw(0, 1) * draw(1, 500)
         block_m, block_n = 16 * 2 ** draw(0, 2), 16 * 2 ** draw(0, 2)
         assert_counts_equal_the_index(n_q, n_k, sink, window, site_window, block_m, block_n)
+
+
+class CausalMaskAttention(torch.nn.Module):
+    """Attention given an explicit causal mask tensor (no ``is_causal``): 4 heads of 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(64, 3 * 64)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(n, device=x.device)
+        mask = pos[:, None] >= pos[None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_a_mask_proven_causal_is_priced_as_the_fused_causal_kernel_dense_becomes():
+    """Dense at such a site is SDPA's fused causal kernel (the mask dropped), not its masked path:
+    the decision prices that, so the crossover is the unmasked one and dense below it is exact."""
+    model = CausalMaskAttention()
+    cost = synthetic_model(0.2)
+    compiled = sparsecomp.compile(model, Plan(default=STREAMING[0]), inner="eager", dynamic=False, cost_model=cost,
+                                  tuning_cache=False)  # fmt: skip
+    x = torch.randn(1, 256, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = compiled(x)
+    site = sparsecomp.inspect(compiled).sites[0]
+    unmasked = cost.crossover(Workload(1, 4, 4, 256, 256, 16, "float32"), STREAMING, KERNEL_CONFIGS)
+    masked = cost.crossover(Workload(1, 4, 4, 256, 256, 16, "float32", masked=True), STREAMING, KERNEL_CONFIGS)
+    assert masked < unmasked and site.decision.crossover == unmasked, str(sparsecomp.inspect(compiled))
+    assert site.became == "sdpa_causal" and "dense is faster" in site.reason
+    torch.testing.assert_close(out, model(x))

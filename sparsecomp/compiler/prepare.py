@@ -13,7 +13,7 @@ import torch.fx as fx
 from sparsecomp.kernels import SUPPORTED_DTYPES, check_head_dim
 from sparsecomp.passes.mask import MaskInterpreter, MaskStructure, canonicalize_mask
 from sparsecomp.passes.match import find_sites
-from sparsecomp.passes.rewrite import KernelOptions
+from sparsecomp.passes.rewrite import KernelOptions, is_plain_causal
 from sparsecomp.passes.site import AttentionSite, meta_val
 
 from ..patterns import PATTERNS
@@ -174,11 +174,13 @@ def is_decode_step(site: AttentionSite) -> bool:
 
 
 def site_workload(site: AttentionSite) -> Workload:
+    """The cost model's view of a site. ``masked`` only where dense keeps SDPA's masked path: a mask
+    proven plain causal goes to SDPA's fused causal kernels when dense wins, so dense costs that."""
     sh = site.shape
     return Workload(
         batch=size_hint(sh["batch"]), q_heads=sh["q_heads"], kv_heads=sh["kv_heads"], q_len=size_hint(sh["q_len"]),
         kv_len=size_hint(sh["kv_len"]), head_dim=sh["head_dim"], dtype=str(site.dtype).replace("torch.", ""),
-        causal=site.structure.causal, masked=site.mask is not None,
+        causal=site.structure.causal, masked=site.mask is not None and not is_plain_causal(site),
     )  # fmt: skip
 
 
