@@ -26,9 +26,11 @@ def compiled_flex():
 
 
 def free_attention(module, query, key, value, attention_mask, **kwargs):
-    """The floor: attention that reads nothing ((B, Hq, N, D) queries back as (B, N, Hq, D)), for
-    transformers' AttentionInterface (``register("free", free_attention)``)."""
-    return query.transpose(1, 2), None
+    """The floor: attention that costs nothing ((B, Hq, N, D) queries back as (B, N, Hq, D)), for
+    transformers' AttentionInterface (``register("free", free_attention)``). One element of K and V
+    joins the output so that the compiler keeps their projections: every attention method needs K
+    and V, and with queries alone Inductor drops those matmuls (3.7% of a 128K forward)."""
+    return (query + key[:, :1, :1, :1] + value[:, :1, :1, :1]).transpose(1, 2), None
 
 
 def environment() -> dict:

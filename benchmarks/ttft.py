@@ -88,14 +88,18 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def merged(results: list[dict]) -> tuple[dict, list[dict]]:
-    """One environment and the rows of several runs (a grid split over device calls), by B then N;
-    runs from different GPUs or versions are refused (their ratios would not compare)."""
+    """One environment and the rows of several runs (a grid split over device calls), by B then N,
+    a later run's row replacing an earlier one of the same (B, N, path), ratios recomputed per
+    (N, B); runs from different GPUs or versions are refused (their ratios would not compare)."""
     env = results[0]["environment"]
     for other in results[1:]:
         if other["environment"] != env:
             raise ValueError(f"runs differ in environment: {env} vs {other['environment']}")
-    rows = [r for res in results for r in res["rows"]]
-    return env, sorted(rows, key=lambda r: (r["batch"], r["N"]))  # stable: path order kept
+    latest = {(r["batch"], r["N"], r["path"]): dict(r) for res in results for r in res["rows"]}
+    rows = sorted(latest.values(), key=lambda r: (r["batch"], r["N"]))  # stable: path order kept
+    for shape in dict.fromkeys((r["batch"], r["N"]) for r in rows):
+        with_ratios([r for r in rows if (r["batch"], r["N"]) == shape])
+    return env, rows
 
 
 def plot(rows: list[dict], stem: Path, title: str = "") -> list[Path]:
@@ -131,9 +135,11 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
     p.add_argument("--batches", type=int, nargs="+", default=[1])
-    p.add_argument("--plans", nargs="+", default=list(DEFAULT_PLANS))
+    p.add_argument("--plans", nargs="*", default=list(DEFAULT_PLANS))
     p.add_argument("--skip-compile-above", type=int, default=1 << 30,
                    help="leave torch.compile out above this length (its N x N mask may not fit)")  # fmt: skip
+    p.add_argument("--baselines", nargs="*", default=[*DENSE_PATHS, FLOOR], choices=[*DENSE_PATHS, FLOOR],
+                   help="the dense paths and floor to measure (to re-run some rows, then --merge)")  # fmt: skip
     p.add_argument("--min-runs", type=int, default=10, help="timed runs at least (a 128K forward takes seconds)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--stem", default="ttft")
@@ -161,7 +167,8 @@ def main(argv=None):
         for n in args.lengths:
             ids = torch.randint(0, model.config.vocab_size, (batch, n), device="cuda")
             paths = [d for d in DENSE_PATHS if d != "torch.compile" or n <= args.skip_compile_above]
-            group = with_ratios([measure(name, model, ids, args.min_runs) for name in [*paths, *args.plans, FLOOR]])
+            paths = [p for p in [*paths, *args.plans, FLOOR] if p in args.plans or p in args.baselines]
+            group = with_ratios([measure(name, model, ids, args.min_runs) for name in paths])
             print(*group, sep="\n", flush=True)
             rows.extend(group)
             write_results(Path(args.out), args.stem, env, rows, markdown_table(rows, COLUMNS))  # after each shape

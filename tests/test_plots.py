@@ -138,5 +138,8 @@ def test_ttft_merge_joins_runs_of_one_gpu_and_refuses_others(tmp_path):
         (1, 1024, "eager"), (1, 1024, "floor"), (1, 2048, "eager"), (1, 2048, "floor"), (1, 131072, "eager"),
         (1, 131072, "floor"), (4, 1024, "eager"), (4, 1024, "floor"), (4, 2048, "eager"), (4, 2048, "floor"),
     ]  # fmt: skip
+    rerun = {"environment": env, "rows": [{"path": "floor", "N": 131072, "batch": 1, "ms": 3.0}]}
+    _, rows = ttft.merged([long, rerun])  # the later floor row replaces the earlier one; ratios follow
+    assert [(r["path"], r["ms"], r["vs_floor"]) for r in rows] == [("eager", 9.0, 3.0), ("floor", 3.0, 1.0)]
     with pytest.raises(ValueError, match="differ in environment"):
         ttft.merged([long, {**short, "environment": {**env, "gpu": "NVIDIA H100 80GB HBM3"}}])
