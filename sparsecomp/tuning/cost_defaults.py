@@ -3,8 +3,8 @@
 GPU name.
 
 - ``H200_COST_MODEL``: fitted on an H200 by ``benchmarks/cost_model.py`` (torch 2.11, triton 3.6),
-  stored beside this module as ``h200_cost_model.json``; its accuracy on the H200 in
-  ``benchmarks/results/cost_model_h200.md``.
+  stored beside this module as ``h200_cost_model.json`` (its ``info`` names the grid it was fitted
+  on); the H200's end-to-end decisions: ``benchmarks/results/ttft.md``.
 - ``H100_COST_MODEL``: fitted on an H100 80GB HBM3 (torch 2.11, triton 3.6;
   ``benchmarks/results/cost_model.md``), used on every other Hopper GPU. The fit: kernels from
   random and streaming selections at 1K-64K; index builders compiled whole (dynamic shapes, sparse
