@@ -166,8 +166,9 @@ def main(argv=None):
     for batch in args.batches:
         for n in args.lengths:
             ids = torch.randint(0, model.config.vocab_size, (batch, n), device="cuda")
-            paths = [d for d in DENSE_PATHS if d != "torch.compile" or n <= args.skip_compile_above]
-            paths = [p for p in [*paths, *args.plans, FLOOR] if p in args.plans or p in args.baselines]
+            too_long = {"torch.compile"} if n > args.skip_compile_above else set()
+            baselines = [b for b in args.baselines if b not in too_long]
+            paths = [b for b in baselines if b != FLOOR] + args.plans + [b for b in baselines if b == FLOOR]
             group = with_ratios([measure(name, model, ids, args.min_runs) for name in paths])
             print(*group, sep="\n", flush=True)
             rows.extend(group)

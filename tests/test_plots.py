@@ -95,12 +95,19 @@ def test_inspect_command_prints_the_report_and_writes_the_picture(tmp_path, monk
     assert cli.main(too_long) == 2 and "longer than every calibration document" in capsys.readouterr().err
 
 
-def test_ttft_plots_speedup_and_memory_per_batch(tmp_path):
+def import_ttft():
+    """benchmarks/ttft.py, a script beside the package."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import ttft
+
+    return ttft
+
+
+def test_ttft_plots_speedup_and_memory_per_batch(tmp_path):
+    ttft = import_ttft()
 
     rows = [
         {"path": path, "N": n, "batch": b, "ms": ms * n / 1024, "peak_gib": n / 4096}
@@ -119,11 +126,7 @@ def test_ttft_plots_speedup_and_memory_per_batch(tmp_path):
 
 
 def test_ttft_merge_joins_runs_of_one_gpu_and_refuses_others(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import ttft
+    ttft = import_ttft()
 
     env = {"gpu": "NVIDIA H200", "torch": "2.11.0"}
     long = {"environment": env, "rows": [{"path": p, "N": 131072, "batch": 1, "ms": 9.0} for p in ("eager", "floor")]}
