@@ -62,8 +62,9 @@ def random_channels(model, count: int = 16) -> dict:
 def fill_randomly(cache, backend) -> None:
     """Keys and values of every layer, and sparsecomp's decode state, as after a long prompt."""
     for layer in cache.layers:
-        layer.keys.normal_()
-        layer.values.normal_()
+        for t in (layer.keys, layer.values):
+            if t.is_cuda:  # host copies (an offloading cache) keep zeros: speed does not depend on values
+                t.normal_()
     states = [] if backend is None else backend.states.tensors.values()
     for state in states:
         for t in state:
@@ -80,12 +81,13 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_times(forward, model, batch: int, context: int, steps: int, backend_of=None) -> list[float]:
-    """Seconds per decode step at cache positions context .. context + steps - 1."""
+def step_times(forward, model, batch: int, context: int, steps: int, backend_of=None, cache=None) -> list[float]:
+    """Seconds per decode step at cache positions context .. context + steps - 1; ``cache``: a static
+    cache of length ``context + steps + 1`` (default: transformers' StaticCache on the GPU)."""
     from transformers import StaticCache
 
     dev = next(model.parameters()).device
-    cache = StaticCache(config=model.config, max_cache_len=context + steps + 1)
+    cache = StaticCache(config=model.config, max_cache_len=context + steps + 1) if cache is None else cache
     mask = torch.ones(batch, context + steps + 1, dtype=torch.long, device=dev)
     ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=dev)
     start = time.perf_counter()

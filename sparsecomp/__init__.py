@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KERNEL_CONFIGS",
     "CostModel",
+    "HostKVCache",
     "KernelOptions",
     "Plan",
     "Rule",
@@ -39,6 +40,15 @@ __all__ = [
     "model_fingerprint",
     "sparsecomp_backend",
 ]
+
+
+def __getattr__(name):
+    if name == "HostKVCache":  # needs transformers (an optional extra): imported on first use
+        from .runtime.host_cache import HostKVCache
+
+        return HostKVCache
+    raise AttributeError(f"module 'sparsecomp' has no attribute {name!r}")
+
 
 try:  # torch.compile(model, backend="sparsecomp") works after `import sparsecomp`
     torch._dynamo.register_backend(name="sparsecomp")(sparsecomp_backend)

@@ -65,9 +65,17 @@ class GraphReport:
 class InspectReport:
     """What ``sparsecomp.inspect`` returns. The latest compiled graph is the default view."""
 
-    def __init__(self, graphs: list[GraphReport], plan=None):
+    def __init__(self, graphs: list[GraphReport], plan=None, states=None):
         self.graphs = graphs
         self.plan = plan
+        self.states = states  # the decode state kept beside static caches (DecodeStates)
+
+    def memory(self, cache):
+        """Per decoder layer and in total, the bytes of ``cache``'s K/V on the GPU and on the host and
+        of the decode state this model keeps beside it, against a dense GPU cache (``MemoryReport``)."""
+        from .runtime.kv_memory import kv_memory
+
+        return kv_memory(cache, self.states)
 
     def plan_summary(self) -> str:
         """Where the plan came from: a preset, a calibration (its target and data), or the default."""

@@ -398,7 +398,7 @@ class SparsecompBackend:
         return lambda *args: compiled(*args, *extra)
 
     def report(self) -> InspectReport:
-        return InspectReport(self.graphs, self.options.plan)
+        return InspectReport(self.graphs, self.options.plan, self.states)
 
 
 _default_backend: SparsecompBackend | None = None

@@ -1,0 +1,194 @@
+"""KV-cache memory and offloaded decoding of a Llama-3-8B-shaped model (random bf16 weights), batch 1.
+
+Each row decodes from a static cache of ``context`` keys (a 16-token prompt, then the cache filled
+with random keys and values, as in benchmarks/generate.py) and reports the GPU bytes of the K/V and
+of sparsecomp's decode state (counted from the tensors by ``report.memory``, and checked against the
+allocator's growth), the host bytes, and the median time per decode step. Paths:
+
+- ``gpu torch.compile``: dense, cache on the GPU (the baseline for memory).
+- ``gpu RULE``: sparsecomp with a decode rule, cache on the GPU.
+- ``host RULE``: sparsecomp with the cache in host memory (``sparsecomp.HostKVCache``), read in
+  place by the GPU: Double Sparsity-Offload with a double_sparsity rule; with ``dense``, every
+  step reads the whole cache across the bus.
+- ``hf-offload eager``: transformers' own offloading static cache (``StaticCache(offloading=True)``:
+  each layer's whole K/V copied to the GPU at each step, the next layer's prefetched), FlexGen's
+  scheme: the baseline for decoding with the KV on the host.
+
+Channels are random (accuracy is benchmarks/decode_accuracy.py's question; the offloaded cache
+gives the tokens of the on-GPU one, tests/test_host_cache.py). Per-step time and KV bytes grow
+linearly with the layers; the largest batch at each context is computed for all 32 layers from the
+measured bytes per layer and sequence. Each row runs in a process of its own.
+
+    python benchmarks/kv_memory.py --layers 8 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import random_channels, step_times  # noqa: E402
+from harness import environment, markdown_table, write_results  # noqa: E402
+
+import sparsecomp  # noqa: E402
+from sparsecomp.demo import SHAPES, build_model  # noqa: E402
+from sparsecomp.plan import Plan, Rule  # noqa: E402
+from sparsecomp.runtime.kv_memory import kv_memory  # noqa: E402
+
+GIB = 2**30
+DS = "double_sparsity:channels=16,ratio=0.0625"
+PATHS = ["gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dense", "hf-offload eager"]
+
+
+def make_cache(where: str, model, length: int):
+    from transformers import StaticCache
+
+    if where == "host":
+        return sparsecomp.HostKVCache(config=model.config, max_cache_len=length)
+    return StaticCache(config=model.config, max_cache_len=length, offloading=where == "hf-offload")
+
+
+def runner(path: str, model):
+    where, _, rule = path.partition(" ")
+    if rule == "eager":
+        return model, None
+    if rule == "torch.compile":
+        return torch.compile(model, fullgraph=True), None
+    plan = Plan(decode_default=Rule.parse(rule), channels=random_channels(model))
+    compiled = sparsecomp.compile(model, plan, dynamic=False)
+    return compiled, compiled
+
+
+def measure(path: str, model, context: int, steps: int) -> dict:
+    where = path.partition(" ")[0]
+    forward, compiled = runner(path, model)
+    cache = make_cache(where, model, context + steps + 1)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    backend_of = None if compiled is None else (lambda: compiled._sparsecomp_backend)
+    times = step_times(forward, model, 1, context, steps, backend_of, cache)
+    report = sparsecomp.inspect(compiled) if compiled is not None else None
+    memory = report.memory(cache) if report is not None else kv_memory(cache)
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    row = {
+        "path": path, "context": context, "layers": model.config.num_hidden_layers,
+        "ms_per_token": statistics.median(times[steps // 4 :]) * 1e3,
+        "kv_gpu_gib": memory.total("kv_gpu") / GIB, "state_gpu_gib": memory.total("state_gpu") / GIB,
+        "gpu_gib": memory.total("gpu") / GIB, "host_gib": memory.total("kv_host") / GIB,
+        "dense_gib": memory.total("dense") / GIB,
+        # what the allocator holds beyond the model after the steps (the cache, its state, the
+        # step's last activations): a check on the count above
+        "allocated_gib": (torch.cuda.memory_allocated() - before) / GIB,
+        "layer_weights_gib": layer_bytes / GIB,
+        "other_weights_gib": (all_bytes - model.config.num_hidden_layers * layer_bytes) / GIB,
+    }  # fmt: skip
+    if where == "hf-offload":  # its host copies are ordinary CPU tensors, its GPU buffers two layers
+        row["host_gib"], row["kv_gpu_gib"] = row["dense_gib"], row["allocated_gib"]
+        row["gpu_gib"] = row["kv_gpu_gib"]
+    if report is not None:
+        row["became"] = ", ".join(sorted({s.became for s in report.sites if s.phase == "decode"}))
+    return row
+
+
+def largest_batch(row: dict, shape: str, gpu_gib: float, host_gib: float) -> dict:
+    """The largest batch of ``row``'s context for all layers of ``shape``: GPU bytes per sequence
+    against what the weights leave (10% kept for activations), host bytes against ``host_gib``."""
+    layers = SHAPES[shape][1]
+    scale = layers / row["layers"]
+    weights = row["other_weights_gib"] + layers * row["layer_weights_gib"]
+    per_gpu, per_host = row["gpu_gib"] * scale, row["host_gib"] * scale
+    by_gpu = int((0.9 * gpu_gib - weights) // per_gpu) if per_gpu > 0 else None
+    by_host = int(host_gib // per_host) if per_host > 0 else None
+    fits = [b for b in (by_gpu, by_host) if b is not None]
+    return {"batch_by_gpu": by_gpu, "batch_by_host": by_host, "largest_batch": min(fits) if fits else None}
+
+
+COLUMNS = [
+    ("context", "context", ""),
+    ("layers", "layers", ""),
+    ("path", "path", ""),
+    ("ms_per_token", "ms / step", ".2f"),
+    ("vs_full_copy", "x hf-offload", ".2f"),
+    ("gpu_gib", "GPU GiB (KV + state)", ".3f"),
+    ("state_gpu_gib", "of it state", ".3f"),
+    ("host_gib", "host GiB", ".2f"),
+    ("vs_dense_memory", "GPU share of dense", ".3f"),
+    ("allocated_gib", "allocator growth GiB", ".3f"),
+    ("batch_by_gpu", "B by GPU, 32 layers", ""),
+    ("batch_by_host", "B by host", ""),
+    ("became", "decode sites became", ""),
+    ("note", "note", ""),
+]
+
+
+def one_row(args) -> None:
+    model = build_model(args.shape, args.layers, torch.bfloat16, "cuda")
+    row = measure(args.path, model, args.context, args.steps)
+    print(json.dumps(row), flush=True)
+
+
+def run_row(args, path: str, context: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", "--path", path, "--context", str(context), "--shape", args.shape,
+           "--steps", str(args.steps), "--layers", str(args.layers)]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.row_timeout)
+    except subprocess.TimeoutExpired:
+        return {"path": path, "context": context, "note": f"over {args.row_timeout} s"}
+    last = done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []
+    if done.returncode != 0 or not last or not last[0].startswith("{"):
+        return {"path": path, "context": context, "note": f"failed: exit {done.returncode}"}
+    return json.loads(last[0])
+
+
+def add_ratios(rows: list[dict], args) -> None:
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    for r in rows:
+        same = [o for o in rows if o["context"] == r["context"] and "ms_per_token" in o]
+        full_copy = [o["ms_per_token"] for o in same if o["path"].startswith("hf-offload")]
+        if "ms_per_token" not in r:
+            continue
+        if full_copy:
+            r["vs_full_copy"] = full_copy[0] / r["ms_per_token"]
+        if r["dense_gib"]:
+            r["vs_dense_memory"] = r["gpu_gib"] / r["dense_gib"]
+        r.update(largest_batch(r, args.shape, gpu_gib, args.host_gib))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--contexts", type=int, nargs="+", default=[131072, 262144])
+    p.add_argument("--paths", nargs="+", default=PATHS)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--host-gib", type=float, default=100.0, help="host memory a cache may lock")
+    p.add_argument("--row-timeout", type=float, default=200)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--context", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        return one_row(args)
+    env = {**environment(), "model": f"Llama-3-8B shape, {args.layers} layers, random bf16 weights, B=1"}
+    rows = []
+    for context in args.contexts:
+        for path in args.paths:
+            t0 = time.perf_counter()
+            rows.append(run_row(args, path, context))
+            print(f"{path} N={context}: {time.perf_counter() - t0:.0f} s {rows[-1]}", flush=True)
+            add_ratios(rows, args)
+            write_results(Path(args.out), "kv_memory", env, rows, markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
