@@ -1,8 +1,10 @@
 """Attention kernels and the ops that call them (installed as ``sparsecomp.kernels``).
 
-Each op is registered with ``torch.library.triton_op`` so Inductor can see Triton kernels on GPU,
-and carries a plain PyTorch reference of the same semantics that runs on CPU. Callers go through
-``sparse_attention_call`` (a ``SparseIndex`` and ``KernelOptions``), not the raw op's 25 arguments.
+Each op is a ``torch.library.custom_op``: opaque to every torch.compile, ours or a user's (a traced
+launcher would bake the strides seen at trace time; torch 2.11's Inductor keeps only their order,
+and a batch of 2 then read out of bounds), and carries a plain PyTorch reference of the same
+semantics that runs on CPU. Callers go through ``sparse_attention_call`` (a ``SparseIndex`` and
+``KernelOptions``), not the raw op's 25 arguments.
 """
 
 # This folder is installed as sparsecomp.kernels. Run from the repository root, Python can also find it

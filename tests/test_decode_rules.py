@@ -272,3 +272,18 @@ def test_a_streaming_decode_step_counts_its_window_from_the_step_not_the_static_
     torch._dynamo.reset()
     static = generate(sparsecomp.compile(model, plan, **follow), ids, mask, "static", scores=True)
     assert_same_generation(static, dynamic)
+
+
+@pytest.mark.parametrize("rule", ["double_sparsity:channels=4,k=8", "quest:page=4,pages=2"])
+def test_state_is_kept_when_the_prefill_sees_only_the_prompts_keys(rule):
+    """Batch 1, no padding: transformers >= 5.24 gives an empty static cache's prefill attention
+    only the prompt's keys (a slice of the cache); the state must still be written there and kept."""
+    model = tiny_llama().eval()
+    ids, mask = prompt(1, n=20)
+    plan, follow = decode_plan(rule), dict(inner="eager", cost_model=False)
+    from_k = generate(sparsecomp.compile(model, plan, **follow), ids, mask, "dynamic", scores=True)
+    torch._dynamo.reset()
+    sparsecomp.counters.clear()
+    kept = generate(sparsecomp.compile(model, plan, **follow), ids, mask, "static", scores=True)
+    assert sparsecomp.counters["decode_state_written"] > 0 and sparsecomp.counters["sparse_decode_state_from_k"] == 0
+    assert_same_generation(kept, from_k)

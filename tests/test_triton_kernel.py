@@ -111,6 +111,22 @@ def test_compiled_model_on_gpu_runs_the_kernel_through_inductor():
     assert sparsecomp.counters["rewritten"] == 2
 
 
+def test_the_op_is_opaque_to_a_users_torch_compile():
+    """A plain torch.compile of code calling the op (not through sparsecomp.compile) must run the
+    op itself, on the real strides of a batch of 2 with padding, and give eager's output."""
+    args = columns_case(torch.float16 if DEVICE == "cuda" else torch.float32, 16, [0, 8, 0, 20], 2, seed=3)
+    q, k, v = args[:3]
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # the layout models hand over: (B, N, H, D) storage
+
+    def attend(q, k, v):
+        return torch.ops.sparsecomp.sparse_attention(q * 1.0, k, v, *args[3:])
+
+    eager = attend(q_t, k, v)
+    compiled = torch.compile(attend, backend="inductor", fullgraph=True)(q_t, k, v)
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+    torch.testing.assert_close(eager, sparse_attention_reference(*args), atol=2e-3, rtol=2e-3)
+
+
 def columns_case(dtype, block, windows, per_query_block, seed):
     """Op arguments on DEVICE: B=2, 4/2 heads, N=150 (6 padded keys), d=32, sinks [4, 0, 4, 0],
     the heads' ``windows``, and random single columns outside the listed blocks."""

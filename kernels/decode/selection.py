@@ -179,13 +179,13 @@ def page_bounds_triton(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int, la
     return out
 
 
-@torch.library.triton_op("sparsecomp::label_scores", mutates_args=())
+@torch.library.custom_op("sparsecomp::label_scores", mutates_args=())
 def label_scores(
     q_channels: torch.Tensor, labels: torch.Tensor, q_last: torch.Tensor, key_ok: torch.Tensor | None, n_sel: int
 ) -> torch.Tensor:
     """Double Sparsity's approximate scores (see the notation above)."""
     if labels.is_cuda:
-        return label_scores_triton(q_channels, labels, q_last, key_ok, n_sel, launch=torch.library.wrap_triton)
+        return label_scores_triton(q_channels, labels, q_last, key_ok, n_sel)
     return label_scores_reference(q_channels, labels, q_last, key_ok, n_sel)
 
 
@@ -194,14 +194,14 @@ def _label_scores_fake(q_channels, labels, q_last, key_ok, n_sel):
     return labels.new_empty(labels.shape[0], n_sel, labels.shape[2], dtype=torch.float32)
 
 
-@torch.library.triton_op("sparsecomp::page_bounds", mutates_args=())
+@torch.library.custom_op("sparsecomp::page_bounds", mutates_args=())
 def page_bounds(
     q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q_last: torch.Tensor, page_ok: torch.Tensor,
     page: int, n_sel: int,
 ) -> torch.Tensor:  # fmt: skip
     """Quest's per-page upper bounds of q . k (see the notation above)."""
     if q.is_cuda:
-        return page_bounds_triton(q, kmin, kmax, q_last, page_ok, page, n_sel, launch=torch.library.wrap_triton)
+        return page_bounds_triton(q, kmin, kmax, q_last, page_ok, page, n_sel)
     return page_bounds_reference(q, kmin, kmax, q_last, page_ok, page, n_sel)
 
 

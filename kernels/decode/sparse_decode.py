@@ -180,7 +180,7 @@ def check_decode_inputs(q, k, v, tokens, q_last, key_ok) -> None:
 def sparse_decode_triton(q, k, v, tokens, q_last, key_ok, scale: float, softcap: float = 0.0,
                          block_n: int = 64, num_warps: int = 4, launch=None, out=None) -> torch.Tensor:  # fmt: skip
     """Launch the split kernel and the combine. ``launch`` wraps the kernels
-    (``torch.library.wrap_triton`` inside the op); ``out`` lets tests pass a poisoned buffer."""
+    (a test's spy, say); ``out`` lets tests pass a poisoned buffer."""
     check_decode_inputs(q, k, v, tokens, q_last, key_ok)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -253,7 +253,7 @@ def sparse_decode_reference(q, k, v, tokens, q_last, key_ok, scale: float, softc
     return o.view(b, hq, nq, d).to(q.dtype)
 
 
-@torch.library.triton_op("sparsecomp::sparse_decode", mutates_args=())
+@torch.library.custom_op("sparsecomp::sparse_decode", mutates_args=())
 def sparse_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -267,7 +267,7 @@ def sparse_decode(
     """Attention of a few query rows over the listed tokens (see the notation above): the Triton
     kernels on CUDA, the reference elsewhere."""
     if q.is_cuda:
-        return sparse_decode_triton(q, k, v, tokens, q_last, key_ok, scale, softcap, launch=torch.library.wrap_triton)
+        return sparse_decode_triton(q, k, v, tokens, q_last, key_ok, scale, softcap)
     return sparse_decode_reference(q, k, v, tokens, q_last, key_ok, scale, softcap)
 
 

@@ -154,7 +154,7 @@ def diagonal_lists_reference(rel_set, q_lo, q_hi, k_lo, k_hi, k_all, base, causa
     return (*compact(keep & every), *compact(keep & ~every))
 
 
-@torch.library.triton_op("sparsecomp::diagonal_block_lists", mutates_args=())
+@torch.library.custom_op("sparsecomp::diagonal_block_lists", mutates_args=())
 def diagonal_block_lists(
     rel_set: torch.Tensor,
     q_lo: torch.Tensor,
@@ -169,9 +169,7 @@ def diagonal_block_lists(
     """(full_blocks, full_count, part_blocks, part_count) of the pairs on the selected block
     diagonals (see the module notes): the Triton kernel on CUDA, the reference elsewhere."""
     if rel_set.is_cuda:
-        return diagonal_lists_triton(
-            rel_set, q_lo, q_hi, k_lo, k_hi, k_all, base, causal, window, launch=torch.library.wrap_triton
-        )
+        return diagonal_lists_triton(rel_set, q_lo, q_hi, k_lo, k_hi, k_all, base, causal, window)
     return diagonal_lists_reference(rel_set, q_lo, q_hi, k_lo, k_hi, k_all, base, causal, window)
 
 
@@ -240,7 +238,7 @@ def column_lists_reference(ids, rel_set, base, n_qb, n_k, shift, block_m, block_
     return torch.where(on_diagonal, n_k, ids[:, :, None, :]).to(torch.int32), count
 
 
-@torch.library.triton_op("sparsecomp::diagonal_column_lists", mutates_args=())
+@torch.library.custom_op("sparsecomp::diagonal_column_lists", mutates_args=())
 def diagonal_column_lists(
     ids: torch.Tensor,
     rel_set: torch.Tensor,
@@ -254,9 +252,7 @@ def diagonal_column_lists(
     """(columns, column_count) per query block (see the module notes): the Triton kernel on CUDA,
     the reference elsewhere."""
     if ids.is_cuda:
-        return column_lists_triton(
-            ids, rel_set, base, n_qb, n_k, shift, block_m, block_n, launch=torch.library.wrap_triton
-        )
+        return column_lists_triton(ids, rel_set, base, n_qb, n_k, shift, block_m, block_n)
     return column_lists_reference(ids, rel_set, base, n_qb, n_k, shift, block_m, block_n)
 
 

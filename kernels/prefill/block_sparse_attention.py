@@ -375,7 +375,7 @@ def sparse_attention_triton(
     # fmt: on
     """Launch the kernel. ``tma``: 1 = K/V tiles by tensor descriptors (error if they cannot be
     made), 0 = by pointers, -1 = descriptors where the GPU and layout allow. ``launch`` wraps the
-    kernel (``torch.library.wrap_triton`` inside the op); ``out`` lets tests pass a poisoned buffer
+    kernel (a test's spy, say); ``out`` lets tests pass a poisoned buffer
     to prove every element is written."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -622,7 +622,7 @@ def sparse_attention_reference(
     return out
 
 
-@torch.library.triton_op("sparsecomp::sparse_attention", mutates_args=())
+@torch.library.custom_op("sparsecomp::sparse_attention", mutates_args=())
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -679,7 +679,7 @@ def sparse_attention(
     if q.is_cuda:
         _check_inputs(q, k, v, q_pos, k_pos, key_ok, head_sink, head_window)
         return sparse_attention_triton(
-            *args, tile_n, num_warps, num_stages, tma, tile_m, launch=torch.library.wrap_triton
+            *args, tile_n, num_warps, num_stages, tma, tile_m
         )
     return sparse_attention_reference(*args)
 

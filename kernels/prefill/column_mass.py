@@ -289,7 +289,7 @@ def column_mass_reference(q_rows, k, row_pos, k_pos, key_ok, scale, causal, wind
     return (mass, slash) if first_row is not None else mass
 
 
-@torch.library.triton_op("sparsecomp::column_mass", mutates_args=())
+@torch.library.custom_op("sparsecomp::column_mass", mutates_args=())
 def column_mass(
     q_rows: torch.Tensor,
     k: torch.Tensor,
@@ -303,9 +303,7 @@ def column_mass(
     """Attention mass per key summed over the given rows (see the notation above): the Triton
     passes on CUDA, the reference elsewhere."""
     if q_rows.is_cuda:
-        return column_mass_triton(
-            q_rows, k, row_pos, k_pos, key_ok, scale, causal, window, launch=torch.library.wrap_triton
-        )
+        return column_mass_triton(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window)
     return column_mass_reference(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window)
 
 
@@ -314,7 +312,7 @@ def _column_mass_fake(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window):
     return q_rows.new_empty(q_rows.shape[0], q_rows.shape[1], k.shape[2], dtype=torch.float32)
 
 
-@torch.library.triton_op("sparsecomp::column_slash_mass", mutates_args=())
+@torch.library.custom_op("sparsecomp::column_slash_mass", mutates_args=())
 def column_slash_mass(
     q_rows: torch.Tensor,
     k: torch.Tensor,
@@ -333,10 +331,7 @@ def column_slash_mass(
     if q_rows.is_cuda:
         # 64-key tiles: the rotation is cheaper on narrower tiles (H100, 64 rows x 128K keys: 1.69 ms
         # for both passes vs 1.94 ms with 128-key tiles)
-        return column_mass_triton(
-            q_rows, k, row_pos, k_pos, key_ok, scale, causal, window, first_row, block_n=64,
-            launch=torch.library.wrap_triton,
-        )  # fmt: skip
+        return column_mass_triton(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window, first_row, block_n=64)
     return column_mass_reference(q_rows, k, row_pos, k_pos, key_ok, scale, causal, window, first_row)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -202,8 +204,14 @@ def _write_prefill_state(gm: fx.GraphModule, site: AttentionSite, plan: Plan, st
     """A static cache's prefill (more queries than one, fewer than the cache's keys): write the
     decode state of each selection rule of the site's decode rules, whatever became of its attention."""
     n_q = str(site.shape["q_len"])  # may be symbolic (prompts of several lengths)
-    if meta_val(site.k) is None or is_decode_step(site) or n_q in ("1", str(site.shape["kv_len"])):
+    if meta_val(site.k) is None or is_decode_step(site) or n_q == "1":
         return
+    if n_q == str(site.shape["kv_len"]):
+        # transformers >= 5.24 hands an empty static cache's prefill only the prompt's keys (a slice
+        # of the cache): the state is the whole cache's, from the tensor sliced
+        site = _site_on_whole_cache(site)
+        if site is None:
+            return
     for rule in _decode_selection_rules(plan, site):
         if (key := states.key(site, rule)) is None:
             return
@@ -211,6 +219,24 @@ def _write_prefill_state(gm: fx.GraphModule, site: AttentionSite, plan: Plan, st
         state = states.tensors.get(key) or states.allocate(site, rule, pattern, params, channels)
         write_prefill_state(gm, site, state, pattern, params, channels)
         counters["decode_state_written"] += 1
+
+
+def _site_on_whole_cache(site: AttentionSite) -> AttentionSite | None:
+    """``site`` with K the static cache its K is the leading slice of (``cache[:, :, :n]``, with
+    the cache longer than ``n``), or None where K is no such slice."""
+    k = site.k
+    if not (k.op == "call_function" and k.target is operator.getitem and isinstance(k.args[1], tuple)):
+        return None
+    source, index = k.args
+    whole = meta_val(source) if isinstance(source, fx.Node) else None
+    if whole is None or whole.dim() != 4 or len(index) != 4 or not isinstance(whole.shape[2], int):
+        return None
+    keys = index[2]
+    rest_whole = all(isinstance(i, slice) and i == slice(None) for i in (index[0], index[1], index[3]))
+    leading = isinstance(keys, slice) and keys.start in (None, 0) and keys.step in (None, 1)
+    if not (rest_whole and leading and whole.shape[2] > meta_val(k).shape[2]):
+        return None
+    return dataclasses.replace(site, k=source)
 
 
 def site_channels(plan: Plan, site: AttentionSite, rule: Rule) -> tuple | None:
@@ -342,11 +368,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | N
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    # Inductor calls the sparse op rather than tracing into it (scoped, not a global flip):
-    # - on CPU the op is the chunked reference, whose loop would specialise on the sequence length;
-    # - on CUDA the launcher reads the strides of the tensors it gets. Traced, it would bake the
-    #   strides seen at trace time, and torch 2.11's Inductor only keeps their order: a batch of 2
-    #   then read out of bounds on the H100. Opaque, the kernel always sees the real strides.
+    # Inductor calls the sparse ops rather than tracing into them: they are custom ops (see
+    # kernels/__init__.py); the patch keeps any Triton op opaque too (scoped, not a global flip).
     config = torch._inductor.list_mode_options(mode) if mode else {}  # e.g. CUDA graphs
     with torch._functorch.config.patch(decompose_custom_triton_ops=False):
         return compile_fx(gm, example_inputs, config_patches=config)
