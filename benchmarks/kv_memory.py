@@ -52,7 +52,9 @@ def make_cache(where: str, model, length: int):
     from transformers import StaticCache
 
     if where == "host":
-        return sparsecomp.HostKVCache(config=model.config, max_cache_len=length)
+        return sparsecomp.HostKVCache(
+            config=model.config, max_cache_len=length, batch_size=1, dtype=torch.bfloat16, device="cuda"
+        )
     return StaticCache(config=model.config, max_cache_len=length, offloading=where == "hf-offload")
 
 

@@ -32,7 +32,10 @@ def test_host_cache_generates_the_tokens_of_a_static_cache(rule):
         StaticCache(config=model.config, max_cache_len=length),
     )  # fmt: skip
     torch._dynamo.reset()
-    host = sparsecomp.HostKVCache(config=model.config, max_cache_len=length)
+    host = sparsecomp.HostKVCache(
+        config=model.config, max_cache_len=length, batch_size=2, dtype=torch.float32, device=DEVICE
+    )  # allocated here, before the compiled forward (required on a GPU)
+    assert all(layer.is_initialized for layer in host.layers)
     offloaded = generate_with(sparsecomp.compile(model, plan, inner="eager", cost_model=False), ids, mask, host)
     assert all(type(layer).__name__ == "HostStaticLayer" for layer in host.layers)
     assert torch.equal(offloaded.sequences, on_device.sequences)

@@ -20,8 +20,6 @@ transformers (the ``hf`` extra).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
@@ -45,18 +43,6 @@ class _HostMemoryView:
         }
 
 
-def _page_lock(host: torch.Tensor) -> None:
-    """Register ``host``'s memory with the driver (page-locked, mapped, for every device); undone
-    when the tensor is freed. (``pin_memory`` would round the size up to a power of two.)"""
-    cudart = torch.cuda.cudart()
-    nbytes = host.numel() * host.element_size()
-    portable_and_mapped = 0x1 | 0x2  # cudaHostRegisterPortable | cudaHostRegisterMapped
-    err = cudart.cudaHostRegister(host.data_ptr(), nbytes, portable_and_mapped)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (error {int(err)}): is host memory short?")
-    weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
-
-
 def host_resident(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros of ``shape`` in host memory, as a tensor of ``device``: on a GPU, a CUDA tensor whose
     storage is page-locked host memory (kernels read and write it across the bus); elsewhere an
@@ -64,11 +50,13 @@ def host_resident(shape, dtype: torch.dtype, device: torch.device) -> torch.Tens
     device = torch.device(device)
     if device.type != "cuda":
         return torch.zeros(shape, dtype=dtype, device=device)
-    host = torch.empty(shape, dtype=dtype)
-    _page_lock(host)
+    # cudaHostAlloc'ed (PyTorch's pinned allocator): under unified addressing its device address is
+    # its host address. (Memory page-locked later by cudaHostRegister was not addressable so on the
+    # H200: kernels writing it faulted.) Zeroed by the CPU, before any kernel sees it.
+    host = torch.zeros(shape, dtype=dtype, pin_memory=True)
     with torch.cuda.device(device):
         view = torch.as_tensor(_HostMemoryView(host.view(_integer_dtype(dtype)), device), device=device)
-    return view.view(dtype).zero_()  # zeroed by the GPU across the bus: faster than by one CPU core
+    return view.view(dtype)
 
 
 def _integer_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,6 +71,14 @@ def _host_layer_class(base: type) -> type:
         host_resident = True
 
         def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+            if key_states.device.type == "cuda" and torch.compiler.is_compiling():
+                # host memory cannot be allocated inside a traced graph (a graph break there would
+                # lose the site names of the rest of the layer)
+                raise RuntimeError(
+                    "HostKVCache on a GPU must be allocated before the model runs: give it batch_size, "
+                    "dtype and device (HostKVCache(config=..., max_cache_len=..., batch_size=1, "
+                    "dtype=torch.bfloat16, device='cuda'))"
+                )
             super().lazy_initialization(key_states, value_states, *args, **kwargs)
             if self.keys.device.type == "cuda":
                 # the GPU tensors HF just made are freed here (they were never written)
@@ -105,8 +101,7 @@ HostStaticLayer = _host_layer_class(StaticLayer)
 def _rehome(t: torch.Tensor) -> torch.Tensor:
     """``t``'s shape and dtype in host memory (zeros), marked static like HF marks its cache."""
     host = host_resident(t.shape, t.dtype, t.device)
-    if not torch.compiler.is_compiling():
-        torch._dynamo.mark_static_address(host)
+    torch._dynamo.mark_static_address(host)
     return host
 
 
@@ -114,10 +109,18 @@ class HostKVCache(StaticCache):
     """A ``transformers.StaticCache`` whose full-attention layers keep K/V in host memory, read in
     place by the GPU (sliding-window layers, small by construction, stay on the GPU). Pass it to
     ``generate`` as ``past_key_values``; with a Double Sparsity decode rule each step reads only the
-    selected tokens' K/V across the bus. Same arguments as ``StaticCache``."""
+    selected tokens' K/V across the bus. The arguments of ``StaticCache``, and on a GPU
+    ``batch_size``, ``dtype`` and ``device``: host memory is allocated here, not in the compiled
+    forward."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, config, max_cache_len: int, *args, batch_size=None, dtype=None, device=None, **kwargs):
+        super().__init__(config, max_cache_len, *args, **kwargs)
         for layer in self.layers:
             if type(layer) is StaticLayer:  # not allocated yet: its lazy_initialization places it
                 layer.__class__ = HostStaticLayer
+        if batch_size is not None and device is not None:
+            text = config.get_text_config(decoder=True)
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            kv_heads = text.num_key_value_heads or text.num_attention_heads
+            dtype = dtype or getattr(text, "dtype", None) or torch.float32
+            self.early_initialization(batch_size, kv_heads, head_dim, dtype, torch.device(device))
