@@ -8,7 +8,7 @@ virtual addressing), so the cache tensors here are CUDA tensors whose storage is
 decode kernel gathers the selected rows across the bus itself. No staging buffer, no copy stream,
 no host sync (a decode step stays CUDA-graph capturable), and the graphs sparsecomp compiles are
 the same as for a GPU cache. A head whose rule is dense reads its whole cache across the bus each
-step, what a FlexGen-style full copy costs. The label cache and Quest's page bounds are allocated
+step (on the H200 a little slower than copying it: benchmarks/results/kv_memory.md). The label cache and Quest's page bounds are allocated
 on the site's device, the GPU.
 
 A multi-token update (the prompt) returns a GPU copy of the layer's cache for that forward only:
