@@ -45,7 +45,7 @@ def test_host_cache_generates_the_tokens_of_a_static_cache(rule):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(DEVICE != "cuda", reason="host-resident tensors are a GPU feature")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-resident tensors are a GPU feature")
 def test_host_resident_tensors_take_no_gpu_memory_and_are_read_and_written_by_kernels():
     from sparsecomp.runtime.host_cache import host_resident
 
