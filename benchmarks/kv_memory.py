@@ -59,7 +59,7 @@ def make_cache(where: str, model, length: int):
 
 
 def runner(path: str, model):
-    where, _, rule = path.partition(" ")
+    rule = path.partition(" ")[2]
     if rule == "eager":
         return model, None
     if rule == "torch.compile":

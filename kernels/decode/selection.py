@@ -145,7 +145,7 @@ def page_bounds_reference(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int)
     return _group_max(bound, see.expand(b, hq, nq, n_pages), n_sel)
 
 
-def label_scores_triton(q_channels, labels, q_last, key_ok, n_sel: int, launch=None, block_n: int = 256,
+def label_scores_triton(q_channels, labels, q_last, key_ok, n_sel: int, block_n: int = 256,
                         num_warps: int = 4):  # fmt: skip
     b, hq, nq, group, block_m = _rows_of(q_channels, n_sel)
     block_m = max(16, block_m)  # tl.dot's smallest tile
@@ -153,7 +153,7 @@ def label_scores_triton(q_channels, labels, q_last, key_ok, n_sel: int, launch=N
     out = torch.empty(b, n_sel, nk, dtype=torch.float32, device=labels.device)
     q_last = q_last.contiguous()
     key_ok = key_ok.contiguous().view(torch.uint8) if key_ok is not None else q_last  # unread without it
-    (launch or (lambda f: f))(_label_scores)[(triton.cdiv(nk, block_n), b * n_sel)](
+    _label_scores[(triton.cdiv(nk, block_n), b * n_sel)](
         q_channels, labels, q_last, key_ok, out, *q_channels.stride(), *labels.stride(),
         nk, nq, n_sel, group, n_sel // hkv, c,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=max(16, triton.next_power_of_2(c)), HAS_KEY_OK=key_ok is not q_last,
@@ -162,7 +162,7 @@ def label_scores_triton(q_channels, labels, q_last, key_ok, n_sel: int, launch=N
     return out
 
 
-def page_bounds_triton(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int, launch=None, block_p: int = 64):
+def page_bounds_triton(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int, block_p: int = 64):
     b, hq, nq, group, block_m = _rows_of(q, n_sel)
     block_m = max(16, block_m)  # tl.dot's smallest tile
     hkv, n_pages, d = kmin.shape[1], kmin.shape[2], kmin.shape[3]
@@ -170,7 +170,7 @@ def page_bounds_triton(q, kmin, kmax, q_last, page_ok, page: int, n_sel: int, la
         kmax = kmax.contiguous()
         kmin = kmin.contiguous()
     out = torch.empty(b, n_sel, n_pages, dtype=torch.float32, device=q.device)
-    (launch or (lambda f: f))(_page_bounds)[(triton.cdiv(n_pages, block_p), b * n_sel)](
+    _page_bounds[(triton.cdiv(n_pages, block_p), b * n_sel)](
         q, kmin, kmax, q_last.contiguous(), page_ok.contiguous().view(torch.uint8), out,
         *q.stride(), *kmin.stride(), n_pages, page, nq, n_sel, group, n_sel // hkv,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(d)),

@@ -178,9 +178,8 @@ def check_decode_inputs(q, k, v, tokens, q_last, key_ok) -> None:
 
 
 def sparse_decode_triton(q, k, v, tokens, q_last, key_ok, scale: float, softcap: float = 0.0,
-                         block_n: int = 64, num_warps: int = 4, launch=None, out=None) -> torch.Tensor:  # fmt: skip
-    """Launch the split kernel and the combine. ``launch`` wraps the kernels
-    (a test's spy, say); ``out`` lets tests pass a poisoned buffer."""
+                         block_n: int = 64, num_warps: int = 4, out=None) -> torch.Tensor:  # fmt: skip
+    """Launch the split kernel and the combine. ``out`` lets tests pass a poisoned buffer."""
     check_decode_inputs(q, k, v, tokens, q_last, key_ok)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -197,8 +196,7 @@ def sparse_decode_triton(q, k, v, tokens, q_last, key_ok, scale: float, softcap:
         out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
     tokens, q_last = tokens.contiguous(), q_last.contiguous()
     key_ok = key_ok.contiguous().view(torch.uint8) if key_ok is not None else q_last  # unread without it
-    wrap = launch or (lambda f: f)
-    wrap(_decode_split)[(splits, b * hs)](
+    _decode_split[(splits, b * hs)](
         q, k, v, tokens, q_last, key_ok, m_part, l_part, acc_part,
         *q.stride(), *k.stride(), *v.stride(), *tokens.stride(), q_last.stride(0),
         n_slots, size, splits, nk, nq, hs, group, hs // hkv, scale * LOG2E, softcap,
@@ -206,7 +204,7 @@ def sparse_decode_triton(q, k, v, tokens, q_last, key_ok, scale: float, softcap:
         HAS_KEY_OK=key_ok is not q_last, HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
     )  # fmt: skip
-    wrap(_decode_combine)[(b * hs, group * nq)](
+    _decode_combine[(b * hs, group * nq)](
         m_part, l_part, acc_part, out, *out.stride(), splits, nq, hs, group,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(splits)),
     )  # fmt: skip

@@ -127,7 +127,7 @@ def _diagonal_lists_kernel(
 # fmt: on
 
 
-def diagonal_lists_triton(rel_set, q_lo, q_hi, k_lo, k_hi, k_all, base, causal, window, *, chunk=256, launch=None):
+def diagonal_lists_triton(rel_set, q_lo, q_hi, k_lo, k_hi, k_all, base, causal, window, *, chunk=256):
     b, hq = rel_set.shape[:2]
     n_qb, n_kb = q_lo.shape[-1], k_lo.shape[-1]
     rel_set = rel_set.contiguous()
@@ -135,8 +135,7 @@ def diagonal_lists_triton(rel_set, q_lo, q_hi, k_lo, k_hi, k_all, base, causal, 
     k_all = k_all.to(torch.int8).contiguous()
     full, part = (torch.zeros(b, hq, n_qb, n_kb, dtype=torch.int32, device=rel_set.device) for _ in range(2))
     full_count, part_count = (torch.empty(b, hq, n_qb, dtype=torch.int32, device=rel_set.device) for _ in range(2))
-    wrap = launch or (lambda f: f)
-    wrap(_diagonal_lists_kernel)[(n_qb, b * hq)](
+    _diagonal_lists_kernel[(n_qb, b * hq)](
         rel_set, q_lo, q_hi, k_lo, k_hi, k_all, full, full_count, part, part_count,
         rel_set.stride(0), rel_set.stride(1), _batch_stride(q_lo), _batch_stride(k_lo), _batch_stride(k_all),
         hq, n_qb, n_kb, base, window,
@@ -212,13 +211,12 @@ def _column_lists_kernel(
 # fmt: on
 
 
-def column_lists_triton(ids, rel_set, base, n_qb, n_k, shift, block_m, block_n, *, chunk=256, launch=None):
+def column_lists_triton(ids, rel_set, base, n_qb, n_k, shift, block_m, block_n, *, chunk=256):
     b, hq, width = ids.shape
     ids, rel_set = ids.to(torch.int32).contiguous(), rel_set.contiguous()
     columns = torch.empty(b, hq, n_qb, width, dtype=torch.int32, device=ids.device)
     count = torch.empty(b, hq, n_qb, dtype=torch.int32, device=ids.device)
-    wrap = launch or (lambda f: f)
-    wrap(_column_lists_kernel)[(n_qb, b * hq)](
+    _column_lists_kernel[(n_qb, b * hq)](
         ids, rel_set, columns, count,
         ids.stride(0), ids.stride(1), rel_set.stride(0), rel_set.stride(1),
         hq, n_qb, -(-n_k // block_n), width, n_k, shift, base,

@@ -370,13 +370,12 @@ def sparse_attention_triton(
     q, k, v, q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
     head_sink, head_window, scale: float, causal: bool, window: int, softcap: float, block_m: int, block_n: int,
     tile_n: int = 0, num_warps: int = 0, num_stages: int = 0, tma: int = -1, tile_m: int = 0,
-    launch=None, out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # fmt: on
     """Launch the kernel. ``tma``: 1 = K/V tiles by tensor descriptors (error if they cannot be
-    made), 0 = by pointers, -1 = descriptors where the GPU and layout allow. ``launch`` wraps the
-    kernel (a test's spy, say); ``out`` lets tests pass a poisoned buffer
-    to prove every element is written."""
+    made), 0 = by pointers, -1 = descriptors where the GPU and layout allow. ``out`` lets tests pass a
+    poisoned buffer to prove every element is written."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     check_kernel_options(block_m, block_n, tile_n, num_warps, num_stages, tma, tile_m)
@@ -404,8 +403,7 @@ def sparse_attention_triton(
         if tma == 1 and (desc_k is None or desc_v is None):
             raise ValueError("tma=1 but K/V cannot be read by tensor descriptors on this device and layout")
     use_tma = desc_k is not None and desc_v is not None
-    kernel = (launch or (lambda f: f))(_sparse_attention_fwd)
-    kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), b * hq)](
+    _sparse_attention_fwd[(triton.cdiv(nq, cfg["BLOCK_M"]), b * hq)](
         q,
         k,
         v,

@@ -196,7 +196,7 @@ def _default_splits(n_rows: int, n_k: int, programs: int, block_m: int, block_n:
 
 def column_mass_triton(
     q_rows, k, row_pos, k_pos, key_ok, scale: float, causal: bool, window: int, first_row: int | None = None, *,
-    block_m: int = 64, block_n: int = 128, num_warps: int = 4, splits: int = 0, launch=None,
+    block_m: int = 64, block_n: int = 128, num_warps: int = 4, splits: int = 0,
 ):  # fmt: skip
     """Launch both passes; returns the (B, Hq, Nk) fp32 column mass, and with ``first_row`` (the key
     index of the first row; the rows are consecutive) also the slash mass (see ``column_slash_mass``).
@@ -217,7 +217,6 @@ def column_mass_triton(
     mass = torch.empty(b, hq, n_k, dtype=torch.float32, device=q_rows.device)
     slash = torch.zeros_like(mass) if first_row is not None else mass  # unread without first_row
     block_d = max(16, triton.next_power_of_2(d))
-    wrap = launch or (lambda f: f)
     ok_arg = key_ok.view(torch.uint8) if key_ok is not None else k_pos  # unread without padding
     common = (
         *q_rows.stride(),
@@ -247,11 +246,11 @@ def column_mass_triton(
         num_warps=num_warps,
     )
     inputs = (q_rows, k, row_pos, k_pos, ok_arg)
-    wrap(_row_lse_kernel)[(triton.cdiv(n_rows, block_m), b * hq, splits)](*inputs, partial, slash, *common, **flags)
+    _row_lse_kernel[(triton.cdiv(n_rows, block_m), b * hq, splits)](*inputs, partial, slash, *common, **flags)
     # log2 sum over the splits; a row that sees no key gets +inf (2^(s - inf) = 0 credits nothing)
     lse = torch.logsumexp(partial * math.log(2), dim=2) / math.log(2)
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    wrap(_column_mass_kernel)[(triton.cdiv(n_k, block_n), b * hkv)](*inputs, lse, mass, slash, *common, **flags)
+    _column_mass_kernel[(triton.cdiv(n_k, block_n), b * hkv)](*inputs, lse, mass, slash, *common, **flags)
     return (mass, slash) if slash is not mass else mass
 
 

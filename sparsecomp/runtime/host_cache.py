@@ -8,8 +8,8 @@ virtual addressing), so the cache tensors here are CUDA tensors whose storage is
 decode kernel gathers the selected rows across the bus itself. No staging buffer, no copy stream,
 no host sync (a decode step stays CUDA-graph capturable), and the graphs sparsecomp compiles are
 the same as for a GPU cache. A head whose rule is dense reads its whole cache across the bus each
-step (on the H200 a little slower than copying it: benchmarks/results/kv_memory.md). The label cache and Quest's page bounds are allocated
-on the site's device, the GPU.
+step (on the H200 a little slower than copying it: benchmarks/results/kv_memory.md). The label
+cache and Quest's page bounds are allocated on the site's device, the GPU.
 
 A multi-token update (the prompt) returns a GPU copy of the layer's cache for that forward only:
 prefill attention reads every key many times, which must not cross the bus each time.
@@ -24,16 +24,17 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-_TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}  # bytes per element -> an integer of that size
+# bytes per element -> an integer type of that size (the array interface knows no bfloat16)
+_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}
 
 
 class _HostMemoryView:
     """The CUDA array interface of a page-locked host tensor; the GPU tensor made from it keeps
     this object, and so the host tensor, alive."""
 
-    def __init__(self, host: torch.Tensor, device: torch.device):
+    def __init__(self, host: torch.Tensor):
         self.host = host
-        self.device = device
         self.__cuda_array_interface__ = {
             "shape": tuple(host.shape),
             "typestr": _TYPESTR[host.element_size()],
@@ -55,47 +56,35 @@ def host_resident(shape, dtype: torch.dtype, device: torch.device) -> torch.Tens
     # H200: kernels writing it faulted.) Zeroed by the CPU, before any kernel sees it.
     host = torch.zeros(shape, dtype=dtype, pin_memory=True)
     with torch.cuda.device(device):
-        view = torch.as_tensor(_HostMemoryView(host.view(_integer_dtype(dtype)), device), device=device)
+        view = torch.as_tensor(_HostMemoryView(host.view(_INTEGER[dtype.itemsize])), device=device)
     return view.view(dtype)
 
 
-def _integer_dtype(dtype: torch.dtype) -> torch.dtype:
-    size = torch.empty((), dtype=dtype).element_size()
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+class HostStaticLayer(StaticLayer):
+    """A static cache layer with host-resident keys and values."""
 
+    host_resident = True
 
-def _host_layer_class(base: type) -> type:
-    """``base`` (a transformers static cache layer class) with host-resident keys and values."""
+    def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+        if key_states.device.type == "cuda" and torch.compiler.is_compiling():
+            # host memory cannot be allocated inside a traced graph (a graph break there would
+            # lose the site names of the rest of the layer)
+            raise RuntimeError(
+                "HostKVCache on a GPU must be allocated before the model runs: give it batch_size, "
+                "dtype and device (HostKVCache(config=..., max_cache_len=..., batch_size=1, "
+                "dtype=torch.bfloat16, device='cuda'))"
+            )
+        super().lazy_initialization(key_states, value_states, *args, **kwargs)
+        if self.keys.device.type == "cuda":
+            # the GPU tensors HF just made are freed here (they were never written)
+            self.keys = _rehome(self.keys)
+            self.values = _rehome(self.values)
 
-    class HostLayer(base):
-        host_resident = True
-
-        def lazy_initialization(self, key_states, value_states, *args, **kwargs):
-            if key_states.device.type == "cuda" and torch.compiler.is_compiling():
-                # host memory cannot be allocated inside a traced graph (a graph break there would
-                # lose the site names of the rest of the layer)
-                raise RuntimeError(
-                    "HostKVCache on a GPU must be allocated before the model runs: give it batch_size, "
-                    "dtype and device (HostKVCache(config=..., max_cache_len=..., batch_size=1, "
-                    "dtype=torch.bfloat16, device='cuda'))"
-                )
-            super().lazy_initialization(key_states, value_states, *args, **kwargs)
-            if self.keys.device.type == "cuda":
-                # the GPU tensors HF just made are freed here (they were never written)
-                self.keys = _rehome(self.keys)
-                self.values = _rehome(self.values)
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            keys, values = super().update(key_states, value_states, *args, **kwargs)
-            if key_states.shape[-2] > 1 and keys.device.type == "cuda":
-                return keys.clone(), values.clone()  # the prompt's attention reads GPU memory
-            return keys, values
-
-    HostLayer.__name__ = HostLayer.__qualname__ = "Host" + base.__name__
-    return HostLayer
-
-
-HostStaticLayer = _host_layer_class(StaticLayer)
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if key_states.shape[-2] > 1 and keys.device.type == "cuda":
+            return keys.clone(), values.clone()  # the prompt's attention reads GPU memory
+        return keys, values
 
 
 def _rehome(t: torch.Tensor) -> torch.Tensor:
