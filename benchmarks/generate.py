@@ -59,12 +59,16 @@ def random_channels(model, count: int = 16) -> dict:
     }
 
 
-def fill_randomly(cache, backend) -> None:
-    """Keys and values of every layer, and sparsecomp's decode state, as after a long prompt."""
+def fill_randomly(cache, backend, context: int) -> None:
+    """Keys and values of every layer, and sparsecomp's decode state, as after a prompt of
+    ``context`` tokens."""
     for layer in cache.layers:
         for t in (layer.keys, layer.values):
             if t.is_cuda:  # host copies (an offloading cache) keep zeros: speed does not depend on values
                 t.normal_()
+        # a static layer writes the next token at its own count of written tokens and masks the
+        # rest: without this the model sees only the short prompt (selections then read nothing)
+        layer.cumulative_length.fill_(context)
     states = [] if backend is None else backend.states.tensors.values()
     for state in states:
         for t in state:
@@ -97,7 +101,7 @@ def step_times(forward, model, batch: int, context: int, steps: int, backend_of=
             cache_position=torch.arange(PROMPT, device=dev), logits_to_keep=1,
         )  # fmt: skip
         progress(f"prompt (compile included) {time.perf_counter() - start:.1f} s")
-        fill_randomly(cache, backend_of() if backend_of else None)
+        fill_randomly(cache, backend_of() if backend_of else None, context)
         token = out.logits[:, -1:].argmax(-1)
         times = []
         for t in range(steps):

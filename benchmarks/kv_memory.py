@@ -5,7 +5,7 @@ with random keys and values, as in benchmarks/generate.py) and reports the GPU b
 of sparsecomp's decode state (counted from the tensors by ``report.memory``, and checked against the
 allocator's growth), the host bytes, and the median time per decode step. Paths:
 
-- ``gpu torch.compile``: dense, cache on the GPU (the baseline for memory).
+- ``gpu eager`` and ``gpu torch.compile``: dense, cache on the GPU (the baselines for time and memory).
 - ``gpu RULE``: sparsecomp with a decode rule, cache on the GPU.
 - ``host RULE``: sparsecomp with the cache in host memory (``sparsecomp.HostKVCache``), read in
   place by the GPU: Double Sparsity-Offload with a double_sparsity rule; with ``dense``, every
@@ -45,7 +45,7 @@ from sparsecomp.runtime.kv_memory import kv_memory  # noqa: E402
 
 GIB = 2**30
 DS = "double_sparsity:channels=16,ratio=0.0625"
-PATHS = ["gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dense", "hf-offload eager"]
+PATHS = ["gpu eager", "gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dense", "hf-offload eager"]
 
 
 def make_cache(where: str, model, length: int):
@@ -69,21 +69,22 @@ def runner(path: str, model):
     return compiled, compiled
 
 
-def measure(path: str, model, context: int, steps: int) -> dict:
+def measure(path: str, model, context: int, steps: int, warmup: int) -> dict:
     where = path.partition(" ")[0]
     forward, compiled = runner(path, model)
-    cache = make_cache(where, model, context + steps + 1)
+    cache = make_cache(where, model, context + warmup + steps + 1)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     backend_of = None if compiled is None else (lambda: compiled._sparsecomp_backend)
-    times = step_times(forward, model, 1, context, steps, backend_of, cache)
+    times = step_times(forward, model, 1, context, warmup + steps, backend_of, cache)
     report = sparsecomp.inspect(compiled) if compiled is not None else None
     memory = report.memory(cache) if report is not None else kv_memory(cache)
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     row = {
         "path": path, "context": context, "layers": model.config.num_hidden_layers,
-        "ms_per_token": statistics.median(times[steps // 4 :]) * 1e3,
+        "ms_per_token": statistics.median(times[warmup:]) * 1e3,
+        "step_ms": [round(t * 1e3, 2) for t in times],
         "kv_gpu_gib": memory.total("kv_gpu") / GIB, "state_gpu_gib": memory.total("state_gpu") / GIB,
         "gpu_gib": memory.total("gpu") / GIB, "host_gib": memory.total("kv_host") / GIB,
         "dense_gib": memory.total("dense") / GIB,
@@ -134,13 +135,13 @@ COLUMNS = [
 
 def one_row(args) -> None:
     model = build_model(args.shape, args.layers, torch.bfloat16, "cuda")
-    row = measure(args.path, model, args.context, args.steps)
+    row = measure(args.path, model, args.context, args.steps, args.warmup)
     print(json.dumps(row), flush=True)
 
 
 def run_row(args, path: str, context: int) -> dict:
     cmd = [sys.executable, __file__, "--one", "--path", path, "--context", str(context), "--shape", args.shape,
-           "--steps", str(args.steps), "--layers", str(args.layers)]  # fmt: skip
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--layers", str(args.layers)]  # fmt: skip
     try:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.row_timeout)
     except subprocess.TimeoutExpired:
@@ -171,7 +172,13 @@ def main(argv=None):
     p.add_argument("--contexts", type=int, nargs="+", default=[131072, 262144])
     p.add_argument("--paths", nargs="+", default=PATHS)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps (the median is reported)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=12,
+        help="untimed steps first: transformers' offloading cache took ~10 steps to settle",
+    )
     p.add_argument("--host-gib", type=float, default=100.0, help="host memory a cache may lock")
     p.add_argument("--row-timeout", type=float, default=200)
     p.add_argument("--out", default="benchmarks/results")

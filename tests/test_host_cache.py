@@ -63,7 +63,9 @@ def test_memory_report_counts_host_kv_and_the_label_cache_per_layer():
     ids, mask = prompt(2, n=20)
     length = ids.shape[1] + NEW_TOKENS
     compiled = sparsecomp.compile(model, decode_plan("double_sparsity:channels=4,k=8"), inner="eager", cost_model=False)
-    host = sparsecomp.HostKVCache(config=model.config, max_cache_len=length)
+    host = sparsecomp.HostKVCache(
+        config=model.config, max_cache_len=length, batch_size=2, dtype=torch.float32, device=DEVICE
+    )
     generate_with(compiled, ids, mask, host)
     memory = sparsecomp.inspect(compiled).memory(host)
     cfg = model.config
