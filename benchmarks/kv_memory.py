@@ -1,4 +1,4 @@
-"""KV-cache memory and offloaded decoding of a Llama-3-8B-shaped model (random bf16 weights), batch 1.
+"""KV-cache memory and offloaded decoding of a Llama-3-8B-shaped model (random bf16 weights).
 
 Each row decodes from a static cache of ``context`` keys (a 16-token prompt, then the cache filled
 with random keys and values, as in benchmarks/generate.py) and reports the GPU bytes of the K/V and
@@ -17,7 +17,8 @@ allocator's growth), the host bytes, and the median time per decode step. Paths:
 Channels are random (accuracy is benchmarks/decode_accuracy.py's question; the offloaded cache
 gives the tokens of the on-GPU one, tests/test_host_cache.py). Per-step time and KV bytes grow
 linearly with the layers; the largest batch at each context is computed for all 32 layers from the
-measured bytes per layer and sequence. Each row runs in a process of its own.
+measured bytes per layer and sequence; ``--batch B`` decodes B sequences in every row (tokens/s at a
+batch that fits). Each row runs in a process of its own.
 
     python benchmarks/kv_memory.py --layers 8 --out DIR
 """
@@ -48,12 +49,12 @@ DS = "double_sparsity:channels=16,ratio=0.0625"
 PATHS = ["gpu eager", "gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dense", "hf-offload eager"]
 
 
-def make_cache(where: str, model, length: int):
+def make_cache(where: str, model, length: int, batch: int):
     from transformers import StaticCache
 
     if where == "host":
         return sparsecomp.HostKVCache(
-            config=model.config, max_cache_len=length, batch_size=1, dtype=torch.bfloat16, device="cuda"
+            config=model.config, max_cache_len=length, batch_size=batch, dtype=torch.bfloat16, device="cuda"
         )
     return StaticCache(config=model.config, max_cache_len=length, offloading=where == "hf-offload")
 
@@ -69,21 +70,22 @@ def runner(path: str, model):
     return compiled, compiled
 
 
-def measure(path: str, model, context: int, steps: int, warmup: int) -> dict:
+def measure(path: str, model, context: int, steps: int, warmup: int, batch: int) -> dict:
     where = path.partition(" ")[0]
     forward, compiled = runner(path, model)
-    cache = make_cache(where, model, context + warmup + steps + 1)
+    cache = make_cache(where, model, context + warmup + steps + 1, batch)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     backend_of = None if compiled is None else (lambda: compiled._sparsecomp_backend)
-    times = step_times(forward, model, 1, context, warmup + steps, backend_of, cache)
+    times = step_times(forward, model, batch, context, warmup + steps, backend_of, cache)
     report = sparsecomp.inspect(compiled) if compiled is not None else None
     memory = report.memory(cache) if report is not None else kv_memory(cache)
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     row = {
-        "path": path, "context": context, "layers": model.config.num_hidden_layers,
+        "path": path, "context": context, "batch": batch, "layers": model.config.num_hidden_layers,
         "ms_per_token": statistics.median(times[warmup:]) * 1e3,
+        "tokens_per_s": batch / statistics.median(times[warmup:]),
         "step_ms": [round(t * 1e3, 2) for t in times],
         "kv_gpu_gib": memory.total("kv_gpu") / GIB, "state_gpu_gib": memory.total("state_gpu") / GIB,
         "gpu_gib": memory.total("gpu") / GIB, "host_gib": memory.total("kv_host") / GIB,
@@ -108,7 +110,7 @@ def largest_batch(row: dict, shape: str, gpu_gib: float, host_gib: float) -> dic
     layers = SHAPES[shape][1]
     scale = layers / row["layers"]
     weights = row["other_weights_gib"] + layers * row["layer_weights_gib"]
-    per_gpu, per_host = row["gpu_gib"] * scale, row["host_gib"] * scale
+    per_gpu, per_host = (row[k] * scale / row.get("batch", 1) for k in ("gpu_gib", "host_gib"))
     by_gpu = int((0.9 * gpu_gib - weights) // per_gpu) if per_gpu > 0 else None
     by_host = int(host_gib // per_host) if per_host > 0 else None
     fits = [b for b in (by_gpu, by_host) if b is not None]
@@ -117,9 +119,11 @@ def largest_batch(row: dict, shape: str, gpu_gib: float, host_gib: float) -> dic
 
 COLUMNS = [
     ("context", "context", ""),
+    ("batch", "B", ""),
     ("layers", "layers", ""),
     ("path", "path", ""),
     ("ms_per_token", "ms / step", ".2f"),
+    ("tokens_per_s", "tokens / s", ".1f"),
     ("vs_full_copy", "x hf-offload", ".2f"),
     ("gpu_gib", "GPU GiB (KV + state)", ".3f"),
     ("state_gpu_gib", "of it state", ".3f"),
@@ -135,13 +139,14 @@ COLUMNS = [
 
 def one_row(args) -> None:
     model = build_model(args.shape, args.layers, torch.bfloat16, "cuda")
-    row = measure(args.path, model, args.context, args.steps, args.warmup)
+    row = measure(args.path, model, args.context, args.steps, args.warmup, args.batch)
     print(json.dumps(row), flush=True)
 
 
 def run_row(args, path: str, context: int) -> dict:
     cmd = [sys.executable, __file__, "--one", "--path", path, "--context", str(context), "--shape", args.shape,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--layers", str(args.layers)]  # fmt: skip
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+           "--layers", str(args.layers)]  # fmt: skip
     try:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.row_timeout)
     except subprocess.TimeoutExpired:
@@ -155,7 +160,9 @@ def run_row(args, path: str, context: int) -> dict:
 def add_ratios(rows: list[dict], args) -> None:
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB
     for r in rows:
-        same = [o for o in rows if o["context"] == r["context"] and "ms_per_token" in o]
+        same = [
+            o for o in rows if o["context"] == r["context"] and o.get("batch") == r.get("batch") and "ms_per_token" in o
+        ]
         full_copy = [o["ms_per_token"] for o in same if o["path"].startswith("hf-offload")]
         if "ms_per_token" not in r:
             continue
@@ -172,6 +179,7 @@ def main(argv=None):
     p.add_argument("--contexts", type=int, nargs="+", default=[131072, 262144])
     p.add_argument("--paths", nargs="+", default=PATHS)
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (all rows)")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps (the median is reported)")
     p.add_argument(
         "--warmup",
@@ -188,7 +196,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.one:
         return one_row(args)
-    env = {**environment(), "model": f"Llama-3-8B shape, {args.layers} layers, random bf16 weights, B=1"}
+    env = {**environment(), "model": f"Llama-3-8B shape, {args.layers} layers, random bf16 weights, B={args.batch}"}
     rows = []
     for context in args.contexts:
         for path in args.paths:
