@@ -75,6 +75,9 @@ def _compiled_generate(model: torch.nn.Module, compiled_forward):
     @functools.wraps(model.generate)
     def generate(*args, **kwargs):
         kwargs.setdefault("disable_compile", True)
+        check_cache = getattr(kwargs.get("past_key_values"), "check_allocated_for", None)
+        if check_cache is not None:  # a HostKVCache: checked here, outside the compiled forward
+            check_cache(next(model.parameters()).device)
         with _forward_replaced(model, compiled_forward):
             return model.generate(*args, **kwargs)
 

@@ -75,3 +75,15 @@ def test_memory_report_counts_host_kv_and_the_label_cache_per_layer():
     assert [row.sites for row in memory.layers] == [[f"model.layers.{i}.self_attn"] for i in range(2)]
     assert all(r.kv_host == kv and r.kv_gpu == 0 and r.dense == kv and r.state_gpu == labels for r in memory.layers)
     assert memory.total("gpu") == 2 * labels and "of a dense GPU cache" in str(memory)
+
+
+def test_a_lazily_allocated_host_cache_is_refused_for_a_gpu_model_before_it_runs():
+    model = tiny_llama().eval()
+    lazy = sparsecomp.HostKVCache(config=model.config, max_cache_len=32)
+    with pytest.raises(RuntimeError, match="must be allocated before the model runs"):
+        lazy.check_allocated_for("cuda")
+    lazy.check_allocated_for("cpu")  # host memory is the model's memory there: nothing to refuse
+    early = sparsecomp.HostKVCache(
+        config=model.config, max_cache_len=32, batch_size=1, dtype=torch.float32, device="cpu"
+    )
+    early.check_allocated_for("cuda")  # initialized layers pass

@@ -60,6 +60,12 @@ def host_resident(shape, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return view.view(dtype)
 
 
+ALLOCATE_FIRST = (
+    "HostKVCache on a GPU must be allocated before the model runs: give it batch_size, dtype and "
+    "device (HostKVCache(config=..., max_cache_len=..., batch_size=1, dtype=torch.bfloat16, device='cuda'))"
+)
+
+
 class HostStaticLayer(StaticLayer):
     """A static cache layer with host-resident keys and values."""
 
@@ -69,11 +75,7 @@ class HostStaticLayer(StaticLayer):
         if key_states.device.type == "cuda" and torch.compiler.is_compiling():
             # host memory cannot be allocated inside a traced graph (a graph break there would
             # lose the site names of the rest of the layer)
-            raise RuntimeError(
-                "HostKVCache on a GPU must be allocated before the model runs: give it batch_size, "
-                "dtype and device (HostKVCache(config=..., max_cache_len=..., batch_size=1, "
-                "dtype=torch.bfloat16, device='cuda'))"
-            )
+            raise RuntimeError(ALLOCATE_FIRST)
         super().lazy_initialization(key_states, value_states, *args, **kwargs)
         if self.keys.device.type == "cuda":
             # the GPU tensors HF just made are freed here (they were never written)
@@ -113,3 +115,10 @@ class HostKVCache(StaticCache):
             kv_heads = text.num_key_value_heads or text.num_attention_heads
             dtype = dtype or getattr(text, "dtype", None) or torch.float32
             self.early_initialization(batch_size, kv_heads, head_dim, dtype, torch.device(device))
+
+    def check_allocated_for(self, device) -> None:
+        """Raise the clear error, before any compiled forward runs, where a model on ``device``
+        would allocate this cache's host memory inside its graph."""
+        lazy = any(isinstance(layer, HostStaticLayer) and not layer.is_initialized for layer in self.layers)
+        if torch.device(device).type == "cuda" and lazy:
+            raise RuntimeError(ALLOCATE_FIRST)
