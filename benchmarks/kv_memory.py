@@ -78,14 +78,14 @@ def measure(path: str, model, context: int, steps: int, warmup: int, batch: int)
     before = torch.cuda.memory_allocated()
     backend_of = None if compiled is None else (lambda: compiled._sparsecomp_backend)
     times = step_times(forward, model, batch, context, warmup + steps, backend_of, cache)
+    step = statistics.median(times[warmup:])
     report = sparsecomp.inspect(compiled) if compiled is not None else None
     memory = report.memory(cache) if report is not None else kv_memory(cache)
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     row = {
         "path": path, "context": context, "batch": batch, "layers": model.config.num_hidden_layers,
-        "ms_per_token": statistics.median(times[warmup:]) * 1e3,
-        "tokens_per_s": batch / statistics.median(times[warmup:]),
+        "ms_per_token": step * 1e3, "tokens_per_s": batch / step,
         "step_ms": [round(t * 1e3, 2) for t in times],
         "kv_gpu_gib": memory.total("kv_gpu") / GIB, "state_gpu_gib": memory.total("state_gpu") / GIB,
         "gpu_gib": memory.total("gpu") / GIB, "host_gib": memory.total("kv_host") / GIB,

@@ -8,8 +8,9 @@ virtual addressing), so the cache tensors here are CUDA tensors whose storage is
 decode kernel gathers the selected rows across the bus itself. No staging buffer, no copy stream,
 no host sync (a decode step stays CUDA-graph capturable), and the graphs sparsecomp compiles are
 the same as for a GPU cache. A head whose rule is dense reads its whole cache across the bus each
-step (on the H200 a little slower than copying it: benchmarks/results/kv_memory.md). The label
-cache and Quest's page bounds are allocated on the site's device, the GPU.
+step, slower than copying it whole (on the H200 at 256K keys, 8 layers: 0.68 s per step against
+0.22 s for transformers' offloading cache). The label cache and Quest's page bounds are allocated
+on the site's device, the GPU.
 
 A multi-token update (the prompt) returns a GPU copy of the layer's cache for that forward only:
 prefill attention reads every key many times, which must not cross the bus each time.
