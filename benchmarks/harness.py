@@ -55,6 +55,18 @@ def environment() -> dict:
     return env
 
 
+def merge_runs(results: list[dict], key) -> tuple[dict, list[dict]]:
+    """One environment and the rows of several saved runs (a grid split over device calls), a later
+    run's row replacing an earlier one with the same ``key(row)``; runs from different GPUs or
+    versions are refused (their ratios would not compare)."""
+    env = results[0]["environment"]
+    for other in results[1:]:
+        if other["environment"] != env:
+            raise ValueError(f"runs differ in environment: {env} vs {other['environment']}")
+    latest = {key(r): dict(r) for res in results for r in res["rows"]}
+    return env, list(latest.values())
+
+
 def write_results(out_dir: Path, stem: str, env: dict, rows: list[dict], table: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")

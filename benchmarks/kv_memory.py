@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import random_channels, step_times  # noqa: E402
-from harness import environment, markdown_table, write_results  # noqa: E402
+from harness import environment, markdown_table, merge_runs, write_results  # noqa: E402
 
 import sparsecomp  # noqa: E402
 from sparsecomp.demo import SHAPES, build_model  # noqa: E402
@@ -95,6 +95,7 @@ def measure(path: str, model, context: int, steps: int, warmup: int, batch: int)
         "allocated_gib": (torch.cuda.memory_allocated() - before) / GIB,
         "layer_weights_gib": layer_bytes / GIB,
         "other_weights_gib": (all_bytes - model.config.num_hidden_layers * layer_bytes) / GIB,
+        "device_gib": torch.cuda.get_device_properties(0).total_memory / GIB,
     }  # fmt: skip
     if where == "hf-offload":  # its host copies are ordinary CPU tensors, its GPU buffers two layers
         row["host_gib"], row["kv_gpu_gib"] = row["dense_gib"], row["allocated_gib"]
@@ -157,8 +158,11 @@ def run_row(args, path: str, context: int) -> dict:
     return json.loads(last[0])
 
 
+def row_key(row: dict) -> tuple:
+    return row["context"], row.get("batch"), row["path"]
+
+
 def add_ratios(rows: list[dict], args) -> None:
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB
     for r in rows:
         same = [
             o for o in rows if o["context"] == r["context"] and o.get("batch") == r.get("batch") and "ms_per_token" in o
@@ -170,7 +174,7 @@ def add_ratios(rows: list[dict], args) -> None:
             r["vs_full_copy"] = full_copy[0] / r["ms_per_token"]
         if r["dense_gib"]:
             r["vs_dense_memory"] = r["gpu_gib"] / r["dense_gib"]
-        r.update(largest_batch(r, args.shape, gpu_gib, args.host_gib))
+        r.update(largest_batch(r, args.shape, r["device_gib"], args.host_gib))
 
 
 def main(argv=None):
@@ -190,12 +194,17 @@ def main(argv=None):
     p.add_argument("--host-gib", type=float, default=100.0, help="host memory a cache may lock")
     p.add_argument("--row-timeout", type=float, default=200)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--merge", nargs="+", help="join results .json files of one GPU (contexts run apart); measure nothing")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--context", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         return one_row(args)
+    if args.merge:
+        env, rows = merge_runs([json.loads(Path(f).read_text()) for f in args.merge], key=row_key)
+        add_ratios(rows, args)
+        return write_results(Path(args.out), "kv_memory", env, rows, markdown_table(rows, COLUMNS))
     env = {**environment(), "model": f"Llama-3-8B shape, {args.layers} layers, random bf16 weights, B={args.batch}"}
     rows = []
     for context in args.contexts:

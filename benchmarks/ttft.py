@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, free_attention, markdown_table, median_ms, write_results  # noqa: E402
+from harness import environment, free_attention, markdown_table, median_ms, merge_runs, write_results  # noqa: E402
 
 import sparsecomp  # noqa: E402
 from sparsecomp.demo import build_model  # noqa: E402
@@ -88,15 +88,9 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def merged(results: list[dict]) -> tuple[dict, list[dict]]:
-    """One environment and the rows of several runs (a grid split over device calls), by B then N,
-    a later run's row replacing an earlier one of the same (B, N, path), ratios recomputed per
-    (N, B); runs from different GPUs or versions are refused (their ratios would not compare)."""
-    env = results[0]["environment"]
-    for other in results[1:]:
-        if other["environment"] != env:
-            raise ValueError(f"runs differ in environment: {env} vs {other['environment']}")
-    latest = {(r["batch"], r["N"], r["path"]): dict(r) for res in results for r in res["rows"]}
-    rows = sorted(latest.values(), key=lambda r: (r["batch"], r["N"]))  # stable: path order kept
+    """The rows of several runs by B then N (path order kept), ratios recomputed per (N, B)."""
+    env, rows = merge_runs(results, key=lambda r: (r["batch"], r["N"], r["path"]))
+    rows.sort(key=lambda r: (r["batch"], r["N"]))
     for shape in dict.fromkeys((r["batch"], r["N"]) for r in rows):
         with_ratios([r for r in rows if (r["batch"], r["N"]) == shape])
     return env, rows
