@@ -10,6 +10,9 @@ allocator's growth), the host bytes, and the median time per decode step. Paths:
 - ``host RULE``: sparsecomp with the cache in host memory (``sparsecomp.HostKVCache``), read in
   place by the GPU: Double Sparsity-Offload with a double_sparsity rule; with ``dense``, every
   step reads the whole cache across the bus.
+- ``ring RULE``: eviction, sparsecomp with a streaming rule on a ``sparsecomp.StreamingKVCache``
+  (each layer keeps only the rule's sink and window keys, in a ring); ``gpu RULE`` of the same
+  rule keeps the whole cache and reads the same keys.
 - ``hf-offload eager``: transformers' own offloading static cache (``StaticCache(offloading=True)``:
   each layer's whole K/V copied to the GPU at each step, the next layer's prefetched), FlexGen's
   scheme: the baseline for decoding with the KV on the host.
@@ -46,15 +49,22 @@ from sparsecomp.runtime.kv_memory import kv_memory  # noqa: E402
 
 GIB = 2**30
 DS = "double_sparsity:channels=16,ratio=0.0625"
-PATHS = ["gpu eager", "gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dense", "hf-offload eager"]
+STREAMING = "streaming:sink=64,window=1024"
+PATHS = ["gpu eager", "gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dense", "hf-offload eager",
+         f"gpu {STREAMING}", f"ring {STREAMING}"]  # fmt: skip
 
 
-def make_cache(where: str, model, length: int, batch: int):
+def make_cache(path: str, model, length: int, batch: int):
     from transformers import StaticCache
 
+    where, _, rule = path.partition(" ")
+    allocate = dict(batch_size=batch, dtype=torch.bfloat16, device="cuda")
     if where == "host":
-        return sparsecomp.HostKVCache(
-            config=model.config, max_cache_len=length, batch_size=batch, dtype=torch.bfloat16, device="cuda"
+        return sparsecomp.HostKVCache(config=model.config, max_cache_len=length, **allocate)
+    if where == "ring":  # eviction: only the streaming rule's keys are kept
+        kept = Rule.parse(rule)
+        return sparsecomp.StreamingKVCache(
+            config=model.config, max_cache_len=length, sink=kept.sink, window=kept.window, **allocate
         )
     return StaticCache(config=model.config, max_cache_len=length, offloading=where == "hf-offload")
 
@@ -73,7 +83,7 @@ def runner(path: str, model):
 def measure(path: str, model, context: int, steps: int, warmup: int, batch: int) -> dict:
     where = path.partition(" ")[0]
     forward, compiled = runner(path, model)
-    cache = make_cache(where, model, context + warmup + steps + 1, batch)
+    cache = make_cache(path, model, context + warmup + steps + 1, batch)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     backend_of = None if compiled is None else (lambda: compiled._sparsecomp_backend)
@@ -194,7 +204,7 @@ def main(argv=None):
     p.add_argument("--host-gib", type=float, default=100.0, help="host memory a cache may lock")
     p.add_argument("--row-timeout", type=float, default=200)
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--merge", nargs="+", help="join results .json files of one GPU (contexts run apart); measure nothing")
+    p.add_argument("--merge", nargs="+", help="join results .json files of one GPU; measure nothing")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--context", type=int, help=argparse.SUPPRESS)

@@ -31,6 +31,7 @@ __all__ = [
     "KernelOptions",
     "Plan",
     "Rule",
+    "StreamingKVCache",
     "autotune",
     "calibrate",
     "calibrate_channels",
@@ -47,6 +48,10 @@ def __getattr__(name):
         from .runtime.host_cache import HostKVCache
 
         return HostKVCache
+    if name == "StreamingKVCache":
+        from .runtime.streaming_cache import StreamingKVCache
+
+        return StreamingKVCache
     raise AttributeError(f"module 'sparsecomp' has no attribute {name!r}")
 
 

@@ -61,12 +61,13 @@ def compile(
     object.__setattr__(compiled, "_sparsecomp_backend", backend)
     if isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
         forward = torch.compile(type(model).forward.__get__(model), backend=backend, **torch_compile_kwargs)
-        object.__setattr__(compiled, "generate", _compiled_generate(model, forward))
+        object.__setattr__(compiled, "generate", _compiled_generate(model, forward, options.plan))
     return compiled
 
 
-def _compiled_generate(model: torch.nn.Module, compiled_forward):
+def _compiled_generate(model: torch.nn.Module, compiled_forward, plan):
     """``model.generate`` whose every forward (prefill and each decode step) is ``compiled_forward``.
+    A cache that can check the call (a host cache's allocation, a ring's plan) does so first.
 
     ``generate`` calls ``model(...)``, never the torch.compile wrapper, so the model's own forward is
     swapped for the call. Transformers' own auto-compile of static-cache decoding is turned off: it
@@ -75,9 +76,11 @@ def _compiled_generate(model: torch.nn.Module, compiled_forward):
     @functools.wraps(model.generate)
     def generate(*args, **kwargs):
         kwargs.setdefault("disable_compile", True)
-        check_cache = getattr(kwargs.get("past_key_values"), "check_allocated_for", None)
-        if check_cache is not None:  # a HostKVCache: checked here, outside the compiled forward
-            check_cache(next(model.parameters()).device)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # later releases name it cache
+        if hasattr(cache, "check_allocated_for"):  # a HostKVCache: checked here, outside the compiled forward
+            cache.check_allocated_for(next(model.parameters()).device)
+        if hasattr(cache, "check_generation"):  # a StreamingKVCache
+            cache.check_generation(model, plan, kwargs.get("attention_mask"))
         with _forward_replaced(model, compiled_forward):
             return model.generate(*args, **kwargs)
 

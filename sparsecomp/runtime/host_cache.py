@@ -97,6 +97,16 @@ def _rehome(t: torch.Tensor) -> torch.Tensor:
     return host
 
 
+def allocate_up_front(cache, config, batch_size: int, dtype, device) -> None:
+    """Allocate every layer of ``cache`` now (else each is allocated at its first update), with the
+    K/V heads and head size of ``config``."""
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = text.num_key_value_heads or text.num_attention_heads
+    dtype = dtype or getattr(text, "dtype", None) or torch.float32
+    cache.early_initialization(batch_size, kv_heads, head_dim, dtype, torch.device(device))
+
+
 class HostKVCache(StaticCache):
     """A ``transformers.StaticCache`` whose full-attention layers keep K/V in host memory, read in
     place by the GPU (sliding-window layers, small by construction, stay on the GPU). Pass it to
@@ -111,11 +121,7 @@ class HostKVCache(StaticCache):
             if type(layer) is StaticLayer:  # not allocated yet: its lazy_initialization places it
                 layer.__class__ = HostStaticLayer
         if batch_size is not None and device is not None:
-            text = config.get_text_config(decoder=True)
-            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            kv_heads = text.num_key_value_heads or text.num_attention_heads
-            dtype = dtype or getattr(text, "dtype", None) or torch.float32
-            self.early_initialization(batch_size, kv_heads, head_dim, dtype, torch.device(device))
+            allocate_up_front(self, config, batch_size, dtype, device)
 
     def check_allocated_for(self, device) -> None:
         """Raise the clear error, before any compiled forward runs, where a model on ``device``

@@ -53,6 +53,15 @@ def _bytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
+def _dense_bytes(layer, t) -> int:
+    """The bytes ``t`` would take in a static cache layer of the layer's full length: a ring that
+    keeps fewer tokens (``StreamingKVCache``) stores ``t.shape[-2]`` of ``max_cache_len``."""
+    if not isinstance(t, torch.Tensor) or not t.dim():
+        return 0
+    full = getattr(layer, "max_cache_len", None)
+    return _bytes(t) * full // t.shape[-2] if isinstance(full, int) and full > t.shape[-2] else _bytes(t)
+
+
 def _layer_of(site: str) -> int | None:
     """The decoder layer index in a site's module path (Hugging Face names: ``...layers.<i>.self_attn``)."""
     found = re.search(r"layers\.(\d+)\.", site + ".")
@@ -68,7 +77,7 @@ def kv_memory(cache, states=None) -> MemoryReport:
         row = LayerMemory(layer=i)
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             size = _bytes(t)
-            row.dense += size
+            row.dense += _dense_bytes(layer, t)
             if getattr(layer, "host_resident", False) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"):
                 row.kv_host += size
             else:
