@@ -51,6 +51,43 @@ def test_ring_generates_the_tokens_of_the_streaming_rule_on_a_full_cache(prompt_
     assert_same_generation(eager, full, atol=1e-5)
 
 
+@pytest.mark.parametrize("ring_layer", [0, 1])
+def test_rings_for_some_layers_give_the_tokens_of_a_plan_mixing_streaming_and_full_layers(ring_layer):
+    """Half the layers streaming (their K/V in a ring), the others reading the whole past with Double
+    Sparsity: the same tokens as that plan over a full static cache."""
+    from transformers import StaticCache
+
+    from sparsecomp.plan import Plan, Rule
+    from sparsecomp.runtime.streaming_cache import SLICING_ATTENTION
+
+    model = tiny_llama().eval()
+    model.set_attn_implementation(SLICING_ATTENTION)  # the shared mask is cut to each layer's keys
+    full_layer = 1 - ring_layer
+    plan = Plan(
+        decode_default=Rule.parse(RULE),
+        decode_sites={f"model.layers.{full_layer}.self_attn": Rule.parse("double_sparsity:channels=4,k=8")},
+        channels=decode_plan(RULE).channels,
+    )
+    ids = torch.randint(1, 100, (2, 30), device=DEVICE)
+    length = 30 + NEW
+    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
+    full = generate_with(compiled, ids, StaticCache(config=model.config, max_cache_len=length))
+    torch._dynamo.reset()
+    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
+    cache = ring(model, length, layers=[ring_layer], batch_size=2, dtype=torch.float32, device=DEVICE)
+    evicted = generate_with(compiled, ids, cache)
+    assert cache.layers[ring_layer].keys.shape[2] == SINK + WINDOW and cache.layers[full_layer].keys.shape[2] == length
+    assert torch.equal(evicted.sequences, full.sequences)
+    assert_same_generation(evicted, full, atol=1e-5)
+    decode = sparsecomp.inspect(compiled).graphs[-1].sites
+    assert {s.became for s in decode} == {"sparse_attention", "sparse_decode"}  # both rules ran sparse
+
+    model.set_attn_implementation("sdpa")
+    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        generate_with(compiled, ids, ring(model, length, layers=[ring_layer]))
+
+
 def test_ring_memory_is_counted_from_its_tensors_against_a_full_static_cache():
     from transformers import StaticCache
 

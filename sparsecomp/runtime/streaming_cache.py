@@ -16,20 +16,43 @@ position`` is every written slot.
 
 The prompt goes in one update (its attention reads all of it: the update returns the prompt's own
 K/V, then keeps the sink and window part); a multi-token update into a ring that holds tokens is an
-error. Every full-attention layer is a ring of the same size (transformers builds one mask for all
-of them); left padding is refused by sparsecomp's ``generate`` (padding would take sink slots). The
+error. Left padding is refused by sparsecomp's ``generate`` (padding would take sink slots). The
 plan must read exactly these keys at decode: ``sparsecomp.compile(...).generate`` checks that every
-decode rule is ``streaming`` with the cache's sink and window (or dense, which over the ring is the
-same). Needs transformers (the ``hf`` extra).
+ring layer's decode rule is ``streaming`` with the cache's sink and window.
+
+Rings for some layers only (``layers=[...]``: streaming layers beside full ones that keep the whole
+past for dense or selection rules): transformers builds one mask for all layers, sized for the full
+ones, and its SDPA needs a mask as long as the keys. The attention implementation registered here as
+``"sparsecomp_sdpa"`` is transformers' SDPA with the mask cut to each layer's keys (a ring's slots
+see the mask's first columns: slot ``j`` is written once ``j <= position``, as the causal mask says);
+such a model runs with ``model.set_attn_implementation("sparsecomp_sdpa")``. Needs transformers (the
+``hf`` extra).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import StaticCache
+from transformers import AttentionInterface, StaticCache
 from transformers.cache_utils import StaticLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .host_cache import allocate_up_front
+
+
+SLICING_ATTENTION = "sparsecomp_sdpa"
+
+
+def sdpa_with_mask_cut_to_keys(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, the mask's key columns cut to the keys' count (a ring layer's
+    keys are fewer than the full layers' the mask was built for)."""
+    if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
+        attention_mask = attention_mask[..., : key.shape[-2]]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(SLICING_ATTENTION, sdpa_with_mask_cut_to_keys)
+AttentionMaskInterface.register(SLICING_ATTENTION, sdpa_mask)
 
 
 class StreamingRingLayer(StaticLayer):
@@ -89,27 +112,39 @@ class StreamingRingLayer(StaticLayer):
 
 
 class StreamingKVCache(StaticCache):
-    """A ``transformers.StaticCache`` whose full-attention layers keep only the first ``sink`` and the
-    last ``window`` tokens (StreamingLLM's keys, in a ring): GPU memory stays ``sink + window``
-    tokens whatever the length. Pass it to ``generate`` as ``past_key_values`` with a plan whose
-    decode rule is ``streaming:sink=...,window=...`` of the same sizes. Other arguments are
-    ``StaticCache``'s; ``batch_size``, ``dtype`` and ``device`` allocate it up front."""
+    """A ``transformers.StaticCache`` whose full-attention layers (or those of ``layers``, indices)
+    keep only the first ``sink`` and the last ``window`` tokens (StreamingLLM's keys, in a ring):
+    their memory stays ``sink + window`` tokens whatever the length. Pass it to ``generate`` as
+    ``past_key_values`` with a plan whose decode rule on those layers is
+    ``streaming:sink=...,window=...`` of the same sizes. Other arguments are ``StaticCache``'s;
+    ``batch_size``, ``dtype`` and ``device`` allocate it up front."""
 
     def __init__(
-        self, config, max_cache_len: int, *args, sink: int, window: int, batch_size=None, dtype=None, device=None,
-        **kwargs,
+        self, config, max_cache_len: int, *args, sink: int, window: int, layers=None, batch_size=None, dtype=None,
+        device=None, **kwargs,
     ):  # fmt: skip
         if sink < 0 or window < 1:
             raise ValueError(f"StreamingKVCache needs sink >= 0 and window >= 1; got sink={sink}, window={window}")
         super().__init__(config, max_cache_len, *args, **kwargs)
         self.sink, self.window = sink, window
         full = [i for i, layer in enumerate(self.layers) if type(layer) is StaticLayer]
-        if not full:
-            raise ValueError("StreamingKVCache: this config has no full-attention layer to keep as a ring")
-        for i in full:
+        rings = full if layers is None else sorted(set(layers))
+        if not rings or not set(rings) <= set(full):
+            raise ValueError(
+                f"StreamingKVCache: layers={layers} must name some of this config's full-attention layers {full}"
+            )
+        for i in rings:
             self.layers[i] = StreamingRingLayer(self.layers[i].max_cache_len, sink, window)
+        self.full_layer = next((i for i in full if i not in rings), None)  # sizes the shared mask
         if batch_size is not None and device is not None:
             allocate_up_front(self, config, batch_size, dtype, device)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """The one mask transformers builds for the full-attention layers is sized for a full layer
+        where there is one (a ring reads its first columns)."""
+        ring = isinstance(self.layers[layer_idx], StreamingRingLayer)
+        index = self.full_layer if ring and self.full_layer is not None else layer_idx
+        return super().get_mask_sizes(query_length, index)
 
     def check_generation(self, model, plan, attention_mask=None) -> None:
         """Raise, before a compiled ``generate`` runs, where this cache would change its answer: a
@@ -131,6 +166,12 @@ class StreamingKVCache(StaticCache):
                     f"StreamingKVCache keeps {kept}'s keys, but the plan decodes {name} with {sorted(wrong)}: "
                     "those heads need keys the ring evicts (use a StaticCache, or that streaming rule)"
                 )
+        if self.full_layer is not None and model.config._attn_implementation != SLICING_ATTENTION:
+            raise ValueError(
+                "StreamingKVCache with rings for some layers only: the shared mask is sized for the full "
+                f"layers; run the model with model.set_attn_implementation({SLICING_ATTENTION!r}) "
+                "(transformers' SDPA with the mask cut to each layer's keys) before compiling"
+            )
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(
                 "StreamingKVCache does not take padded batches: padding would take the sink slots "
