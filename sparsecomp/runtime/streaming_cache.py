@@ -39,7 +39,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .host_cache import allocate_up_front
 
-
 SLICING_ATTENTION = "sparsecomp_sdpa"
 
 
