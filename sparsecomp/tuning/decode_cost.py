@@ -31,7 +31,7 @@ class DecodeWork:
     head_dim: int
     element_bytes: int
     selected: int
-    kind: str  # "double_sparsity" or "quest"
+    kind: str  # "double_sparsity", "quest" or "snapkv"
     channels: int = 0
     page: int = 0
 
@@ -41,6 +41,8 @@ def work_terms(w: DecodeWork) -> dict[str, float]:
     per_sel = w.batch * w.sel_heads * w.element_bytes
     if w.kind == "double_sparsity":
         summary, ranked = per_sel * w.n_keys * w.channels, w.batch * w.sel_heads * w.n_keys
+    elif w.kind == "snapkv":  # one float32 vote per key, ranked like Double Sparsity's scores
+        summary, ranked = w.batch * w.sel_heads * w.n_keys * 4, w.batch * w.sel_heads * w.n_keys
     elif w.kind == "quest":
         pages = -(-w.n_keys // w.page)
         summary, ranked = 2 * per_sel * pages * w.head_dim, w.batch * w.sel_heads * pages

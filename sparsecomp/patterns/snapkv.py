@@ -1,0 +1,75 @@
+"""SnapKV (decode): at the end of the prompt, the last ``observe`` queries vote, per KV head, for the
+prompt keys they attend to most (softmax weights summed over the window and the KV group's query
+heads, then max-pooled over ``pool`` neighbouring keys so that kept keys come with their
+neighbours); every decode step attends to the top-voted keys plus the ``window`` most recent ones.
+The votes are taken once, in the prompt's graph, and kept beside a static cache (one float per
+key); keys written later never gain votes, they are read while in the window."""
+
+import torch
+
+from sparsecomp.kernels.decode.selection import top_tokens, window_tokens
+from sparsecomp.kernels.prefill.block_index import last_valid_key
+
+from .base import COUNT, POSITIVE, SHARE, Pattern, register
+from .selection import budget, check_budget
+
+
+def prompt_votes(q, keys, mask, causal: bool, channel_index, n_state: int, *, observe, pool, scale, **params):
+    """(B, Hkv, n_state) float32: each key's votes from the prompt's last ``observe`` queries, which
+    see the keys the attention's own ``mask`` (bool, or None: ``causal`` or not) lets them see;
+    -inf for keys none of them sees (padding, slots past the prompt's keys)."""
+    b, hq, nq, d = q.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    o = min(observe, nq)
+    qo = q[:, :, nq - o :].float().reshape(b, hkv, (hq // hkv) * o, d)  # a KV group's query rows
+    scores = (qo @ keys.float().transpose(-1, -2)) * scale  # (B, Hkv, G*O, N)
+    if mask is not None:  # (B or 1, 1 or Hq, Nq, >= N): as the attention read it
+        seen = mask[..., nq - o :, :n].amax(1)  # a key one of the heads' rows sees
+    else:
+        position = torch.arange(nq - o, nq, device=keys.device)[:, None] + (n - nq)
+        seen = (torch.arange(n, device=keys.device) <= position) | (not causal)
+        seen = seen[None]
+    seen = seen.repeat(1, hq // hkv, 1)[:, None]  # (B or 1, 1, G*O, N), rows as in qo
+    weights = torch.softmax(scores.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
+    votes = torch.nn.functional.max_pool1d(weights.sum(2), pool, stride=1, padding=pool // 2)
+    votes = votes.masked_fill(~seen.any(2), float("-inf"))
+    return (torch.nn.functional.pad(votes, (0, n_state - n), value=float("-inf")),)
+
+
+def _summarize(keys, key_ok, channel_index, **params):
+    """Keys summarized without the prompt's queries (a decode step's new key, the allocation) have
+    no votes."""
+    return (torch.full(keys.shape[:3], float("-inf"), dtype=torch.float32, device=keys.device),)
+
+
+def _select_from(q, state, keys, key_ok, q_last, channel_index, *, ratio, k, window, **params):
+    (votes,) = state
+    n_keys, hkv = keys.shape[2], votes.shape[1]
+    voted = torch.sym_max(1, budget(k, ratio, n_keys) - window)
+    last = (
+        torch.full((1, 1), n_keys - 1, device=keys.device) if key_ok is None else last_valid_key(key_ok)
+    )  # (B or 1, 1): the step's key
+    in_window = torch.arange(n_keys, device=keys.device)[None, :] > last - window  # listed by the window
+    ranked = votes.masked_fill(in_window[:, None, :], float("-inf"))
+    chosen = top_tokens(ranked, voted)
+    chosen = chosen.where(torch.gather(ranked, -1, chosen.long()) > float("-inf"), -1)  # no vote: not kept
+    return torch.cat([chosen, window_tokens(key_ok, keys, hkv, 0, window)], -1)
+
+
+SNAPKV = register(
+    Pattern(
+        "snapkv",
+        params={"ratio": 0.0625, "k": 0, "window": 64, "observe": 32, "pool": 7, "heads": "kv"},
+        accepts={
+            "ratio": SHARE, "k": COUNT, "window": POSITIVE, "observe": POSITIVE, "pool": POSITIVE, "heads": ("kv",),
+        },  # fmt: skip
+        doc="decode: the keys the prompt's last `observe` queries vote for, plus the last `window` keys; "
+        "k (or ratio of the keys) in all (SnapKV)",
+        check=lambda v: check_budget("k")(v) or (None if v["pool"] % 2 else "pool must be odd"),
+        phases=("decode",),
+        summarize=_summarize,
+        select_from=_select_from,
+        state_unit=lambda params: 1,
+        summarize_prompt=prompt_votes,
+    )
+)
