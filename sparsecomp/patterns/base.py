@@ -75,6 +75,10 @@ class Pattern:
     # mask, causal, channels, n_state, scale=..., **params)`` (SnapKV's votes); such a rule needs a
     # static cache to keep it in, and ``summarize`` gives what keys written later get.
     summarize_prompt: Callable | None = None
+    # A state that learns from each step's attention (H2O's accumulated weights), run after the
+    # selection: ``observe_step(q, state, k, tokens, key_ok, q_last, scale, **params)`` -> the new
+    # state, written back in place.
+    observe_step: Callable | None = None
     needs_channels: bool = False  # the rule reads calibrated channels of K (the plan's ``channels``)
 
     @property

@@ -42,7 +42,9 @@ def _summarize(keys, key_ok, channel_index, **params):
     return (torch.full(keys.shape[:3], float("-inf"), dtype=torch.float32, device=keys.device),)
 
 
-def _select_from(q, state, keys, key_ok, q_last, channel_index, *, ratio, k, window, **params):
+def select_voted(q, state, keys, key_ok, q_last, channel_index, *, ratio, k, window, **params):
+    """The top-scoring keys of the state (one float per key, -inf: never kept) outside the window,
+    then the window's keys: k (or ratio of the keys) in all, each once, -1 for unused slots."""
     (votes,) = state
     n_keys, hkv = keys.shape[2], votes.shape[1]
     voted = torch.sym_max(1, budget(k, ratio, n_keys) - window)
@@ -68,7 +70,7 @@ SNAPKV = register(
         check=lambda v: check_budget("k")(v) or (None if v["pool"] % 2 else "pool must be odd"),
         phases=("decode",),
         summarize=_summarize,
-        select_from=_select_from,
+        select_from=select_voted,
         state_unit=lambda params: 1,
         summarize_prompt=prompt_votes,
     )

@@ -31,7 +31,7 @@ class DecodeWork:
     head_dim: int
     element_bytes: int
     selected: int
-    kind: str  # "double_sparsity", "quest" or "snapkv"
+    kind: str  # "double_sparsity", "quest", "snapkv" or "h2o"
     channels: int = 0
     page: int = 0
 
@@ -41,8 +41,10 @@ def work_terms(w: DecodeWork) -> dict[str, float]:
     per_sel = w.batch * w.sel_heads * w.element_bytes
     if w.kind == "double_sparsity":
         summary, ranked = per_sel * w.n_keys * w.channels, w.batch * w.sel_heads * w.n_keys
-    elif w.kind == "snapkv":  # one float32 vote per key, ranked like Double Sparsity's scores
+    elif w.kind in ("snapkv", "h2o"):  # one float32 vote per key, ranked like Double Sparsity's scores
         summary, ranked = w.batch * w.sel_heads * w.n_keys * 4, w.batch * w.sel_heads * w.n_keys
+        if w.kind == "h2o":  # and rewritten: the step's weights added, the rest evicted
+            summary *= 2
     elif w.kind == "quest":
         pages = -(-w.n_keys // w.page)
         summary, ranked = 2 * per_sel * pages * w.head_dim, w.batch * w.sel_heads * pages
@@ -52,8 +54,8 @@ def work_terms(w: DecodeWork) -> dict[str, float]:
         "dense": 2 * w.batch * w.kv_heads * w.element_bytes * w.n_keys * w.head_dim,
         "summary": summary,
         "top_k": ranked,
-        "attention": 2 * w.batch * w.sel_heads * w.selected * w.head_dim * w.element_bytes,
-    }
+        "attention": (3 if w.kind == "h2o" else 2) * w.batch * w.sel_heads * w.selected * w.head_dim * w.element_bytes,
+    }  # H2O reads the selected keys once more, for its weights
 
 
 class DecodeCostModel:
