@@ -13,6 +13,20 @@ from .plan import model_fingerprint
 from .report import InspectReport
 
 
+def tensor_parallel_shard(model: torch.nn.Module) -> tuple[int, int]:
+    """(rank, size) of the tensor-parallel split of a model whose weights are sharded DTensors
+    (transformers' ``tp_plan``, or torch's ``parallelize_module``); (0, 1) for a whole model."""
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        if isinstance(p, DTensor) and any(placement.is_shard() for placement in p.placements):
+            mesh = p.device_mesh
+            names = mesh.mesh_dim_names or ()
+            dim = names.index("tp") if "tp" in names else 0
+            return mesh.get_local_rank(dim), mesh.size(dim)
+    return 0, 1
+
+
 def compile(
     model,
     plan=None,
@@ -54,6 +68,7 @@ def compile(
     )
     if root is not None:
         options.plan.check_fingerprint(model_fingerprint(root))
+        options.plan = options.plan.for_shard(*tensor_parallel_shard(root))
     backend = SparsecompBackend(options, names_by_id=module_names_by_id(root) if root is not None else None)
     compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
     # On the wrapper itself: torch's OptimizedModule forwards attribute writes to the wrapped model,

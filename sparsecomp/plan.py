@@ -17,6 +17,7 @@ Site names are spelled as ``named_modules()`` spells them (``canonical_site_name
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -395,6 +396,29 @@ class Plan:
             groups = q_heads // kv_heads
             return [r for r in entry for _ in range(groups)]
         raise ValueError(f"plan gives {len(entry)} rules for {site}; it has {q_heads} query and {kv_heads} KV heads")
+
+    def for_shard(self, rank: int, size: int) -> Plan:
+        """The plan as one of ``size`` tensor-parallel ranks sees it: heads split contiguously
+        (rank r holds query heads [r Hq/size, (r+1) Hq/size) and their KV heads), so every per-head
+        list keeps the rank's slice, by global head index, and calibrated channels their KV heads'."""
+        if size == 1:
+            return self
+
+        def part(name: str, entry, what: str):
+            if isinstance(entry, Rule):
+                return entry
+            if len(entry) % size:
+                raise ValueError(f"plan {what} for {name}: {len(entry)} heads do not split over {size} ranks")
+            n = len(entry) // size
+            return list(entry[rank * n : (rank + 1) * n])
+
+        return dataclasses.replace(
+            self,
+            sites={n: part(n, e, "rules") for n, e in self.sites.items()},
+            decode_sites={n: part(n, e, "decode rules") for n, e in self.decode_sites.items()},
+            channels={n: part(n, e, "channels") for n, e in self.channels.items()},
+            info={**self.info, "tensor_parallel": {"rank": rank, "size": size}},
+        )
 
     def check_fingerprint(self, actual: dict) -> None:
         """Refuse a plan made for another model: every field both sides know must agree."""

@@ -273,15 +273,27 @@ def _pool_blocks(x: torch.Tensor, ok: torch.Tensor | None, block: int, how: str)
     return sums / e.sum(-1, keepdim=True).clamp_min(1)
 
 
-def block_topk_index(
-    q, k, q_pos, k_pos, key_ok, top_k, *, coverage: float, pool: str, scale: float, causal: bool, window: int,
-    block_m: int, block_n: int,
-) -> SparseIndex:  # fmt: skip
-    """Block top-k (see the module notes); ``top_k`` per query head (ignored when coverage > 0)."""
+def pooled_keys(k, key_ok, pool: str, block_n: int):
+    """K pooled per key block as block top-k scores it: the mean, or (min, max) for "minmax"."""
     if pool not in ("mean", "minmax"):
         raise ValueError(f"block_topk pool={pool!r}; supported: 'mean', 'minmax'")
+    return _pool_blocks(k, key_ok, block_n, pool)
+
+
+def block_topk_index(
+    q, k, q_pos, k_pos, key_ok, top_k, *, coverage: float, pool: str, scale: float, causal: bool, window: int,
+    block_m: int, block_n: int, pooled=None, q_shift=None,
+) -> SparseIndex:  # fmt: skip
+    """Block top-k (see the module notes); ``top_k`` per query head (ignored when coverage > 0).
+    ``pooled``: ``pooled_keys`` of all of K, given (a context-parallel rank gathers it), then ``k``
+    is not read; ``q_shift``: the key index of the first query (default Nk - Nq, queries last)."""
+    if pooled is None:
+        pooled = pooled_keys(k, key_ok, pool, block_n)
+    elif pool not in ("mean", "minmax"):
+        raise ValueError(f"block_topk pool={pool!r}; supported: 'mean', 'minmax'")
     b, hq, n_q, d = q.shape
-    hkv, n_k, dev = k.shape[1], k.shape[2], q.device
+    hkv, n_k, dev = (pooled[0] if pool == "minmax" else pooled).shape[1], k_pos.shape[-1], q.device
+    q_shift = n_k - n_q if q_shift is None else q_shift
     g = hq // hkv
     kk = _per_head(top_k, hq)
     some, _ = _structure(q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n)
@@ -290,19 +302,19 @@ def block_topk_index(
     q_mean = _pool_blocks(q, None, block_m, "mean").view(b, hkv, g, n_qb, d)
     if pool == "minmax":
         # sum_d max(q_d lo_d, q_d hi_d) = relu(q) . hi + min(q, 0) . lo: two products, no (.., D) blow-up
-        k_lo, k_hi = _pool_blocks(k, key_ok, block_n, "minmax")
+        k_lo, k_hi = pooled
         pos, neg = q_mean.clamp_min(0), q_mean.clamp_max(0)
         score = pos @ k_hi[:, :, None].transpose(-1, -2) + neg @ k_lo[:, :, None].transpose(-1, -2)
         score = score.view(b, hq, n_qb, n_kb)
     else:
-        k_mean = _pool_blocks(k, key_ok, block_n, "mean")
+        k_mean = pooled
         score = (q_mean @ k_mean[:, :, None].transpose(-1, -2)).view(b, hq, n_qb, n_kb)
     score = (score * scale).masked_fill(~some, float("-inf"))
     # Forced: the first visible block and the diagonal blocks (holding keys at the query block's
     # own indices i * BM + s onwards).
     col = torch.arange(n_kb, device=dev)
     first = torch.where(some, col, n_kb).amin(-1, keepdim=True)
-    diag_from = ((torch.arange(n_qb, device=dev) * block_m + (n_k - n_q)) // block_n)[:, None]
+    diag_from = ((torch.arange(n_qb, device=dev) * block_m + q_shift) // block_n)[:, None]
     forced = some & ((col == first) | (col >= diag_from))
     score = score.masked_fill(forced, float("-inf"))
     if coverage > 0:

@@ -1,0 +1,17 @@
+"""Attention across ranks: context-parallel sparse prefill over torch.distributed."""
+
+from .context_parallel import (
+    ContextChunk,
+    block_topk_index_for_chunk,
+    context_parallel_attention,
+    index_for_chunk,
+    listed_key_blocks,
+)
+
+__all__ = [
+    "ContextChunk",
+    "block_topk_index_for_chunk",
+    "context_parallel_attention",
+    "index_for_chunk",
+    "listed_key_blocks",
+]

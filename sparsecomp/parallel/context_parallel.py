@@ -1,0 +1,210 @@
+"""Context-parallel sparse prefill: the sequence is split into contiguous chunks, one per rank;
+each rank computes its own query rows and receives from the others only the K/V blocks its sparse
+index lists (for a streaming index: the sink blocks and the window before its chunk, not the whole
+sequence), by point-to-point sends over torch.distributed (any backend: gloo on CPU, NCCL on GPUs).
+
+The rank's index is the global index's rows for its query blocks, with global key-block ids (a
+static pattern builds it alone: ``build_block_index`` on its own query positions and the global key
+positions; block top-k from every rank's pooled key blocks, one all-gather of 1/block_n of K:
+``block_topk_index_for_chunk``). The received blocks and the rank's own are laid side by side in ascending order with
+their global positions, the index is renumbered onto them, and the block-sparse op runs on that
+compacted K/V: every structure rule (causal, sinks, windows) reads positions, so nothing changes.
+Blocks move whole: a listed column brings its block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, pooled_keys
+from sparsecomp.kernels.prefill.block_index import SparseIndex
+from sparsecomp.kernels.prefill.block_sparse_attention import sparse_attention_call
+
+
+@dataclass(frozen=True)
+class ContextChunk:
+    """This rank's share of a sequence of ``length`` tokens split over ``world`` ranks: rows
+    [start, stop) of Q, K and V, a whole number of query and key blocks."""
+
+    length: int
+    rank: int
+    world: int
+    block: int  # a multiple of the index's block_m and block_n
+
+    def __post_init__(self):
+        if self.length % (self.world * self.block):
+            raise ValueError(
+                f"context parallel: {self.length} tokens do not split into {self.world} chunks of whole "
+                f"{self.block}-token blocks; pad the sequence to a multiple of {self.world * self.block}"
+            )
+
+    @property
+    def size(self) -> int:
+        return self.length // self.world
+
+    @property
+    def start(self) -> int:
+        return self.rank * self.size
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+
+def index_for_chunk(index: SparseIndex, chunk: ContextChunk) -> SparseIndex:
+    """The rows of a whole sequence's ``index`` that ``chunk``'s query blocks read."""
+    lo, hi = chunk.start // index.block_m, chunk.stop // index.block_m
+
+    def rows(t):
+        return t if t is None or t.shape[2] == 1 else t[:, :, lo:hi]
+
+    return index._replace(
+        full_blocks=rows(index.full_blocks), full_count=rows(index.full_count),
+        part_blocks=rows(index.part_blocks), part_count=rows(index.part_count),
+        columns=rows(index.columns) if index.column_count is None or index.columns.shape[2] > 1 else index.columns,
+        column_count=rows(index.column_count),
+    )  # fmt: skip
+
+
+def listed_key_blocks(index: SparseIndex, n_key_blocks: int) -> torch.Tensor:
+    """(n_key_blocks,) bool: the key blocks any row or head of ``index`` reads (full and partial
+    lists, and the blocks holding its listed columns)."""
+    listed = torch.zeros(n_key_blocks + 1, dtype=torch.bool, device=index.full_blocks.device)
+    for blocks, count in ((index.full_blocks, index.full_count), (index.part_blocks, index.part_count)):
+        used = torch.arange(blocks.shape[-1], device=blocks.device) < count[..., None]
+        listed[blocks[used].long()] = True
+    if index.columns is not None:
+        count = index.column_count
+        cols = index.columns.expand(*count.shape, index.columns.shape[-1])
+        used = (torch.arange(cols.shape[-1], device=cols.device) < count[..., None]) & (
+            cols < n_key_blocks * index.block_n
+        )
+        listed[(cols[used] // index.block_n).long()] = True
+    return listed[:n_key_blocks]
+
+
+def _renumber(index: SparseIndex, compact_id: torch.Tensor, n_compact_keys: int) -> SparseIndex:
+    """``index`` with global key-block ids (and column keys) mapped onto the compacted blocks."""
+    bn = index.block_n
+
+    n_compact = n_compact_keys // bn
+
+    def blocks(b: torch.Tensor) -> torch.Tensor:  # a row lists each block once: at most n_compact
+        b = b[..., :n_compact]
+        return compact_id[b.long().clamp(0, compact_id.numel() - 1)].clamp_min(0).to(b.dtype)
+
+    columns = index.columns
+    if columns is not None:
+        block = (columns.long() // bn).clamp(max=compact_id.numel() - 1)
+        mapped = compact_id[block] * bn + columns.long() % bn
+        skipped = (columns.long() >= compact_id.numel() * bn) | (compact_id[block] < 0)
+        columns = torch.where(skipped, n_compact_keys, mapped).to(index.columns.dtype)
+    return index._replace(full_blocks=blocks(index.full_blocks), part_blocks=blocks(index.part_blocks), columns=columns)
+
+
+def _exchange(k, v, needed: torch.Tensor, chunk: ContextChunk, block_n: int, group) -> tuple:
+    """K and V of the ``needed`` key blocks (ascending), gathered from their owners; and the bytes
+    this rank received. Every rank learns every rank's needs first (one small all-gather)."""
+    n_kb, local_kb = chunk.length // block_n, chunk.size // block_n
+    wants = [torch.empty(n_kb, dtype=torch.uint8) for _ in range(chunk.world)]
+    dist.all_gather(wants, needed.to(torch.uint8).cpu(), group=group)
+
+    def rows(blocks: torch.Tensor) -> torch.Tensor:  # local key rows of some local blocks
+        return (blocks[:, None] * block_n + torch.arange(block_n)).flatten().to(k.device)
+
+    mine = range(chunk.rank * local_kb, (chunk.rank + 1) * local_kb)
+    requests, parts, received = [], {}, 0
+    for peer in range(chunk.world):
+        if peer == chunk.rank:
+            continue
+        theirs = range(peer * local_kb, (peer + 1) * local_kb)
+        send = torch.tensor([b - mine.start for b in mine if wants[peer][b]], dtype=torch.int64)
+        if send.numel():
+            for t in (k, v):
+                requests.append(dist.isend(t.index_select(2, rows(send)).contiguous(), peer, group=group))
+        take = [b for b in theirs if needed[b]]
+        if take:
+            shape = (k.shape[0], k.shape[1], len(take) * block_n, k.shape[3])
+            kb, vb = k.new_empty(shape), v.new_empty(shape)
+            requests += [dist.irecv(kb, peer, group=group), dist.irecv(vb, peer, group=group)]
+            parts[peer] = (take, kb, vb)
+            received += 2 * kb.numel() * kb.element_size()
+    for r in requests:
+        r.wait()
+    pieces_k, pieces_v = [], []
+    for peer in range(chunk.world):
+        if peer == chunk.rank:
+            own = torch.tensor([b - mine.start for b in mine if needed[b]], dtype=torch.int64)
+            if own.numel():
+                pieces_k.append(k.index_select(2, rows(own)))
+                pieces_v.append(v.index_select(2, rows(own)))
+        elif peer in parts:
+            pieces_k.append(parts[peer][1])
+            pieces_v.append(parts[peer][2])
+    return torch.cat(pieces_k, 2), torch.cat(pieces_v, 2), received
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SparseIndex,
+    chunk: ContextChunk,
+    *,
+    head_sink: torch.Tensor | None = None,
+    head_window: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+    group=None,
+) -> tuple[torch.Tensor, int]:
+    """This rank's attention output (B, Hq, chunk rows, D) and the K/V bytes it received.
+
+    ``q``, ``k``, ``v``: this rank's rows of the sequence; ``index``: its query blocks' lists with
+    global key-block ids (rows ``chunk.start // block_m`` on of the single-process index)."""
+    bm, bn = index.block_m, index.block_n
+    if chunk.block % bm or chunk.block % bn:
+        raise ValueError(f"context parallel: chunk block {chunk.block} is not a multiple of {bm} and {bn}")
+    if q.shape[2] != chunk.size or k.shape[2] != chunk.size:
+        raise ValueError(f"context parallel: rank {chunk.rank} holds {q.shape[2]} rows; expected {chunk.size}")
+    n_kb = chunk.length // bn
+    needed = listed_key_blocks(index, n_kb).cpu()
+    if head_sink is not None and int(head_sink.max()) > 0:  # sinks count from the first key: keep it first
+        needed[: -(-int(head_sink.max()) // bn)] = True
+    k_all, v_all, received = _exchange(k, v, needed, chunk, bn, group)
+    kept = needed.nonzero().flatten()
+    compact_id = torch.full((n_kb,), -1, dtype=torch.int64)
+    compact_id[kept] = torch.arange(kept.numel())
+    k_pos = (kept[:, None] * bn + torch.arange(bn)).flatten()[None].to(q.device)
+    q_pos = torch.arange(chunk.start, chunk.stop, device=q.device)[None]
+    local = _renumber(index, compact_id.to(index.full_blocks.device), k_all.shape[2])
+    out = sparse_attention_call(
+        q, k_all, v_all, local, q_pos=q_pos, k_pos=k_pos, head_sink=head_sink, head_window=head_window,
+        scale=scale, causal=causal,
+    )  # fmt: skip
+    return out, received
+
+
+def block_topk_index_for_chunk(
+    q, k, chunk: ContextChunk, top_k, *, coverage: float, pool: str, scale: float, block_m: int, block_n: int,
+    group=None,
+) -> tuple[SparseIndex, int]:  # fmt: skip
+    """This rank's rows of the causal block top-k index of the whole sequence, from its own queries
+    and every rank's pooled key blocks (gathered); and the bytes it received for them."""
+    mine = pooled_keys(k, None, pool, block_n)
+    parts = mine if pool == "minmax" else (mine,)
+    gathered, received = [], 0
+    for part in parts:
+        pieces = [torch.empty_like(part) for _ in range(chunk.world)]
+        dist.all_gather(pieces, part.contiguous(), group=group)
+        gathered.append(torch.cat(pieces, 2))
+        received += (chunk.world - 1) * part.numel() * part.element_size()
+    pooled = tuple(gathered) if pool == "minmax" else gathered[0]
+    q_pos = torch.arange(chunk.start, chunk.stop, device=q.device)[None]
+    k_pos = torch.arange(chunk.length, device=q.device)[None]
+    index = block_topk_index(
+        q, None, q_pos, k_pos, None, top_k, coverage=coverage, pool=pool, scale=scale, causal=True, window=0,
+        block_m=block_m, block_n=block_n, pooled=pooled, q_shift=chunk.start,
+    )  # fmt: skip
+    return index, received

@@ -1,0 +1,100 @@
+"""Context-parallel sparse prefill over gloo (2 and 4 CPU processes): each rank's output equals
+its rows of the single-process op, for streaming, block top-k and vertical-slash indexes, and the
+K/V bytes it receives are exactly those of the key blocks its index lists outside its chunk."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, vertical_slash_index
+from sparsecomp.kernels.prefill.block_index import build_block_index
+from sparsecomp.kernels.prefill.block_sparse_attention import sparse_attention_call
+from sparsecomp.parallel import ContextChunk, block_topk_index_for_chunk, context_parallel_attention, index_for_chunk
+
+N, B, HQ, HKV, D, BLOCK = 512, 2, 4, 2, 16, 64
+SCALE = D**-0.5
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, h, N, D, generator=g) for h in (HQ, HKV, HKV))
+    return q, k, v
+
+
+def _global_index(kind, q, k, pos, sink, window):
+    common = dict(causal=True, window=0, block_m=BLOCK, block_n=BLOCK)
+    if kind == "streaming":
+        return build_block_index(pos, pos, None, sink, window, max_blocks=None, **common)
+    if kind == "block_topk":
+        return block_topk_index(q, k, pos, pos, None, 2, coverage=0.0, pool="mean", scale=SCALE, **common)
+    return vertical_slash_index(q, k, pos, pos, None, 24, 40, last_q=64, sink=16, local=32, scale=SCALE, **common)
+
+
+def _listed_outside(index, chunk):
+    """Key blocks the rank's index reads, by plain loops, that another rank holds."""
+    listed = set()
+    for blocks, count in ((index.full_blocks, index.full_count), (index.part_blocks, index.part_count)):
+        for row, n in zip(blocks.reshape(-1, blocks.shape[-1]).tolist(), count.flatten().tolist(), strict=True):
+            listed.update(row[:n])
+    if index.columns is not None:
+        cols = index.columns.expand(*index.column_count.shape, index.columns.shape[-1])
+        for row, n in zip(cols.reshape(-1, cols.shape[-1]).tolist(), index.column_count.flatten().tolist(),
+                          strict=True):  # fmt: skip
+            listed.update(c // BLOCK for c in row[:n] if c < N)
+    return {b for b in listed if not chunk.start <= b * BLOCK < chunk.stop}
+
+
+def _assert_same_lists(a, b):
+    """Two indexes list the same key blocks for every query block and head (in any order)."""
+    pairs = [((a.full_blocks, a.full_count), (b.full_blocks, b.full_count)),
+             ((a.part_blocks, a.part_count), (b.part_blocks, b.part_count))]  # fmt: skip
+    for (blocks, count), (other, other_count) in pairs:
+        assert torch.equal(count, other_count)
+        rows = zip(blocks.flatten(0, -2).tolist(), other.flatten(0, -2).tolist(), count.flatten().tolist(), strict=True)
+        for row, o, n in rows:
+            assert sorted(row[:n]) == sorted(o[:n])
+
+
+def _worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        q, k, v = _inputs()
+        pos = torch.arange(N)[None]
+        chunk = ContextChunk(N, rank, world, BLOCK)
+        rows = slice(chunk.start, chunk.stop)
+        for kind in ("streaming", "block_topk", "vertical_slash"):
+            sink = torch.full((HQ,), 64 if kind == "streaming" else 0, dtype=torch.int32)
+            window = torch.full((HQ,), 96 if kind == "streaming" else 0, dtype=torch.int32)
+            whole = _global_index(kind, q, k, pos, sink, window)
+            want = sparse_attention_call(q, k, v, whole, q_pos=pos, k_pos=pos, head_sink=sink, head_window=window,
+                                         scale=SCALE, causal=True)[:, :, rows]  # fmt: skip
+            if kind == "streaming":  # a static index: the rank builds its own rows alone
+                index = build_block_index(pos[:, rows], pos, None, sink, window, causal=True, window=0,
+                                          block_m=BLOCK, block_n=BLOCK, max_blocks=None)  # fmt: skip
+            elif kind == "block_topk":  # from its own queries and every rank's pooled key blocks
+                index, pooled_bytes = block_topk_index_for_chunk(q[:, :, rows], k[:, :, rows], chunk, 2,
+                    coverage=0.0, pool="mean", scale=SCALE, block_m=BLOCK, block_n=BLOCK)  # fmt: skip
+                assert pooled_bytes == (world - 1) * B * HKV * (chunk.size // BLOCK) * D * 4
+                _assert_same_lists(index, index_for_chunk(whole, chunk))
+            else:
+                index = index_for_chunk(whole, chunk)
+            out, received = context_parallel_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], index, chunk,
+                                                       head_sink=sink, head_window=window, scale=SCALE)  # fmt: skip
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=f"{kind} rank {rank}")
+            outside = _listed_outside(index, chunk)
+            assert received == len(outside) * 2 * B * HKV * BLOCK * D * 4, (kind, rank, received, outside)
+            if kind == "streaming" and rank > 0:  # the sink block and the window's blocks before the chunk
+                assert outside == {0} | {(chunk.start - 96) // BLOCK, chunk.start // BLOCK - 1}, outside
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_computes_its_rows_from_only_the_blocks_its_index_lists(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+
+
+def test_a_sequence_that_does_not_split_into_whole_blocks_is_refused():
+    with pytest.raises(ValueError, match="pad the sequence to a multiple of 256"):
+        ContextChunk(500, 0, 4, 64)

@@ -1,0 +1,83 @@
+"""Tensor parallelism (transformers' tp_plan="auto", 2 CPU processes over gloo): each rank's sites
+see their local heads, the plan's per-head rules and channels map to them by global head index,
+and the compiled sharded model gives the single-process compiled model's logits."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sparsecomp
+from sparsecomp.plan import Plan, Rule
+
+pytest.importorskip("transformers")
+
+DENSE, STREAM = Rule("dense"), Rule.parse("streaming:sink=4,window=8")
+# Rank 0 holds query heads 0-1 (dense), rank 1 heads 2-3 (streaming): a plan sliced wrongly differs.
+PER_HEAD = Plan(sites={f"model.layers.{i}.self_attn": [DENSE, DENSE, STREAM, STREAM] for i in range(2)})
+
+
+def _tiny(path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    model.save_pretrained(path)
+    return model
+
+
+def _logits(model, plan, ids):
+    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
+    with torch.no_grad():
+        return compiled(ids).logits, sparsecomp.inspect(compiled)
+
+
+def _worker(rank, world, path, port, out):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32,
+                                                     attn_implementation="sdpa").eval()  # fmt: skip
+        assert sparsecomp.api.tensor_parallel_shard(model) == (rank, world)
+        ids = torch.arange(1, 41)[None]
+        for name, plan in (("dense", "dense"), ("per_head", PER_HEAD)):
+            logits, report = _logits(model, plan, ids)
+            assert {s.shape["q_heads"] for s in report.graphs[0].sites} == {4 // world}
+            torch.save(logits, f"{out}/{name}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_tensor_parallel_model_compiles_to_the_single_process_logits(tmp_path):
+    model = _tiny(tmp_path / "model")
+    ids = torch.arange(1, 41)[None]
+    mp.spawn(_worker, args=(2, str(tmp_path / "model"), _free_port(), str(tmp_path)), nprocs=2, join=True)
+    dense, _ = _logits(model, "dense", ids)
+    per_head, _ = _logits(model, PER_HEAD, ids)
+    assert not torch.allclose(dense, per_head, atol=1e-3)  # the streaming heads matter at 40 tokens
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"dense{rank}.pt"), dense, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.load(tmp_path / f"per_head{rank}.pt"), per_head, rtol=1e-4, atol=1e-4)
+
+
+def test_per_head_lists_split_by_global_head_index():
+    plan = Plan(sites={"a": [Rule("dense"), STREAM, STREAM, DENSE]}, channels={"a": [[0, 1], [2, 3]]})
+    shard = plan.for_shard(1, 2)
+    assert shard.sites["a"] == [STREAM, DENSE] and shard.channels["a"] == [[2, 3]]
+    with pytest.raises(ValueError, match="do not split over 4 ranks"):
+        Plan(sites={"a": [DENSE] * 6}).for_shard(0, 4)
