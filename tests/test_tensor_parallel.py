@@ -1,4 +1,4 @@
-"""Tensor parallelism (transformers' tp_plan="auto", 2 CPU processes over gloo): each rank's sites
+"""Tensor parallelism (transformers' tp_plan="auto", 2 and 4 CPU processes over gloo): each rank's sites
 see their local heads, the plan's per-head rules and channels map to them by global head index,
 and the compiled sharded model gives the single-process compiled model's logits."""
 
@@ -15,15 +15,16 @@ from sparsecomp.plan import Plan, Rule
 pytest.importorskip("transformers")
 
 DENSE, STREAM = Rule("dense"), Rule.parse("streaming:sink=4,window=8")
-# Rank 0 holds query heads 0-1 (dense), rank 1 heads 2-3 (streaming): a plan sliced wrongly differs.
-PER_HEAD = Plan(sites={f"model.layers.{i}.self_attn": [DENSE, DENSE, STREAM, STREAM] for i in range(2)})
+# Per KV group (4 groups of 2 query heads): on 2 ranks, rank 0 holds the dense groups; on 4, one
+# group each. A plan sliced wrongly gives other logits.
+PER_HEAD = Plan(sites={f"model.layers.{i}.self_attn": [DENSE, STREAM, DENSE, STREAM][:: 1 - 2 * i] for i in range(2)})
 
 
 def _tiny(path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)  # fmt: skip
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     model.save_pretrained(path)
@@ -51,7 +52,9 @@ def _worker(rank, world, path, port, out):
         ids = torch.arange(1, 41)[None]
         for name, plan in (("dense", "dense"), ("per_head", PER_HEAD)):
             logits, report = _logits(model, plan, ids)
-            assert {s.shape["q_heads"] for s in report.graphs[0].sites} == {4 // world}
+            assert {s.shape["q_heads"] for s in report.graphs[0].sites} == {8 // world}
+            if name == "per_head":  # every rank holds a streaming group in one of the layers
+                assert any(s.became != "kept" for s in report.graphs[0].sites)
             torch.save(logits, f"{out}/{name}{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -63,14 +66,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_tensor_parallel_model_compiles_to_the_single_process_logits(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_tensor_parallel_model_compiles_to_the_single_process_logits(world, tmp_path):
     model = _tiny(tmp_path / "model")
     ids = torch.arange(1, 41)[None]
-    mp.spawn(_worker, args=(2, str(tmp_path / "model"), _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "model"), _free_port(), str(tmp_path)), nprocs=world, join=True)
     dense, _ = _logits(model, "dense", ids)
     per_head, _ = _logits(model, PER_HEAD, ids)
     assert not torch.allclose(dense, per_head, atol=1e-3)  # the streaming heads matter at 40 tokens
-    for rank in range(2):
+    for rank in range(world):
         torch.testing.assert_close(torch.load(tmp_path / f"dense{rank}.pt"), dense, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.load(tmp_path / f"per_head{rank}.pt"), per_head, rtol=1e-4, atol=1e-4)
 
