@@ -10,7 +10,13 @@ import torch.multiprocessing as mp
 from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, vertical_slash_index
 from sparsecomp.kernels.prefill.block_index import build_block_index
 from sparsecomp.kernels.prefill.block_sparse_attention import sparse_attention_call
-from sparsecomp.parallel import ContextChunk, block_topk_index_for_chunk, context_parallel_attention, index_for_chunk
+from sparsecomp.parallel import (
+    ContextChunk,
+    block_topk_index_for_chunk,
+    context_parallel_attention,
+    index_for_chunk,
+    vertical_slash_index_for_chunk,
+)
 
 N, B, HQ, HKV, D, BLOCK = 512, 2, 4, 2, 16, 64
 SCALE = D**-0.5
@@ -56,6 +62,16 @@ def _assert_same_lists(a, b):
             assert sorted(row[:n]) == sorted(o[:n])
 
 
+def _assert_same_columns(a, b):
+    """Two indexes gather the same single columns for every query block and head."""
+    assert torch.equal(a.column_count, b.column_count)
+    ca = a.columns.expand(*a.column_count.shape, a.columns.shape[-1])
+    cb = b.columns.expand(*b.column_count.shape, b.columns.shape[-1])
+    for x, y, n in zip(ca.flatten(0, -2).tolist(), cb.flatten(0, -2).tolist(), a.column_count.flatten().tolist(),
+                       strict=True):  # fmt: skip
+        assert sorted(x[:n]) == sorted(y[:n])
+
+
 def _worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -77,8 +93,11 @@ def _worker(rank, world, init_file):
                     coverage=0.0, pool="mean", scale=SCALE, block_m=BLOCK, block_n=BLOCK)  # fmt: skip
                 assert pooled_bytes == (world - 1) * B * HKV * (chunk.size // BLOCK) * D * 4
                 _assert_same_lists(index, index_for_chunk(whole, chunk))
-            else:
-                index = index_for_chunk(whole, chunk)
+            else:  # from the last rank's last queries and every rank's scores of its own keys
+                index, _ = vertical_slash_index_for_chunk(q[:, :, rows], k[:, :, rows], chunk, 24, 40, last_q=64,
+                    sink=16, local=32, scale=SCALE, block_m=BLOCK, block_n=BLOCK)  # fmt: skip
+                _assert_same_lists(index, index_for_chunk(whole, chunk))
+                _assert_same_columns(index, index_for_chunk(whole, chunk))
             out, received = context_parallel_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], index, chunk,
                                                        head_sink=sink, head_window=window, scale=SCALE)  # fmt: skip
             torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=f"{kind} rank {rank}")

@@ -158,10 +158,23 @@ def vertical_slash_index(
         q, k, q_pos, k_pos, key_ok, n_vertical, n_slash, last_q=last_q, sink=sink, local=local, scale=scale,
         causal=causal, window=window, mass=mass,
     )  # fmt: skip
-    b, hq, n_q, _ = q.shape
-    n_k, dev = k.shape[2], q.device
-    nv = _per_head(n_vertical, hq)
-    shift = n_k - n_q
+    n_columns = max(_per_head(n_vertical, q.shape[1])) + sink
+    return vertical_slash_lists(
+        cols_kept, offsets_kept, q_pos, k_pos, key_ok, n_columns, causal=causal, window=window, block_m=block_m,
+        block_n=block_n,
+    )  # fmt: skip
+
+
+def vertical_slash_lists(
+    cols_kept, offsets_kept, q_pos, k_pos, key_ok, n_columns: int, *, causal: bool, window: int, block_m: int,
+    block_n: int, q_shift=None,
+) -> SparseIndex:  # fmt: skip
+    """The block lists and single columns of kept columns and slash offsets ((B, Hq, Nk) bool, at
+    most ``n_columns`` columns per head) for the queries at ``q_pos``; ``q_shift``: the key index
+    of the first query (default Nk - Nq, queries last; a context-parallel rank's chunk start)."""
+    b, hq, n_k = cols_kept.shape
+    n_q, dev = q_pos.shape[-1], cols_kept.device
+    shift = n_k - n_q if q_shift is None else q_shift
     # Offset o meets block (i, j) where j - i is floor((s - o) / b) or floor((s - o + b - 1) / b):
     # block diagonal t = j - i holds the offsets in [s - t b - b + 1, s - t b + b - 1]. It is selected
     # when that range holds a kept offset: a difference of prefix counts (no scatter).
@@ -175,7 +188,7 @@ def vertical_slash_index(
     # Pair (i, j) is selected when its block diagonal j - i is in rel_set: lists straight from it.
     limits = block_limits(q_pos, k_pos, key_ok, block_m, block_n)
     blocks = diagonal_block_lists(rel_set, *limits, base, causal, window)
-    columns = _vertical_columns(cols_kept, max(nv) + sink, rel_set, base, n_qb, n_k, shift, block_m, block_n)
+    columns = _vertical_columns(cols_kept, n_columns, rel_set, base, n_qb, n_k, shift, block_m, block_n)
     return SparseIndex(*blocks, block_m, block_n, *columns)
 
 

@@ -6,6 +6,7 @@ from .context_parallel import (
     context_parallel_attention,
     index_for_chunk,
     listed_key_blocks,
+    vertical_slash_index_for_chunk,
 )
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "context_parallel_attention",
     "index_for_chunk",
     "listed_key_blocks",
+    "vertical_slash_index_for_chunk",
 ]

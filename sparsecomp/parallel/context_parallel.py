@@ -6,9 +6,11 @@ sequence), by point-to-point sends over torch.distributed (any backend: gloo on 
 The rank's index is the global index's rows for its query blocks, with global key-block ids (a
 static pattern builds it alone: ``build_block_index`` on its own query positions and the global key
 positions; block top-k from every rank's pooled key blocks, one all-gather of 1/block_n of K:
-``block_topk_index_for_chunk``). The received blocks and the rank's own are laid side by side in ascending order with
-their global positions, the index is renumbered onto them, and the block-sparse op runs on that
-compacted K/V: every structure rule (causal, sinks, windows) reads positions, so nothing changes.
+``block_topk_index_for_chunk``; vertical-slash from the sequence's last queries, broadcast by the
+last rank, each rank scoring its own keys: ``vertical_slash_index_for_chunk``). The received
+blocks and the rank's own are laid side by side in ascending order with their global positions,
+the index is renumbered onto them, and the block-sparse op runs on that compacted K/V: every
+structure rule (causal, sinks, windows) reads positions, so nothing changes.
 Blocks move whole: a listed column brings its block."""
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, pooled_keys
+from sparsecomp.kernels.prefill.adaptive_index import (
+    _keep_top,
+    _per_head,
+    block_topk_index,
+    pooled_keys,
+    vertical_slash_lists,
+)
 from sparsecomp.kernels.prefill.block_index import SparseIndex
 from sparsecomp.kernels.prefill.block_sparse_attention import sparse_attention_call
 
@@ -207,4 +215,58 @@ def block_topk_index_for_chunk(
         q, None, q_pos, k_pos, None, top_k, coverage=coverage, pool=pool, scale=scale, causal=True, window=0,
         block_m=block_m, block_n=block_n, pooled=pooled, q_shift=chunk.start,
     )  # fmt: skip
+    return index, received
+
+
+def _row_attention_scores(q_rows, row_pos, k, chunk: ContextChunk, scale: float, group):
+    """The last rows' softmax over the whole sequence's keys, scored where the keys are: this rank's
+    (B, Hq, R, chunk keys) share, normalized by every rank's row max and sum (two all-reduces)."""
+    b, hq, r, d = q_rows.shape
+    hkv = k.shape[1]
+    logits = (q_rows.float().reshape(b, hkv, (hq // hkv) * r, d) @ k.float().transpose(-1, -2)) * scale
+    logits = logits.view(b, hq, r, -1)
+    k_pos = torch.arange(chunk.start, chunk.stop, device=k.device)
+    logits = logits.masked_fill(k_pos[None, None, None, :] > row_pos[:, None, :, None], float("-inf"))
+    row_max = logits.amax(-1)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    weights = torch.exp(logits - row_max[..., None])  # every row sees key 0: its max is finite
+    total = weights.sum(-1)
+    dist.all_reduce(total, group=group)
+    return weights / total[..., None]
+
+
+def vertical_slash_index_for_chunk(
+    q, k, chunk: ContextChunk, n_vertical, n_slash, *, last_q: int, sink: int, local: int, scale: float,
+    block_m: int, block_n: int, mass: float = 1.0, group=None,
+) -> tuple[SparseIndex, int]:  # fmt: skip
+    """This rank's rows of the causal vertical-slash index of the whole sequence (as
+    ``vertical_slash_index`` builds it on one process), and the bytes it received: the last rank's
+    ``last_q`` queries, and every rank's column and slash scores of its own keys (float32 per query
+    head and key: Hq / (2 Hkv D) of the K/V bytes in bf16)."""
+    b, hq, _, d = q.shape
+    if last_q > chunk.size:
+        raise ValueError(f"context parallel vertical_slash: last_q={last_q} exceeds a rank's {chunk.size} rows")
+    last = chunk.world - 1
+    q_rows = q[:, :, chunk.size - last_q :].contiguous() if chunk.rank == last else q.new_empty(b, hq, last_q, d)
+    dist.broadcast(q_rows, src=last, group=group)
+    row_pos = torch.arange(chunk.length - last_q, chunk.length, device=q.device)[None]
+    weights = _row_attention_scores(q_rows, row_pos, k, chunk, scale, group)  # (B, Hq, R, chunk keys)
+    columns = [torch.empty(b, hq, chunk.size, dtype=torch.float32, device=q.device) for _ in range(chunk.world)]
+    dist.all_gather(columns, weights.sum(2).contiguous(), group=group)
+    vertical = torch.cat(columns, -1)
+    offset = row_pos[0, :, None] - torch.arange(chunk.start, chunk.stop, device=q.device)[None, :]  # (R, keys)
+    on_slash = weights.masked_fill(offset < 0, 0.0).reshape(b, hq, -1)
+    slash = torch.zeros(b, hq, chunk.length, dtype=torch.float32, device=q.device)
+    slash.scatter_add_(-1, offset.clamp_min(0).reshape(1, 1, -1).expand(b, hq, -1), on_slash)
+    dist.all_reduce(slash, group=group)
+    key_idx = torch.arange(chunk.length, device=q.device)
+    cols_kept = _keep_top(vertical, (key_idx < sink).expand_as(vertical), _per_head(n_vertical, hq), mass)
+    offsets_kept = _keep_top(slash, (key_idx < local).expand_as(slash), _per_head(n_slash, hq), mass)
+    q_pos = torch.arange(chunk.start, chunk.stop, device=q.device)[None]
+    index = vertical_slash_lists(
+        cols_kept, offsets_kept, q_pos, key_idx[None], None, max(_per_head(n_vertical, hq)) + sink, causal=True,
+        window=0, block_m=block_m, block_n=block_n, q_shift=chunk.start,
+    )  # fmt: skip
+    scores = b * hq * 4 * ((chunk.world - 1) * chunk.size + chunk.length)  # the gather and the all-reduce
+    received = (q_rows.numel() * q_rows.element_size() if chunk.rank != last else 0) + scores
     return index, received
