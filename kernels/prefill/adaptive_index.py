@@ -72,7 +72,7 @@ def _check_blocks(block_m: int, block_n: int, name: str):
         raise ValueError(f"{name} needs square blocks (offsets map to block diagonals); got {block_m} x {block_n}")
 
 
-def _per_head(values, hq: int) -> list:
+def per_head_values(values, hq: int) -> list:
     """A budget given once or per query head (Python numbers: graph constants) as one per head."""
     values = list(values) if isinstance(values, (list, tuple)) else [values]
     # Two plain comparisons, not `len(values) in (1, hq)`: Dynamo evaluates that membership test
@@ -108,7 +108,7 @@ def _mass_before(ordered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nn.functional.pad(running[..., :-1], (1, 0)), running[..., -1:]
 
 
-def _keep_top(scores: torch.Tensor, forced: torch.Tensor, budget: list[int], mass: float = 1.0) -> torch.Tensor:
+def keep_top(scores: torch.Tensor, forced: torch.Tensor, budget: list[int], mass: float = 1.0) -> torch.Tensor:
     """Bool mask (B, Hq, N): the ``forced`` entries plus each head's ``budget[h]`` best others with a
     positive score (zero-score entries are never seen: picking among them would be arbitrary); with
     ``mass`` < 1, only the fewest of those whose scores, added to the forced ones', reach ``mass`` of
@@ -136,15 +136,15 @@ def vertical_slash_selection(
     if not causal:
         raise ValueError("vertical_slash needs a causal site (slash offsets are q_index - k_index >= 0)")
     hq, n_q, n_k, dev = q.shape[1], q.shape[2], k.shape[2], q.device
-    nv, ns = _per_head(n_vertical, hq), _per_head(n_slash, hq)
+    nv, ns = per_head_values(n_vertical, hq), per_head_values(n_slash, hq)
     first = max(0, n_q - last_q)  # the scoring rows: the last ones, consecutive
     q_rows, row_pos = q[:, :, first:], q_pos[:, first:]
     vertical, slash = column_slash_mass(q_rows, k, row_pos, k_pos, key_ok, first + n_k - n_q, scale, causal, window)
     key_idx = torch.arange(n_k, device=dev)
     start = first_valid_key(key_ok, dev)[:, None, None]
     sinks = (key_idx - start < sink) & (key_idx - start >= 0)
-    cols_kept = _keep_top(vertical, sinks.expand_as(vertical), nv, mass)
-    offsets_kept = _keep_top(slash, (key_idx < local).expand_as(slash), ns, mass)
+    cols_kept = keep_top(vertical, sinks.expand_as(vertical), nv, mass)
+    offsets_kept = keep_top(slash, (key_idx < local).expand_as(slash), ns, mass)
     return cols_kept, offsets_kept
 
 
@@ -158,7 +158,7 @@ def vertical_slash_index(
         q, k, q_pos, k_pos, key_ok, n_vertical, n_slash, last_q=last_q, sink=sink, local=local, scale=scale,
         causal=causal, window=window, mass=mass,
     )  # fmt: skip
-    n_columns = max(_per_head(n_vertical, q.shape[1])) + sink
+    n_columns = max(per_head_values(n_vertical, q.shape[1])) + sink
     return vertical_slash_lists(
         cols_kept, offsets_kept, q_pos, k_pos, key_ok, n_columns, causal=causal, window=window, block_m=block_m,
         block_n=block_n,
@@ -221,7 +221,7 @@ def sample_index(
     _check_blocks(block_m, block_n, "sample")
     b, hq, n_q, _ = q.shape
     n_k, dev = k.shape[2], q.device
-    alphas = _head_limits(_per_head(alpha, hq), dev, trailing=1)
+    alphas = _head_limits(per_head_values(alpha, hq), dev, trailing=1)
     if not 0 < sample_ratio <= 1:
         raise ValueError(f"sample_ratio={sample_ratio}: needs 0 < sample_ratio <= 1")
     # Plain integer sizes and arithmetic (no linspace, min or max of the length): under dynamic
@@ -308,7 +308,7 @@ def block_topk_index(
     hkv, n_k, dev = (pooled[0] if pool == "minmax" else pooled).shape[1], k_pos.shape[-1], q.device
     q_shift = n_k - n_q if q_shift is None else q_shift
     g = hq // hkv
-    kk = _per_head(top_k, hq)
+    kk = per_head_values(top_k, hq)
     some, _ = _structure(q_pos, k_pos, key_ok, causal=causal, window=window, block_m=block_m, block_n=block_n)
     some = some.expand(b, hq, *some.shape[2:])
     n_qb, n_kb = some.shape[2], some.shape[3]

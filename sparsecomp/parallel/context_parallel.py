@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from sparsecomp.kernels.prefill.adaptive_index import (
-    _keep_top,
-    _per_head,
     block_topk_index,
+    keep_top,
+    per_head_values,
     pooled_keys,
     vertical_slash_lists,
 )
@@ -260,11 +260,11 @@ def vertical_slash_index_for_chunk(
     slash.scatter_add_(-1, offset.clamp_min(0).reshape(1, 1, -1).expand(b, hq, -1), on_slash)
     dist.all_reduce(slash, group=group)
     key_idx = torch.arange(chunk.length, device=q.device)
-    cols_kept = _keep_top(vertical, (key_idx < sink).expand_as(vertical), _per_head(n_vertical, hq), mass)
-    offsets_kept = _keep_top(slash, (key_idx < local).expand_as(slash), _per_head(n_slash, hq), mass)
+    cols_kept = keep_top(vertical, (key_idx < sink).expand_as(vertical), per_head_values(n_vertical, hq), mass)
+    offsets_kept = keep_top(slash, (key_idx < local).expand_as(slash), per_head_values(n_slash, hq), mass)
     q_pos = torch.arange(chunk.start, chunk.stop, device=q.device)[None]
     index = vertical_slash_lists(
-        cols_kept, offsets_kept, q_pos, key_idx[None], None, max(_per_head(n_vertical, hq)) + sink, causal=True,
+        cols_kept, offsets_kept, q_pos, key_idx[None], None, max(per_head_values(n_vertical, hq)) + sink, causal=True,
         window=0, block_m=block_m, block_n=block_n, q_shift=chunk.start,
     )  # fmt: skip
     scores = b * hq * 4 * ((chunk.world - 1) * chunk.size + chunk.length)  # the gather and the all-reduce
