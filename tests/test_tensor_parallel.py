@@ -1,6 +1,7 @@
 """Tensor parallelism (transformers' tp_plan="auto", 2 and 4 CPU processes over gloo): each rank's sites
 see their local heads, the plan's per-head rules and channels map to them by global head index,
-and the compiled sharded model gives the single-process compiled model's logits."""
+and the compiled sharded model gives the single-process compiled model's logits and generated
+tokens."""
 
 import socket
 
@@ -56,6 +57,9 @@ def _worker(rank, world, path, port, out):
             if name == "per_head":  # every rank holds a streaming group in one of the layers
                 assert any(s.became != "kept" for s in report.graphs[0].sites)
             torch.save(logits, f"{out}/{name}{rank}.pt")
+        compiled = sparsecomp.compile(model, PER_HEAD, inner="eager", cost_model=False)
+        tokens = compiled.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        torch.save(tokens, f"{out}/tokens{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -74,7 +78,10 @@ def test_a_tensor_parallel_model_compiles_to_the_single_process_logits(world, tm
     dense, _ = _logits(model, "dense", ids)
     per_head, _ = _logits(model, PER_HEAD, ids)
     assert not torch.allclose(dense, per_head, atol=1e-3)  # the streaming heads matter at 40 tokens
+    compiled = sparsecomp.compile(model, PER_HEAD, inner="eager", cost_model=False)
+    tokens = compiled.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for rank in range(world):
+        assert torch.equal(torch.load(tmp_path / f"tokens{rank}.pt"), tokens)  # decode steps sharded too
         torch.testing.assert_close(torch.load(tmp_path / f"dense{rank}.pt"), dense, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.load(tmp_path / f"per_head{rank}.pt"), per_head, rtol=1e-4, atol=1e-4)
 
