@@ -36,6 +36,7 @@ def compile(
     cost_model="auto",
     tuning_cache=None,
     strict: bool = True,
+    context_parallel: bool = False,
     **torch_compile_kwargs,
 ):
     """``torch.compile`` with every attention rewritten by ``plan`` (a Plan, preset or .json path).
@@ -49,7 +50,10 @@ def compile(
     compiles the rewritten graph (``"inductor"``; ``"aot_eager"`` or ``"eager"`` for debugging).
     A plan naming a site the traced graph does not have is an error (``strict=False``: a warning
     in the report). ``mode`` is Inductor's (``"reduce-overhead"``: CUDA graphs, the decode steps
-    included); other keyword arguments go to ``torch.compile`` (``dynamic``, ``fullgraph``...).
+    included); ``context_parallel=True``: every rank of the default process group runs the model
+    on its chunk of one sequence (``input_ids`` rows, global ``position_ids``), each prefill site
+    attending over the whole sequence (``docs/parallel.md``); other keyword arguments go to
+    ``torch.compile`` (``dynamic``, ``fullgraph``...).
     """
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     root = root if isinstance(root, torch.nn.Module) else None
@@ -61,6 +65,7 @@ def compile(
             "cost_model": cost_model,
             "tuning_cache": tuning_cache,
             "strict": strict,
+            "context_parallel": context_parallel,
             # Inductor's mode (CUDA graphs...) is applied inside the backend: torch.compile takes a
             # mode only for its own Inductor backend
             "mode": torch_compile_kwargs.pop("mode", None),

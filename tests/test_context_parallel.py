@@ -117,3 +117,51 @@ def test_each_rank_computes_its_rows_from_only_the_blocks_its_index_lists(world,
 def test_a_sequence_that_does_not_split_into_whole_blocks_is_refused():
     with pytest.raises(ValueError, match="pad the sequence to a multiple of 256"):
         ContextChunk(500, 0, 4, 64)
+
+
+def _compiled_worker(rank, world, init_file, path, out):
+    from transformers import AutoModelForCausalLM
+
+    import sparsecomp
+    from sparsecomp.parallel.compiled import received_bytes
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+        chunk = ContextChunk(N, rank, world, BLOCK)
+        ids = torch.arange(N)[None] % 120 + 1
+        for name, plan in PLANS.items():
+            compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False, context_parallel=True)
+            rows = torch.arange(chunk.start, chunk.stop)[None]  # this rank's tokens, at their global positions
+            with torch.no_grad():
+                logits = compiled(ids[:, rows[0]], position_ids=rows).logits  # with a cache: no packed-sequence mask
+            sites = sparsecomp.inspect(compiled).graphs[0].sites
+            assert {s.became for s in sites} == {"context_parallel"}, [s.reason for s in sites]
+            received = [received_bytes[s.name] for s in sites]
+            if name == "dense":  # every earlier key: K and V of the ranks before (1 row, 4 KV heads, d 16)
+                assert received == [2 * 4 * chunk.start * 16 * 4] * len(sites)
+            else:  # the sink's block and the window's two blocks before the chunk
+                assert received == [2 * 4 * min(chunk.start, 3 * BLOCK) * 16 * 4] * len(sites)
+            torch.save(logits, f"{out}/{name}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+PLANS = {"dense": "dense", "streaming": "streaming:sink=16,window=96"}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_compiled_model_prefills_a_sequence_split_over_ranks_as_one_process_does(world, tmp_path):
+    from test_tensor_parallel import _tiny
+
+    import sparsecomp
+
+    model = _tiny(tmp_path / "model")
+    mp.spawn(_compiled_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "model"), str(tmp_path)),
+             nprocs=world, join=True)  # fmt: skip
+    ids = torch.arange(N)[None] % 120 + 1
+    for name, plan in PLANS.items():
+        with torch.no_grad():
+            whole = sparsecomp.compile(model, plan, inner="eager", cost_model=False)(ids, use_cache=False).logits
+        parts = torch.cat([torch.load(tmp_path / f"{name}{r}.pt") for r in range(world)], 1)
+        torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-4, msg=name)

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from sparsecomp.passes.fxutil import eliminate_dead_code
+from sparsecomp.passes.match import default_scale
 from sparsecomp.passes.rewrite import (
     HeadSelection,
     KernelOptions,
@@ -47,6 +48,7 @@ class BackendOptions:
     tuning_cache: object = None  # a TuningCache; None: this GPU's default cache; False: none
     strict: bool = True  # a plan naming a site the graph does not have is an error (else a warning)
     mode: str | None = None  # torch.compile's mode for Inductor ("reduce-overhead": CUDA graphs)
+    context_parallel: bool = False  # each rank holds a chunk of the sequence (sparsecomp.parallel.compiled)
 
     @classmethod
     def from_any(cls, options) -> BackendOptions:
@@ -62,9 +64,10 @@ class BackendOptions:
             tuning_cache=options.pop("tuning_cache", None),
             strict=options.pop("strict", True),
             mode=options.pop("mode", None),
+            context_parallel=options.pop("context_parallel", False),
         )
         if options:
-            known = "plan, kernel_options, inner, cost_model, tuning_cache, strict, mode"
+            known = "plan, kernel_options, inner, cost_model, tuning_cache, strict, mode, context_parallel"
             raise ValueError(f"unknown sparsecomp options {sorted(options)}; known: {known}")
         if opts.inner not in INNER_COMPILERS:
             raise ValueError(f"inner={opts.inner!r}; known: {INNER_COMPILERS}")
@@ -156,6 +159,9 @@ def rewrite_graph(
         if any(PATTERNS[r.kind].selects for r in rules):
             _rewrite_decode_selection(gm, site, rules, options.plan, row, states, decider)
             continue
+        if options.context_parallel and row.phase == "prefill":
+            _rewrite_context_parallel(gm, site, rules, row)
+            continue
         decision = _decide(site, rules, options, decider, share[_share_key(site, rules)])
         row.decision = decision
         if (all_dense or decision.dense) and is_plain_causal(site):
@@ -191,6 +197,50 @@ def rewrite_graph(
     eliminate_dead_code(gm)  # keeps in-place KV-cache writes (and the decode state's)
     gm.recompile()
     return rows
+
+
+CONTEXT_PARALLEL_BLOCK = 64  # keys per block moved between ranks (a chunk is whole blocks)
+
+
+def _rewrite_context_parallel(gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], row) -> None:
+    """A prefill site of a rank's chunk: the context-parallel op over the whole sequence (the
+    rank's rules lowered to sink + window per head, at the whole sequence's length)."""
+    if not is_plain_causal(site):
+        raise ValueError(
+            f"context parallel: {site.name} is not a plain causal prefill ({site.structure.describe()}); "
+            "give each rank its chunk's input_ids and position_ids, with no padding"
+        )
+    adaptive = sorted({r.kind for r in rules if r.adaptive})
+    if adaptive:
+        raise ValueError(
+            f"context parallel inside compile takes static rules (dense, streaming, elastic); {site.name} has "
+            f"{adaptive}: build those indexes per rank with sparsecomp.parallel's builders"
+        )
+    import torch.distributed as dist
+
+    from ..parallel import compiled  # noqa: F401  (registers the op)
+
+    n_keys = int(site.shape["kv_len"]) * dist.get_world_size()
+    sink, window = zip(*(r.head_params(n_keys) for r in rules), strict=True)
+    graph = gm.graph
+    with graph.inserting_before(site.output):
+        out = graph.call_function(
+            torch.ops.sparsecomp.context_parallel_attention.default,
+            (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), CONTEXT_PARALLEL_BLOCK,
+             site.name),
+        )  # fmt: skip
+        old = meta_val(site.output)
+        if old is not None and old.dtype != site.dtype:
+            out = graph.call_method("to", (out, old.dtype))
+    site.output.replace_all_uses_with(out)
+    out.meta["sparsecomp_site"] = site.name
+    counters["rewritten"] += 1
+    counters["context_parallel"] += 1
+    row.became = "context_parallel"
+    row.reason = (
+        f"context parallel over {dist.get_world_size()} ranks: this rank's rows over the whole sequence, "
+        "receiving only the K/V blocks its index lists"
+    )
 
 
 def _decode_selection_rules(plan: Plan, site: AttentionSite) -> list[Rule]:
