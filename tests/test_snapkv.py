@@ -66,6 +66,14 @@ def test_selection_lists_the_window_and_the_top_voted_keys_before_it_once():
         assert set(listed) == want
 
 
+def test_a_budget_below_the_window_is_the_budget_s_last_keys():
+    votes, keys = torch.randn(1, 2, 40), torch.randn(1, 2, 40, 8)
+    key_ok = torch.arange(40)[None] < 30  # the step's key is 29
+    tokens = SNAPKV.select_from(torch.randn(1, 4, 1, 8), (votes,), keys, key_ok, None, None, ratio=0.0, k=5,
+                                window=8)  # fmt: skip
+    assert tokens.shape == (1, 2, 5) and all(sorted(t) == list(range(25, 30)) for t in tokens[0].tolist())
+
+
 def generate(model, plan, ids, mask, new=6):
     from transformers import StaticCache
 

@@ -44,10 +44,13 @@ def _summarize(keys, key_ok, channel_index, **params):
 
 def select_voted(q, state, keys, key_ok, q_last, channel_index, *, ratio, k, window, **params):
     """The top-scoring keys of the state (one float per key, -inf: never kept) outside the window,
-    then the window's keys: k (or ratio of the keys) in all, each once, -1 for unused slots."""
+    then the window's keys: k (or ratio of the keys) in all, each once, -1 for unused slots (a
+    budget below the window is all window)."""
     (votes,) = state
     n_keys, hkv = keys.shape[2], votes.shape[1]
-    voted = torch.sym_max(1, budget(k, ratio, n_keys) - window)
+    total = budget(k, ratio, n_keys)
+    window = torch.sym_min(window, total)
+    voted = total - window
     last = (
         torch.full((1, 1), n_keys - 1, device=keys.device) if key_ok is None else last_valid_key(key_ok)
     )  # (B or 1, 1): the step's key
