@@ -1,6 +1,6 @@
 """H2O: the prompt's accumulated attention, then each decode step keeps the heavy hitters and the
 recent window, adds its own weights and evicts the rest for good. The pattern's functions against a
-plain H2O written with Python sets, then through generate."""
+plain H2O written with Python sets, then through generate (without a static cache: test_snapkv)."""
 
 import pytest
 import torch
@@ -8,7 +8,6 @@ from test_generate import assert_same_generation
 from test_snapkv import generate, votes_by_loops
 from tiny_models import DEVICE, tiny_llama
 
-import sparsecomp
 from sparsecomp.patterns import h2o
 from sparsecomp.patterns.h2o import H2O, prompt_attention
 from sparsecomp.plan import Plan, Rule
@@ -82,15 +81,3 @@ def test_a_budget_covering_every_key_decodes_as_dense_and_a_small_one_does_not()
     assert not torch.allclose(out.logits[-1], dense.logits[-1], atol=1e-3)
     for (scores,) in report.states.tensors.values():  # after the last step: exactly its 10 keys kept
         assert (torch.isfinite(scores).sum(-1) == 10).all()
-
-
-def test_without_a_static_cache_the_decode_steps_keep_their_attention_and_say_why():
-    pytest.importorskip("transformers")
-    model = tiny_llama().eval()
-    ids = torch.randint(1, 100, (1, 20), device=DEVICE)
-    compiled = sparsecomp.compile(
-        model, Plan(decode_default=Rule.parse("h2o:k=8,window=4")), inner="eager", cost_model=False
-    )
-    compiled.generate(ids, max_new_tokens=3, do_sample=False)
-    decode = sparsecomp.inspect(compiled).graphs[-1].sites
-    assert {s.became for s in decode} == {"kept"} and "needs a static cache" in decode[0].reason

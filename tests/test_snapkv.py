@@ -101,15 +101,17 @@ def test_a_budget_covering_every_key_decodes_as_dense_and_a_small_one_does_not()
     assert not torch.allclose(out.logits[-1], dense.logits[-1], atol=1e-3)
 
 
-def test_without_a_static_cache_the_decode_steps_keep_their_attention_and_say_why():
+@pytest.mark.parametrize("rule", ["snapkv:k=8,window=4", "h2o:k=8,window=4"])
+def test_without_a_static_cache_the_decode_steps_keep_their_attention_and_say_why(rule):
     pytest.importorskip("transformers")
     model = tiny_llama().eval()
     ids = torch.randint(1, 100, (1, 20), device=DEVICE)
-    compiled = sparsecomp.compile(
-        model, Plan(decode_default=Rule.parse("snapkv:k=8,window=4")), inner="eager", cost_model=False
-    )
+    compiled = sparsecomp.compile(model, Plan(decode_default=Rule.parse(rule)), inner="eager", cost_model=False)
     compiled.generate(ids, max_new_tokens=3, do_sample=False)  # a DynamicCache: no prompt state
     decode = sparsecomp.inspect(compiled).graphs[-1].sites
     assert {s.became for s in decode} == {"kept"} and "needs a static cache" in decode[0].reason
+
+
+def test_snapkv_pools_over_an_odd_count():
     with pytest.raises(ValueError, match="pool must be odd"):
         Rule.parse("snapkv:k=8,pool=4")
