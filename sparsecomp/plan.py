@@ -400,7 +400,8 @@ class Plan:
     def for_shard(self, rank: int, size: int) -> Plan:
         """The plan as one of ``size`` tensor-parallel ranks sees it: heads split contiguously
         (rank r holds query heads [r Hq/size, (r+1) Hq/size) and their KV heads), so every per-head
-        list keeps the rank's slice, by global head index, and calibrated channels their KV heads'."""
+        list keeps the rank's slice, by global head index: rules, calibrated densities (per query
+        head) and channels (per KV head)."""
         if size == 1:
             return self
 
@@ -417,6 +418,7 @@ class Plan:
             sites={n: part(n, e, "rules") for n, e in self.sites.items()},
             decode_sites={n: part(n, e, "decode rules") for n, e in self.decode_sites.items()},
             channels={n: part(n, e, "channels") for n, e in self.channels.items()},
+            densities={n: part(n, e, "densities") for n, e in self.densities.items()},
             info={**self.info, "tensor_parallel": {"rank": rank, "size": size}},
         )
 

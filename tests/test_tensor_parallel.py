@@ -87,8 +87,10 @@ def test_a_tensor_parallel_model_compiles_to_the_single_process_logits(world, tm
 
 
 def test_per_head_lists_split_by_global_head_index():
-    plan = Plan(sites={"a": [Rule("dense"), STREAM, STREAM, DENSE]}, channels={"a": [[0, 1], [2, 3]]})
+    plan = Plan(sites={"a": [Rule("dense"), STREAM, STREAM, DENSE]}, channels={"a": [[0, 1], [2, 3]]},
+                densities={"a": [1.0, 0.25, 0.5, 1.0]})  # fmt: skip
     shard = plan.for_shard(1, 2)
     assert shard.sites["a"] == [STREAM, DENSE] and shard.channels["a"] == [[2, 3]]
+    assert shard.densities["a"] == [0.5, 1.0]
     with pytest.raises(ValueError, match="do not split over 4 ranks"):
         Plan(sites={"a": [DENSE] * 6}).for_shard(0, 4)
