@@ -159,7 +159,7 @@ def rewrite_graph(
         if any(PATTERNS[r.kind].selects for r in rules):
             _rewrite_decode_selection(gm, site, rules, options.plan, row, states, decider)
             continue
-        if options.context_parallel and row.phase == "prefill":
+        if options.context_parallel:
             _rewrite_context_parallel(gm, site, rules, row)
             continue
         decision = _decide(site, rules, options, decider, share[_share_key(site, rules)])
@@ -205,6 +205,11 @@ CONTEXT_PARALLEL_BLOCK = 64  # keys per block moved between ranks (a chunk is wh
 def _rewrite_context_parallel(gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], row) -> None:
     """A prefill site of a rank's chunk: the context-parallel op over the whole sequence (the
     rank's rules lowered to sink + window per head, at the whole sequence's length)."""
+    if row.phase == "decode":
+        raise ValueError(
+            f"context parallel covers the prefill: {site.name} is a decode step, and each rank's cache holds only "
+            "its chunk; decode with a model compiled without context_parallel on the whole cache"
+        )
     if not is_plain_causal(site):
         raise ValueError(
             f"context parallel: {site.name} is not a plain causal prefill ({site.structure.describe()}); "
