@@ -1,7 +1,7 @@
 """Tensor parallelism (transformers' tp_plan="auto", 2 and 4 CPU processes over gloo): each rank's sites
 see their local heads, the plan's per-head rules and channels map to them by global head index,
 and the compiled sharded model gives the single-process compiled model's logits and generated
-tokens."""
+tokens (Double Sparsity's decode steps too, each rank reading its KV heads' channels)."""
 
 import socket
 
@@ -38,7 +38,16 @@ def _logits(model, plan, ids):
         return compiled(ids).logits, sparsecomp.inspect(compiled)
 
 
-def _worker(rank, world, path, port, out):
+def _generated_logits(model, plan, ids):
+    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
+    out = compiled.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                            return_dict_in_generate=True)  # fmt: skip
+    if isinstance(plan, Plan) and plan.channels:  # the decode steps ran Double Sparsity's selection
+        assert {s.became for s in sparsecomp.inspect(compiled).graphs[-1].sites} == {"sparse_decode"}
+    return out.sequences, torch.stack(out.logits)
+
+
+def _worker(rank, world, path, port, out, ds_plan_file):
     import os
 
     from transformers import AutoModelForCausalLM
@@ -57,9 +66,8 @@ def _worker(rank, world, path, port, out):
             if name == "per_head":  # every rank holds a streaming group in one of the layers
                 assert any(s.became != "kept" for s in report.graphs[0].sites)
             torch.save(logits, f"{out}/{name}{rank}.pt")
-        compiled = sparsecomp.compile(model, PER_HEAD, inner="eager", cost_model=False)
-        tokens = compiled.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        torch.save(tokens, f"{out}/tokens{rank}.pt")
+        torch.save(_generated_logits(model, PER_HEAD, ids), f"{out}/tokens{rank}.pt")
+        torch.save(_generated_logits(model, Plan.load(ds_plan_file), ids), f"{out}/ds{rank}.pt")  # each rank's channels
     finally:
         dist.destroy_process_group()
 
@@ -74,14 +82,22 @@ def _free_port() -> int:
 def test_a_tensor_parallel_model_compiles_to_the_single_process_logits(world, tmp_path):
     model = _tiny(tmp_path / "model")
     ids = torch.arange(1, 41)[None]
-    mp.spawn(_worker, args=(world, str(tmp_path / "model"), _free_port(), str(tmp_path)), nprocs=world, join=True)
+    calibration = [torch.randint(1, 128, (64,), generator=torch.Generator().manual_seed(3))]
+    preset = "prefill=dense;decode=double_sparsity:channels=4,ratio=0.25"
+    ds_plan = sparsecomp.calibrate_channels(model, calibration, preset)
+    ds_plan.save(tmp_path / "ds_plan.json")  # Rules do not pickle into spawned processes
+    args = (world, str(tmp_path / "model"), _free_port(), str(tmp_path), str(tmp_path / "ds_plan.json"))
+    mp.spawn(_worker, args=args, nprocs=world, join=True)
     dense, _ = _logits(model, "dense", ids)
     per_head, _ = _logits(model, PER_HEAD, ids)
     assert not torch.allclose(dense, per_head, atol=1e-3)  # the streaming heads matter at 40 tokens
-    compiled = sparsecomp.compile(model, PER_HEAD, inner="eager", cost_model=False)
-    tokens = compiled.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    tokens, _ = _generated_logits(model, PER_HEAD, ids)
+    ds_tokens, ds_logits = _generated_logits(model, ds_plan, ids)
     for rank in range(world):
-        assert torch.equal(torch.load(tmp_path / f"tokens{rank}.pt"), tokens)  # decode steps sharded too
+        assert torch.equal(torch.load(tmp_path / f"tokens{rank}.pt")[0], tokens)  # decode steps sharded too
+        rank_tokens, rank_logits = torch.load(tmp_path / f"ds{rank}.pt")
+        assert torch.equal(rank_tokens, ds_tokens)
+        torch.testing.assert_close(rank_logits, ds_logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.load(tmp_path / f"dense{rank}.pt"), dense, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.load(tmp_path / f"per_head{rank}.pt"), per_head, rtol=1e-4, atol=1e-4)
 
