@@ -116,8 +116,9 @@ def _exchange(k, v, needed: torch.Tensor, chunk: ContextChunk, block_n: int, gro
     """K and V of the ``needed`` key blocks (ascending), gathered from their owners; and the bytes
     this rank received. Every rank learns every rank's needs first (one small all-gather)."""
     n_kb, local_kb = chunk.length // block_n, chunk.size // block_n
-    wants = [torch.empty(n_kb, dtype=torch.uint8) for _ in range(chunk.world)]
-    dist.all_gather(wants, needed.to(torch.uint8).cpu(), group=group)
+    wants = [torch.empty(n_kb, dtype=torch.uint8, device=k.device) for _ in range(chunk.world)]
+    dist.all_gather(wants, needed.to(torch.uint8).to(k.device), group=group)  # on K's device: NCCL too
+    wants = [w.cpu() for w in wants]
 
     def rows(blocks: torch.Tensor) -> torch.Tensor:  # local key rows of some local blocks
         return (blocks[:, None] * block_n + torch.arange(block_n)).flatten().to(k.device)
