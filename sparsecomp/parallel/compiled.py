@@ -16,7 +16,7 @@ from sparsecomp.kernels.prefill.block_index import build_block_index
 
 from .context_parallel import ContextChunk, context_parallel_attention
 
-# K/V bytes each site received on this rank at its last call (site order of the graph), for reports.
+# K/V bytes each site (by name) received on this rank at its last call, for reports and tests.
 received_bytes: collections.Counter = collections.Counter()
 
 
