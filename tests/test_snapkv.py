@@ -74,6 +74,22 @@ def test_a_budget_below_the_window_is_the_budget_s_last_keys():
     assert tokens.shape == (1, 2, 5) and all(sorted(t) == list(range(25, 30)) for t in tokens[0].tolist())
 
 
+def test_decoded_kept_lists_the_keys_written_while_decoding_before_any_prompt_key():
+    votes, keys = torch.randn(1, 2, 40), torch.randn(1, 2, 40, 8)
+    votes[:, :, 30:] = float("inf")  # keys 30-37 written by decode steps (decoded="kept"), 38-39 not yet
+    key_ok = torch.arange(40)[None] < 38  # the step's key is 37: the window is 34-37
+    tokens = SNAPKV.select_from(torch.randn(1, 4, 1, 8), (votes,), keys, key_ok, None, None, ratio=0.0, k=10,
+                                window=4, decoded="kept")  # fmt: skip
+    for h in range(2):
+        best_prompt = set(votes[0, h, :30].topk(2).indices.tolist())
+        assert set(tokens[0, h].tolist()) == set(range(30, 38)) | best_prompt
+    tokens = SNAPKV.select_from(torch.randn(1, 4, 1, 8), (votes,), keys, key_ok, None, None, ratio=0.0, k=7,
+                                window=4, decoded="kept")  # fmt: skip
+    assert all(set(t) == set(range(31, 38)) for t in tokens[0].tolist())  # the most recent decoded first
+    (fresh,) = SNAPKV.summarize(keys, None, None, decoded="kept")
+    assert torch.isposinf(fresh).all()
+
+
 def generate(model, plan, ids, mask, new=6):
     from transformers import StaticCache
 
@@ -96,6 +112,8 @@ def test_a_budget_covering_every_key_decodes_as_dense_and_a_small_one_does_not()
     assert [s.became for s in report.graphs[-1].sites] == ["sparse_decode"] * 2
     assert "state kept beside the static cache" in report.graphs[-1].sites[0].reason
     assert_same_generation(out, dense, atol=1e-5)  # every key listed once: the dense softmax
+    kept = Plan(decode_default=Rule.parse("snapkv:k=64,window=8,observe=4,pool=3,decoded=kept"))
+    assert_same_generation(generate(model, kept, ids, mask)[0], dense, atol=1e-5)
     small = Plan(decode_default=Rule.parse("snapkv:k=10,window=4,observe=4,pool=3"))
     out, _ = generate(model, small, ids, mask)
     assert not torch.allclose(out.logits[-1], dense.logits[-1], atol=1e-3)

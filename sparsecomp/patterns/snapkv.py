@@ -3,7 +3,9 @@ prompt keys they attend to most (softmax weights summed over the window and the 
 heads, then max-pooled over ``pool`` neighbouring keys so that kept keys come with their
 neighbours); every decode step attends to the top-voted keys plus the ``window`` most recent ones.
 The votes are taken once, in the prompt's graph, and kept beside a static cache (one float per
-key); keys written later never gain votes, they are read while in the window."""
+key); keys written later never gain votes: they are read while in the window (``decoded="window"``),
+or kept before any prompt key, the most recent first (``decoded="kept"``: SnapKV keeps every
+generated key; within a fixed budget they push out the lowest-voted prompt keys)."""
 
 import torch
 
@@ -36,10 +38,16 @@ def prompt_votes(q, keys, mask, causal: bool, channel_index, n_state: int, *, ob
     return (torch.nn.functional.pad(votes, (0, n_state - n), value=float("-inf")),)
 
 
-def _summarize(keys, key_ok, channel_index, **params):
-    """Keys summarized without the prompt's queries (a decode step's new key, the allocation) have
-    no votes."""
-    return (torch.full(keys.shape[:3], float("-inf"), dtype=torch.float32, device=keys.device),)
+_KEPT = float("inf")  # the vote of a key written by a decode step under decoded="kept"
+_RECENT_FIRST = 2.0**20  # kept decoded keys rank above every vote, the most recent first
+
+
+def _summarize(keys, key_ok, channel_index, *, decoded="window", **params):
+    """A decode step's new key (and the allocation) has no votes: read while in the window
+    (``decoded="window"``), or kept before any prompt key (``"kept"``, SnapKV's growing cache
+    within the fixed budget)."""
+    vote = _KEPT if decoded == "kept" else float("-inf")
+    return (torch.full(keys.shape[:3], vote, dtype=torch.float32, device=keys.device),)
 
 
 def select_voted(q, state, keys, key_ok, q_last, channel_index, *, ratio, k, window, **params):
@@ -54,8 +62,10 @@ def select_voted(q, state, keys, key_ok, q_last, channel_index, *, ratio, k, win
     last = (
         torch.full((1, 1), n_keys - 1, device=keys.device) if key_ok is None else last_valid_key(key_ok)
     )  # (B or 1, 1): the step's key
-    in_window = torch.arange(n_keys, device=keys.device)[None, :] > last - window  # listed by the window
-    ranked = votes.masked_fill(in_window[:, None, :], float("-inf"))
+    index = torch.arange(n_keys, device=keys.device)
+    in_window = index[None, :] > last - window  # listed by the window
+    ranked = votes.where(votes != _KEPT, _RECENT_FIRST + index.float())  # exact in fp32 below 2^24 keys
+    ranked = ranked.masked_fill(in_window[:, None, :], float("-inf"))
     chosen = top_tokens(ranked, voted)
     chosen = chosen.where(torch.gather(ranked, -1, chosen.long()) > float("-inf"), -1)  # no vote: not kept
     return torch.cat([chosen, window_tokens(key_ok, keys, hkv, 0, window)], -1)
@@ -64,12 +74,19 @@ def select_voted(q, state, keys, key_ok, q_last, channel_index, *, ratio, k, win
 SNAPKV = register(
     Pattern(
         "snapkv",
-        params={"ratio": 0.0625, "k": 0, "window": 64, "observe": 32, "pool": 7, "heads": "kv"},
+        params={"ratio": 0.0625, "k": 0, "window": 64, "observe": 32, "pool": 7, "decoded": "window", "heads": "kv"},
         accepts={
-            "ratio": SHARE, "k": COUNT, "window": POSITIVE, "observe": POSITIVE, "pool": POSITIVE, "heads": ("kv",),
+            "ratio": SHARE,
+            "k": COUNT,
+            "window": POSITIVE,
+            "observe": POSITIVE,
+            "pool": POSITIVE,
+            "decoded": ("window", "kept"),
+            "heads": ("kv",),
         },  # fmt: skip
         doc="decode: the keys the prompt's last `observe` queries vote for, plus the last `window` keys; "
-        "k (or ratio of the keys) in all (SnapKV)",
+        "k (or ratio of the keys) in all; keys written while decoding: read in the window, or (decoded=kept) "
+        "kept first, the most recent first (SnapKV)",
         check=lambda v: check_budget("k")(v) or (None if v["pool"] % 2 else "pool must be odd"),
         phases=("decode",),
         summarize=_summarize,
