@@ -48,6 +48,7 @@ from sparsecomp.pretrained import load_pretrained  # noqa: E402
 
 def rows_for(length: int, channels: int) -> list[tuple[str, str]]:
     window = length // 16 - 64
+    snapkv = "snapkv:window=64,observe=32,pool=7"
     return [
         ("dense", "dense"),
         ("double_sparsity 1/8", f"prefill=dense;decode=double_sparsity:channels={channels},ratio=0.125"),
@@ -64,8 +65,10 @@ def rows_for(length: int, channels: int) -> list[tuple[str, str]]:
             f"prefill=dense;decode=double_sparsity:channels={channels},ratio=0.0625",
         ),
         (f"streaming 1/16 (sink 64 + window {window})", f"prefill=dense;decode=streaming:sink=64,window={window}"),
-        ("snapkv 1/8", "prefill=dense;decode=snapkv:ratio=0.125,window=64,observe=32,pool=7"),
-        ("snapkv 1/16", "prefill=dense;decode=snapkv:ratio=0.0625,window=64,observe=32,pool=7"),
+        ("snapkv 1/8", f"prefill=dense;decode={snapkv},ratio=0.125"),
+        ("snapkv 1/16", f"prefill=dense;decode={snapkv},ratio=0.0625"),
+        ("snapkv 1/8, decoded kept", f"prefill=dense;decode={snapkv},ratio=0.125,decoded=kept"),
+        ("snapkv 1/16, decoded kept", f"prefill=dense;decode={snapkv},ratio=0.0625,decoded=kept"),
         ("h2o 1/8", "prefill=dense;decode=h2o:ratio=0.125,window=64"),
         ("h2o 1/16", "prefill=dense;decode=h2o:ratio=0.0625,window=64"),
     ]
