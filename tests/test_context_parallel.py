@@ -1,6 +1,7 @@
 """Context-parallel sparse prefill over gloo (2 and 4 CPU processes): each rank's output equals
 its rows of the single-process op, for streaming, block top-k and vertical-slash indexes, and the
-K/V bytes it receives are exactly those of the key blocks its index lists outside its chunk."""
+K/V bytes it receives are exactly those of the key blocks its index lists outside its chunk; a model
+compiled with context_parallel=True gives, rank by rank, the single-process logits."""
 
 import pytest
 import torch
