@@ -96,7 +96,6 @@ def listed_key_blocks(index: SparseIndex, n_key_blocks: int) -> torch.Tensor:
 def _renumber(index: SparseIndex, compact_id: torch.Tensor, n_compact_keys: int) -> SparseIndex:
     """``index`` with global key-block ids (and column keys) mapped onto the compacted blocks."""
     bn = index.block_n
-
     n_compact = n_compact_keys // bn
 
     def blocks(b: torch.Tensor) -> torch.Tensor:  # a row lists each block once: at most n_compact

@@ -9,14 +9,9 @@ import torch
 
 from .base import COUNT, POSITIVE, SHARE, Pattern, register
 from .selection import check_budget
-from .snapkv import prompt_votes, select_voted
+from .snapkv import row_attention_sums, select_voted
 
 _CHUNK_ELEMENTS = 1 << 26  # float32 weights per chunk of prompt queries (256 MiB)
-
-
-def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Sum of two accumulations where -inf means unseen: a key seen by either is seen."""
-    return torch.where(torch.isneginf(a), b, torch.where(torch.isneginf(b), a, a + b))
 
 
 def prompt_attention(q, keys, mask, causal: bool, channel_index, n_state: int, *, scale, **params):
@@ -26,20 +21,13 @@ def prompt_attention(q, keys, mask, causal: bool, channel_index, n_state: int, *
     b, hq, nq, _ = q.shape
     n = keys.shape[2]
     rows = max(1, _CHUNK_ELEMENTS // max(1, b * hq * n)) if isinstance(nq, int) else nq
-    total = None
-    for start in range(0, nq, rows) if isinstance(nq, int) else [0]:
-        end = nq if not isinstance(nq, int) else min(nq, start + rows)
-        if mask is not None:
-            part_mask = mask[..., start:end, :]
-        elif causal:  # the chunk's rows of the prompt's causal mask
-            position = torch.arange(start, end, device=keys.device)[:, None] + (n - nq)
-            part_mask = (torch.arange(n, device=keys.device) <= position)[None, None]
-        else:
-            part_mask = None
-        (part,) = prompt_votes(q[:, :, start:end], keys, part_mask, causal, None, n_state,
-                               observe=end - start, pool=1, scale=scale)  # fmt: skip
-        total = part if total is None else _add(total, part)
-    return (total,)
+    total, seen = 0.0, False
+    for first in range(0, nq, rows) if isinstance(nq, int) else [0]:
+        last = min(nq, first + rows) if isinstance(nq, int) else nq
+        part, part_seen = row_attention_sums(q, keys, mask, causal, first, last, scale)
+        total, seen = total + part, seen | part_seen
+    total = total.masked_fill(~seen, float("-inf"))
+    return (torch.nn.functional.pad(total, (0, n_state - n), value=float("-inf")),)
 
 
 def _summarize(keys, key_ok, channel_index, **params):

@@ -16,25 +16,31 @@ from .base import COUNT, POSITIVE, SHARE, Pattern, register
 from .selection import budget, check_budget
 
 
-def prompt_votes(q, keys, mask, causal: bool, channel_index, n_state: int, *, observe, pool, scale, **params):
-    """(B, Hkv, n_state) float32: each key's votes from the prompt's last ``observe`` queries, which
-    see the keys the attention's own ``mask`` (bool, or None: ``causal`` or not) lets them see;
-    -inf for keys none of them sees (padding, slots past the prompt's keys)."""
+def row_attention_sums(q, keys, mask, causal: bool, first: int, last: int, scale: float):
+    """The softmax weights of query rows [first, last) summed per key over those rows and each KV
+    group's query heads, (B, Hkv, N) float32, and which keys any of them sees, (B or 1, 1, N) bool.
+    A row sees the keys the attention's own ``mask`` (bool; None: ``causal`` or not) lets it see."""
     b, hq, nq, d = q.shape
     hkv, n = keys.shape[1], keys.shape[2]
-    o = min(observe, nq)
-    qo = q[:, :, nq - o :].float().reshape(b, hkv, (hq // hkv) * o, d)  # a KV group's query rows
-    scores = (qo @ keys.float().transpose(-1, -2)) * scale  # (B, Hkv, G*O, N)
+    rows = q[:, :, first:last].float().reshape(b, hkv, (hq // hkv) * (last - first), d)  # a KV group's rows
+    scores = (rows @ keys.float().transpose(-1, -2)) * scale  # (B, Hkv, G*R, N)
     if mask is not None:  # (B or 1, 1 or Hq, Nq, >= N): as the attention read it
-        seen = mask[..., nq - o :, :n].amax(1)  # a key one of the heads' rows sees
+        seen = mask[..., first:last, :n].amax(1)  # a key one of the heads' rows sees
     else:
-        position = torch.arange(nq - o, nq, device=keys.device)[:, None] + (n - nq)
-        seen = (torch.arange(n, device=keys.device) <= position) | (not causal)
-        seen = seen[None]
-    seen = seen.repeat(1, hq // hkv, 1)[:, None]  # (B or 1, 1, G*O, N), rows as in qo
+        position = torch.arange(first, last, device=keys.device)[:, None] + (n - nq)
+        seen = ((torch.arange(n, device=keys.device) <= position) | (not causal))[None]
+    seen = seen.repeat(1, hq // hkv, 1)[:, None]  # (B or 1, 1, G*R, N), rows as in ``rows``
     weights = torch.softmax(scores.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
-    votes = torch.nn.functional.max_pool1d(weights.sum(2), pool, stride=1, padding=pool // 2)
-    votes = votes.masked_fill(~seen.any(2), float("-inf"))
+    return weights.sum(2), seen.any(2)
+
+
+def prompt_votes(q, keys, mask, causal: bool, channel_index, n_state: int, *, observe, pool, scale, **params):
+    """(B, Hkv, n_state) float32: each key's votes from the prompt's last ``observe`` queries (their
+    summed weights, max-pooled); -inf for keys none of them sees (padding, slots past the prompt)."""
+    nq, n = q.shape[2], keys.shape[2]
+    sums, seen = row_attention_sums(q, keys, mask, causal, nq - min(observe, nq), nq, scale)
+    votes = torch.nn.functional.max_pool1d(sums, pool, stride=1, padding=pool // 2)
+    votes = votes.masked_fill(~seen, float("-inf"))
     return (torch.nn.functional.pad(votes, (0, n_state - n), value=float("-inf")),)
 
 
