@@ -1,7 +1,9 @@
 """Per-token decode latency of a Llama-3-8B-shaped model (random bf16 weights) with a long static KV
-cache: dense (eager Hugging Face, and torch.compile with CUDA graphs, the path HF recommends for a
-static cache) against sparsecomp's decode rules, and the floor: the same model with attention made
-free (it returns its queries; the cache is still written), compiled with CUDA graphs.
+cache: dense (eager Hugging Face, and torch.compile, with and without CUDA graphs) against
+sparsecomp's decode rules, and the floor: the same model with attention made free (it returns its
+queries; the cache is still written). "+stepgraphs" after a path's name replays each step as one
+CUDA graph (sparsecomp's ``runtime/step_graphs.py``, also around the dense torch.compile model);
+"+cudagraphs" is Inductor's reduce-overhead mode (it crashes while capturing on torch 2.11).
 
 Each row runs the decode step ``generate`` runs (one token per sequence, ``cache_position`` = the
 step's index, a static cache of fixed length, greedy next token from the logits, no host sync)
@@ -29,11 +31,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, free_attention, markdown_table, write_results  # noqa: E402
+from harness import environment, free_attention, markdown_table, merge_runs, write_results  # noqa: E402
 
 import sparsecomp  # noqa: E402
 from sparsecomp.demo import SHAPES, build_model  # noqa: E402
 from sparsecomp.plan import Plan, Rule  # noqa: E402
+from sparsecomp.runtime.step_graphs import DecodeStepGraphs  # noqa: E402
 
 PROMPT = 16
 MEMORY_GIB = 110  # weights + KV cache; the rest is left for activations and compile
@@ -118,25 +121,28 @@ def step_times(forward, model, batch: int, context: int, steps: int, backend_of=
     return times
 
 
-def path_parts(path: str) -> tuple[str, str | None, str]:
-    """A row's path as (name, Inductor mode, rule): "sparsecomp+cudagraphs RULE" ->
-    ("sparsecomp", "reduce-overhead", RULE)."""
+def path_parts(path: str) -> tuple[str, str | None, str, bool]:
+    """A row's path as (name, Inductor mode, rule, step graphs): "sparsecomp+cudagraphs RULE" ->
+    ("sparsecomp", "reduce-overhead", RULE, False); "+stepgraphs": sparsecomp's whole-step CUDA
+    graphs (``runtime/step_graphs.py``) around the compiled forward instead."""
     head, _, rule = path.partition(" ")
     name, _, graphs = head.partition("+")
-    return name, "reduce-overhead" if graphs == "cudagraphs" else None, rule
+    return name, "reduce-overhead" if graphs == "cudagraphs" else None, rule, graphs == "stepgraphs"
 
 
 def runner(path: str, model):
     """(forward, backend getter) for one row's path: "eager", "torch.compile", "floor" or
     "sparsecomp RULE", each compiled one with "+cudagraphs" after the name for Inductor's
-    reduce-overhead mode (CUDA graphs, the mode HF recommends for a static cache)."""
-    name, mode, rule = path_parts(path)
+    reduce-overhead mode (CUDA graphs, the mode HF recommends for a static cache), or
+    "+stepgraphs" for whole-step graphs."""
+    name, mode, rule, step_graphs = path_parts(path)
     if name == "eager":
         return model, None
     if name in ("torch.compile", "floor"):
-        return torch.compile(model, mode=mode, fullgraph=True), None
+        compiled = torch.compile(model, mode=mode, fullgraph=True)
+        return (DecodeStepGraphs(compiled) if step_graphs else compiled), None
     plan = Plan(decode_default=Rule.parse(rule), channels=random_channels(model))
-    compiled = sparsecomp.compile(model, plan, dynamic=False, mode=mode)
+    compiled = sparsecomp.compile(model, plan, dynamic=False, mode=mode, cuda_graphs=step_graphs)
     return compiled, lambda: compiled._sparsecomp_backend
 
 
@@ -210,14 +216,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=24)
     p.add_argument(
         "--paths", nargs="+",
-        default=["eager", "torch.compile+cudagraphs", "torch.compile", "floor+cudagraphs",
-                 "sparsecomp+cudagraphs double_sparsity:channels=16,ratio=0.0625",
-                 "sparsecomp double_sparsity:channels=16,ratio=0.0625"],
+        default=["eager", "torch.compile", "torch.compile+stepgraphs", "floor", "floor+stepgraphs",
+                 "sparsecomp double_sparsity:channels=16,ratio=0.0625",
+                 "sparsecomp+stepgraphs double_sparsity:channels=16,ratio=0.0625"],
     )  # fmt: skip
     p.add_argument("--layers", type=int, help="fewer layers than fit (per-step time scales with layers)")
     p.add_argument("--row-timeout", type=float, default=None, help="seconds one row may take")
     p.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a tiny shape")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--merge", nargs="+", help="join results .json files of one GPU; measure nothing")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -225,6 +232,12 @@ def main(argv=None):
     if args.one:
         args.context = args.context[0]
         return one_row(args)
+    if args.merge:
+        env, rows = merge_runs([json.loads(Path(f).read_text()) for f in args.merge],
+                               key=lambda r: (r["batch"], r["context"], r["path"]))  # fmt: skip
+        for shape in sorted({(r["batch"], r["context"]) for r in rows}, reverse=True):
+            add_ratios([r for r in rows if (r["batch"], r["context"]) == shape])
+        return write_results(Path(args.out), "generate", env, rows, markdown_table(rows, COLUMNS))
     rows = []
     for context in args.context:
         for batch in args.batches:

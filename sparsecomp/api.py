@@ -11,6 +11,7 @@ from .compiler.backend import BackendOptions, SparsecompBackend, last_backend
 from .passes.site import module_names_by_id
 from .plan import model_fingerprint
 from .report import InspectReport
+from .runtime.step_graphs import DecodeStepGraphs
 
 
 def tensor_parallel_shard(model: torch.nn.Module) -> tuple[int, int]:
@@ -37,6 +38,7 @@ def compile(
     tuning_cache=None,
     strict: bool = True,
     context_parallel: bool = False,
+    cuda_graphs: bool = False,
     **torch_compile_kwargs,
 ):
     """``torch.compile`` with every attention rewritten by ``plan`` (a Plan, preset or .json path).
@@ -52,8 +54,10 @@ def compile(
     in the report). ``mode`` is Inductor's (``"reduce-overhead"``: CUDA graphs, the decode steps
     included); ``context_parallel=True``: every rank of the default process group runs the model
     on its chunk of one sequence (``input_ids`` rows, global ``position_ids``), each prefill site
-    attending over the whole sequence (``docs/parallel.md``); other keyword arguments go to
-    ``torch.compile`` (``dynamic``, ``fullgraph``...).
+    attending over the whole sequence (``docs/parallel.md``); ``cuda_graphs=True``: one-token
+    decode steps of a static cache replay CUDA graphs of the whole compiled step
+    (``runtime/step_graphs.py``; works where Inductor's own graphs crash, torch 2.11); other keyword
+    arguments go to ``torch.compile`` (``dynamic``, ``fullgraph``...).
     """
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     root = root if isinstance(root, torch.nn.Module) else None
@@ -76,11 +80,16 @@ def compile(
         options.plan = options.plan.for_shard(*tensor_parallel_shard(root))
     backend = SparsecompBackend(options, names_by_id=module_names_by_id(root) if root is not None else None)
     compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
+    if cuda_graphs and not isinstance(compiled, torch.nn.Module):
+        compiled = DecodeStepGraphs(compiled)
     # On the wrapper itself: torch's OptimizedModule forwards attribute writes to the wrapped model,
     # so two compiles of one model would share (and overwrite) one report.
     object.__setattr__(compiled, "_sparsecomp_backend", backend)
+    if cuda_graphs and isinstance(compiled, torch.nn.Module):
+        object.__setattr__(compiled, "forward", DecodeStepGraphs(compiled.forward))
     if isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
         forward = torch.compile(type(model).forward.__get__(model), backend=backend, **torch_compile_kwargs)
+        forward = DecodeStepGraphs(forward) if cuda_graphs else forward
         object.__setattr__(compiled, "generate", _compiled_generate(model, forward, options.plan))
     return compiled
 
@@ -104,6 +113,7 @@ def _compiled_generate(model: torch.nn.Module, compiled_forward, plan):
         with _forward_replaced(model, compiled_forward):
             return model.generate(*args, **kwargs)
 
+    generate.compiled_forward = compiled_forward  # its step graphs' counts, with cuda_graphs=True
     return generate
 
 

@@ -1,0 +1,163 @@
+"""Decode steps of a static KV cache replayed as CUDA graphs.
+
+One decode step launches the same few hundred kernels on the same memory every time (the cache, the
+decode state beside it and the weights never move), so at batch 1 the GPU waits on the host's
+launches, not on bytes. A CUDA graph records the step once and replays it with one launch.
+Inductor's own graphs (``mode="reduce-overhead"``) crash while capturing on torch 2.11 (in its
+static launcher), so this records the compiled forward itself, as a whole step.
+
+A call is graphed when it is a one-token step (``input_ids`` or ``inputs_embeds`` with one position
+per row) of a CUDA model whose cache is a static one that advances by tensor ops alone
+(transformers' StaticLayer, or sparsecomp's ring and host layers: no host counter, which a replay
+would skip). Anything else runs the forward as it is. Per signature (shapes, dtypes and non-tensor
+arguments of the call, the cache's memory): the first call runs as it is (it compiles); the second
+is captured and replayed; later ones copy their tensors into the captured inputs and replay.
+
+transformers' ``generate`` lengthens the 2D ``attention_mask`` by one column a step; a graph needs
+one shape, so the mask is padded with zeros to the cache's length first. That is what transformers
+does itself when it builds the 4D mask (``prepare_padding_mask``), so the mask the model sees is the
+same.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+def _graphable_layer_types() -> tuple[type, ...]:
+    from transformers.cache_utils import StaticLayer
+
+    from .host_cache import HostStaticLayer
+    from .streaming_cache import StreamingRingLayer
+
+    return StaticLayer, HostStaticLayer, StreamingRingLayer
+
+
+def graphable_cache(cache) -> bool:
+    """Whether a decode step over ``cache`` only reads and writes device memory in place: every
+    layer one of the static layer types (exact type: a subclass may keep host state), allocated."""
+    layers = getattr(cache, "layers", None)
+    if not layers or getattr(cache, "offloading", False):
+        return False
+    types = _graphable_layer_types()
+    return all(type(layer) in types and getattr(layer, "is_initialized", False) for layer in layers)
+
+
+def _cache_memory(cache) -> tuple:
+    """The addresses a captured step reads and writes in the cache: a graph is replayed only over
+    the very memory it was captured on."""
+    return tuple(
+        (layer.keys.data_ptr(), layer.values.data_ptr(), layer.cumulative_length.data_ptr()) for layer in cache.layers
+    )
+
+
+def _new_tokens(kwargs) -> int | None:
+    for name in ("input_ids", "inputs_embeds"):
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor):
+            return t.shape[1] if t.dim() >= 2 else None
+    return None
+
+
+class DecodeStepGraphs:
+    """``forward`` (a compiled model's forward, called with keyword arguments) whose one-token
+    static-cache steps replay CUDA graphs. ``captured`` counts graphs recorded, ``replayed`` steps
+    run from them; ``reasons`` says why a signature runs without one."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        # generate reads the forward's signature to choose what it passes (position_ids...): keep it
+        functools.update_wrapper(self, forward)
+        self.graphs: dict[tuple, tuple] = {}  # signature -> (graph, static kwargs, static output)
+        self.seen: set[tuple] = set()  # signatures run once (compiled), not captured yet
+        self.reasons: dict[tuple, str] = {}  # signatures that could not be captured, and why
+        self.captured = 0
+        self.replayed = 0
+
+    def __call__(self, *args, **kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # later transformers name it cache
+        if args or cache is None or _new_tokens(kwargs) != 1 or not graphable_cache(cache):
+            return self.forward(*args, **kwargs)
+        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in kwargs.values()):
+            return self.forward(**kwargs)
+        kwargs = self._padded_mask(kwargs, cache)
+        key = self._signature(kwargs, cache)
+        if key is None or key in self.reasons:
+            return self.forward(**kwargs)
+        if key in self.graphs:
+            return self._replay(key, kwargs)
+        if key not in self.seen:  # the first step of a signature compiles: never inside a capture
+            self.seen.add(key)
+            return self.forward(**kwargs)
+        return self._capture(key, kwargs)
+
+    @staticmethod
+    def _padded_mask(kwargs: dict, cache) -> dict:
+        mask = kwargs.get("attention_mask")
+        length = max(layer.max_cache_len for layer in cache.layers)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] < length:
+            kwargs = {**kwargs, "attention_mask": F.pad(mask, (0, length - mask.shape[1]))}
+        return kwargs
+
+    @staticmethod
+    def _signature(kwargs: dict, cache) -> tuple | None:
+        parts = []
+        for name in sorted(kwargs):
+            value = kwargs[name]
+            if value is cache:
+                parts.append((name, "cache", id(cache), _cache_memory(cache)))
+            elif isinstance(value, torch.Tensor):
+                parts.append((name, tuple(value.shape), value.stride(), value.dtype, value.device))
+            else:
+                try:
+                    hash(value)
+                except TypeError:
+                    return None  # an argument the signature cannot hold: run as it is
+                parts.append((name, value))
+        return tuple(parts)
+
+    def _capture(self, key: tuple, kwargs: dict):
+        static = {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in kwargs.items()}
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(graph):
+                out = self.forward(**static)
+        except Exception as error:  # noqa: BLE001 - any capture failure runs the step as it is
+            self.reasons[key] = f"capture failed: {type(error).__name__}: {error}"
+            warnings.warn(f"sparsecomp: decode step runs without a CUDA graph ({self.reasons[key]})", stacklevel=3)
+            torch.cuda.synchronize()
+            return self.forward(**kwargs)
+        self.graphs[key] = (graph, static, out)
+        self.captured += 1
+        graph.replay()  # capture records, it does not run: this step runs now
+        return _detached(out)
+
+    def _replay(self, key: tuple, kwargs: dict):
+        graph, static, out = self.graphs[key]
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                static[name].copy_(value)
+        graph.replay()
+        self.replayed += 1
+        return _detached(out)
+
+
+def _detached(out):
+    """The step's output with its tensors (logits, hidden states) copied: the graph's own output
+    memory is rewritten by the next replay. The cache in it is returned as it is."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_detached(v) for v in out)
+    if hasattr(out, "keys") and hasattr(out, "__setitem__"):  # a transformers ModelOutput
+        copy = type(out)(**out)
+        for name, value in out.items():
+            if isinstance(value, (torch.Tensor, tuple)):
+                copy[name] = _detached(value)
+        return copy
+    return out
