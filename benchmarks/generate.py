@@ -235,6 +235,7 @@ def main(argv=None):
     if args.merge:
         env, rows = merge_runs([json.loads(Path(f).read_text()) for f in args.merge],
                                key=lambda r: (r["batch"], r["context"], r["path"]))  # fmt: skip
+        rows.sort(key=lambda r: (r["batch"], r["context"]))  # stable: each shape's rows in run order
         for shape in sorted({(r["batch"], r["context"]) for r in rows}, reverse=True):
             add_ratios([r for r in rows if (r["batch"], r["context"]) == shape])
         return write_results(Path(args.out), "generate", env, rows, markdown_table(rows, COLUMNS))
