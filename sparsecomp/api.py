@@ -81,17 +81,23 @@ def compile(
     backend = SparsecompBackend(options, names_by_id=module_names_by_id(root) if root is not None else None)
     compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
     if cuda_graphs and not isinstance(compiled, torch.nn.Module):
-        compiled = DecodeStepGraphs(compiled)
+        compiled = _graphed(compiled, backend)
     # On the wrapper itself: torch's OptimizedModule forwards attribute writes to the wrapped model,
     # so two compiles of one model would share (and overwrite) one report.
     object.__setattr__(compiled, "_sparsecomp_backend", backend)
     if cuda_graphs and isinstance(compiled, torch.nn.Module):
-        object.__setattr__(compiled, "forward", DecodeStepGraphs(compiled.forward))
+        object.__setattr__(compiled, "forward", _graphed(compiled.forward, backend))
     if isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
         forward = torch.compile(type(model).forward.__get__(model), backend=backend, **torch_compile_kwargs)
-        forward = DecodeStepGraphs(forward) if cuda_graphs else forward
+        forward = _graphed(forward, backend, "generate") if cuda_graphs else forward
         object.__setattr__(compiled, "generate", _compiled_generate(model, forward, options.plan))
     return compiled
+
+
+def _graphed(forward, backend: SparsecompBackend, label: str = "forward") -> DecodeStepGraphs:
+    steps = DecodeStepGraphs(forward, label=label)
+    backend.step_graphs.append(steps)  # the report counts its captures and replays
+    return steps
 
 
 def _compiled_generate(model: torch.nn.Module, compiled_forward, plan):

@@ -65,10 +65,11 @@ class GraphReport:
 class InspectReport:
     """What ``sparsecomp.inspect`` returns. The latest compiled graph is the default view."""
 
-    def __init__(self, graphs: list[GraphReport], plan=None, states=None):
+    def __init__(self, graphs: list[GraphReport], plan=None, states=None, step_graphs=()):
         self.graphs = graphs
         self.plan = plan
         self.states = states  # the decode state kept beside static caches (DecodeStates)
+        self.step_graphs = list(step_graphs)  # DecodeStepGraphs of a compile(..., cuda_graphs=True)
 
     def memory(self, cache):
         """Per decoder layer and in total, the bytes of ``cache``'s K/V on the GPU and on the host and
@@ -208,6 +209,7 @@ class InspectReport:
         lines.append(self.plan_summary())
         sources = sorted({s.decision.source for s in self.sites if s.decision is not None})
         lines.extend(f"decided by: {source}" for source in sources)
+        lines.extend(steps.summary() for steps in self.step_graphs)
         return "\n".join(lines)
 
     __repr__ = __str__

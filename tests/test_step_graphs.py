@@ -75,6 +75,69 @@ def test_generate_through_the_wrapper_is_unchanged_where_nothing_is_graphed():
     assert torch.equal(wrapped, plain)
 
 
+class RerunGraph:
+    """A stand-in for a CUDA graph on CPU: a replay runs the captured step again on its static
+    inputs (what a graph does on the GPU, Python side effects aside). Capture runs the step where a
+    CUDA graph only records it, so the replay that follows a capture is skipped."""
+
+    device_type = "cpu"
+
+    def capture(self, step):
+        self.step, self.ran = step, True
+        return step()
+
+    def replay(self):
+        if self.ran:
+            self.ran = False
+            return
+        outputs = self.step()  # the static output is rewritten in place, as a graph's would be
+        for name, value in outputs.items():
+            if isinstance(value, torch.Tensor):
+                self.outputs[name].copy_(value)
+
+    @staticmethod
+    def abandon():
+        pass
+
+
+def test_steps_replay_from_static_inputs_and_graphs_go_with_their_cache():
+    """The capture and replay plumbing on CPU (RerunGraph): the first step compiles, the second is
+    captured, later ones copy their inputs in and replay; outputs are copies holding the caller's
+    cache; the graphs of a cache are dropped when it is."""
+    import gc
+
+    model = tiny_llama().eval()
+    ids, mask = prompt(2, n=24)
+    plan = decode_plan("double_sparsity:channels=4,ratio=0.25")
+    plain = generate(sparsecomp.compile(model, plan, cost_model=False, inner="eager"), ids, mask, "static")
+    torch._dynamo.reset()
+    compiled = sparsecomp.compile(model, plan, cost_model=False, inner="eager", cuda_graphs=True)
+    steps = compiled.generate.compiled_forward
+    steps.graph_type = RerunGraph
+    capture = RerunGraph.capture
+
+    def capture_keeping_outputs(self, step):
+        out = capture(self, step)
+        self.outputs = {n: v for n, v in out.items() if isinstance(v, torch.Tensor)}
+        return out
+
+    RerunGraph.capture = capture_keeping_outputs
+    try:
+        graphed = generate(compiled, ids, mask, "static")
+    finally:
+        RerunGraph.capture = capture
+    assert torch.equal(graphed, plain)
+    assert steps.captured == 1 and steps.replayed == NEW_TOKENS - 3, steps.reasons
+    assert f"generate: decode steps as CUDA graphs: 1 captured, {NEW_TOKENS - 3} steps replayed" in str(
+        sparsecomp.inspect(compiled)
+    )
+    ((graph, _, stored, held),) = steps.graphs.values()
+    assert held and all(getattr(stored, name) is None for name in held)  # the graph keeps no cache
+    graph.step = None  # the stand-in's own reference to the step's inputs (a CUDA graph holds none)
+    gc.collect()
+    assert not steps.graphs and not steps.seen
+
+
 @needs_cuda
 @pytest.mark.parametrize("rule", ["dense", "double_sparsity:channels=4,ratio=0.25"])
 @pytest.mark.parametrize("batch", [1, 2])

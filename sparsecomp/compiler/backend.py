@@ -475,6 +475,7 @@ class SparsecompBackend:
         self.names_by_id = names_by_id  # the model's named_modules() names, when the model is known
         self.graphs: list[GraphReport] = []
         self.states = DecodeStates()  # shared by the prefill and decode graphs of one model
+        self.step_graphs: list = []  # the CUDA-graph wrappers of its decode steps (cuda_graphs=True)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         # Rewrite a copy: Dynamo reads its graph's inputs after this returns, and decode state may
@@ -492,7 +493,7 @@ class SparsecompBackend:
         return lambda *args: compiled(*args, *extra)
 
     def report(self) -> InspectReport:
-        return InspectReport(self.graphs, self.options.plan, self.states)
+        return InspectReport(self.graphs, self.options.plan, self.states, self.step_graphs)
 
 
 _default_backend: SparsecompBackend | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +64,36 @@ def _new_tokens(kwargs) -> int | None:
     return None
 
 
+class CudaStepGraph:
+    """One captured step: torch's CUDA graph."""
+
+    device_type = "cuda"
+
+    def __init__(self):
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, step):
+        torch.cuda.synchronize()
+        with torch.cuda.graph(self.graph):
+            return step()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    @staticmethod
+    def abandon() -> None:
+        torch.cuda.synchronize()
+
+
 class DecodeStepGraphs:
     """``forward`` (a compiled model's forward, called with keyword arguments) whose one-token
     static-cache steps replay CUDA graphs. ``captured`` counts graphs recorded, ``replayed`` steps
     run from them; ``reasons`` says why a signature runs without one."""
 
-    def __init__(self, forward):
+    def __init__(self, forward, graph_type=CudaStepGraph, label: str = "forward"):
         self.forward = forward
+        self.label = label  # which calls it wraps, for the report
+        self.graph_type = graph_type  # tests replace it (CPU)
         # generate reads the forward's signature to choose what it passes (position_ids...): keep it
         functools.update_wrapper(self, forward)
         self.graphs: dict[tuple, tuple] = {}  # signature -> (graph, static kwargs, static output)
@@ -82,18 +106,27 @@ class DecodeStepGraphs:
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # later transformers name it cache
         if args or cache is None or _new_tokens(kwargs) != 1 or not graphable_cache(cache):
             return self.forward(*args, **kwargs)
-        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in kwargs.values()):
+        device = self.graph_type.device_type
+        if not any(isinstance(t, torch.Tensor) and t.device.type == device for t in kwargs.values()):
             return self.forward(**kwargs)
         kwargs = self._padded_mask(kwargs, cache)
         key = self._signature(kwargs, cache)
         if key is None or key in self.reasons:
             return self.forward(**kwargs)
         if key in self.graphs:
-            return self._replay(key, kwargs)
+            return self._replay(key, kwargs, cache)
         if key not in self.seen:  # the first step of a signature compiles: never inside a capture
             self.seen.add(key)
+            weakref.finalize(cache, self._forget, id(cache))
             return self.forward(**kwargs)
-        return self._capture(key, kwargs)
+        return self._capture(key, kwargs, cache)
+
+    def _forget(self, cache_id: int) -> None:
+        """A cache is gone: its graphs go too (their memory pools with them)."""
+        for table in (self.graphs, self.reasons):
+            for key in [k for k in table if _cache_id(k) == cache_id]:
+                del table[key]
+        self.seen = {k for k in self.seen if _cache_id(k) != cache_id}
 
     @staticmethod
     def _padded_mask(kwargs: dict, cache) -> dict:
@@ -105,11 +138,11 @@ class DecodeStepGraphs:
 
     @staticmethod
     def _signature(kwargs: dict, cache) -> tuple | None:
-        parts = []
+        parts = [("cache", id(cache), _cache_memory(cache))]  # first: _cache_id reads it
         for name in sorted(kwargs):
             value = kwargs[name]
             if value is cache:
-                parts.append((name, "cache", id(cache), _cache_memory(cache)))
+                parts.append((name, "cache"))
             elif isinstance(value, torch.Tensor):
                 parts.append((name, tuple(value.shape), value.stride(), value.dtype, value.device))
             else:
@@ -120,44 +153,72 @@ class DecodeStepGraphs:
                 parts.append((name, value))
         return tuple(parts)
 
-    def _capture(self, key: tuple, kwargs: dict):
+    def _capture(self, key: tuple, kwargs: dict, cache):
         static = {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in kwargs.items()}
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
+        graph = self.graph_type()
         try:
-            with torch.cuda.graph(graph):
-                out = self.forward(**static)
+            out = graph.capture(lambda: self.forward(**static))
         except Exception as error:  # noqa: BLE001 - any capture failure runs the step as it is
             self.reasons[key] = f"capture failed: {type(error).__name__}: {error}"
             warnings.warn(f"sparsecomp: decode step runs without a CUDA graph ({self.reasons[key]})", stacklevel=3)
-            torch.cuda.synchronize()
+            graph.abandon()
             return self.forward(**kwargs)
-        self.graphs[key] = (graph, static, out)
+        # only the tensors stay (the cache, in the kwargs and in the output, is the caller's: a graph
+        # must not keep it alive)
+        inputs = {n: v for n, v in static.items() if isinstance(v, torch.Tensor)}
+        held = _fields_holding(out, cache)
+        self.graphs[key] = (graph, inputs, _with_fields(out, {name: None for name in held}), held)
         self.captured += 1
         graph.replay()  # capture records, it does not run: this step runs now
         return _detached(out)
 
-    def _replay(self, key: tuple, kwargs: dict):
-        graph, static, out = self.graphs[key]
-        for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor):
-                static[name].copy_(value)
+    def _replay(self, key: tuple, kwargs: dict, cache):
+        graph, inputs, out, held = self.graphs[key]
+        for name, tensor in inputs.items():
+            tensor.copy_(kwargs[name])
         graph.replay()
         self.replayed += 1
-        return _detached(out)
+        return _detached(out, {name: cache for name in held})
+
+    def summary(self) -> str:
+        """One line for the inspect report."""
+        line = f"{self.label}: decode steps as CUDA graphs: {self.captured} captured, {self.replayed} steps replayed"
+        reasons = sorted(set(self.reasons.values()))
+        return line + (f"; not graphed: {'; '.join(reasons)}" if reasons else "")
 
 
-def _detached(out):
+def _cache_id(key: tuple) -> int:
+    return key[0][1]
+
+
+def _fields_holding(out, cache) -> tuple[str, ...]:
+    """The fields of a ModelOutput that hold the cache it updated."""
+    return tuple(name for name, value in out.items() if value is cache) if _is_model_output(out) else ()
+
+
+def _is_model_output(out) -> bool:
+    return hasattr(out, "keys") and hasattr(out, "__setitem__")
+
+
+def _with_fields(out, replaced: dict):
+    """A shallow copy of a ModelOutput (the same tensors) with some fields set anew."""
+    if not replaced:
+        return out
+    copy = type(out)(**out)
+    for name, value in replaced.items():
+        copy[name] = value
+    return copy
+
+
+def _detached(out, replaced: dict | None = None):
     """The step's output with its tensors (logits, hidden states) copied: the graph's own output
-    memory is rewritten by the next replay. The cache in it is returned as it is."""
+    memory is rewritten by the next replay. ``replaced``: fields of a ModelOutput set anew (the
+    cache: a stored output holds None there, a returned one the caller's cache)."""
     if isinstance(out, torch.Tensor):
         return out.clone()
     if isinstance(out, (tuple, list)):
         return type(out)(_detached(v) for v in out)
-    if hasattr(out, "keys") and hasattr(out, "__setitem__"):  # a transformers ModelOutput
-        copy = type(out)(**out)
-        for name, value in out.items():
-            if isinstance(value, (torch.Tensor, tuple)):
-                copy[name] = _detached(value)
-        return copy
+    if _is_model_output(out):
+        copied = {name: _detached(v) for name, v in out.items() if isinstance(v, (torch.Tensor, tuple))}
+        return _with_fields(out, {**copied, **(replaced or {})})
     return out
