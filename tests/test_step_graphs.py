@@ -84,7 +84,9 @@ class RerunGraph:
 
     def capture(self, step):
         self.step, self.ran = step, True
-        return step()
+        out = step()
+        self.outputs = {n: v for n, v in out.items() if isinstance(v, torch.Tensor)}
+        return out
 
     def replay(self):
         if self.ran:
@@ -114,18 +116,7 @@ def test_steps_replay_from_static_inputs_and_graphs_go_with_their_cache():
     compiled = sparsecomp.compile(model, plan, cost_model=False, inner="eager", cuda_graphs=True)
     steps = compiled.generate.compiled_forward
     steps.graph_type = RerunGraph
-    capture = RerunGraph.capture
-
-    def capture_keeping_outputs(self, step):
-        out = capture(self, step)
-        self.outputs = {n: v for n, v in out.items() if isinstance(v, torch.Tensor)}
-        return out
-
-    RerunGraph.capture = capture_keeping_outputs
-    try:
-        graphed = generate(compiled, ids, mask, "static")
-    finally:
-        RerunGraph.capture = capture
+    graphed = generate(compiled, ids, mask, "static")
     assert torch.equal(graphed, plain)
     assert steps.captured == 1 and steps.replayed == NEW_TOKENS - 3, steps.reasons
     assert f"generate: decode steps as CUDA graphs: 1 captured, {NEW_TOKENS - 3} steps replayed" in str(
@@ -135,6 +126,30 @@ def test_steps_replay_from_static_inputs_and_graphs_go_with_their_cache():
     assert held and all(getattr(stored, name) is None for name in held)  # the graph keeps no cache
     graph.step = None  # the stand-in's own reference to the step's inputs (a CUDA graph holds none)
     gc.collect()
+    assert not steps.graphs and not steps.seen
+
+
+def test_grad_mode_steps_are_not_graphed_and_reset_drops_the_graphs():
+    model = tiny_llama().eval()
+    ids, mask = prompt(1)
+    cache = static_cache(model, 32)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    steps = DecodeStepGraphs(model.forward, graph_type=RerunGraph)
+
+    def step(t):
+        position = torch.tensor([ids.shape[1] + t], device=DEVICE)
+        return steps(input_ids=ids[:, -1:], past_key_values=cache, cache_position=position)
+
+    with torch.enable_grad():
+        for t in range(3):
+            assert step(t).logits.requires_grad
+    assert steps.captured == 0 and not steps.seen
+    with torch.no_grad():
+        for t in range(3, 6):
+            step(t)
+    assert steps.captured == 1 and len(steps.graphs) == 1
+    steps.reset()
     assert not steps.graphs and not steps.seen
 
 

@@ -12,6 +12,8 @@ per row) of a CUDA model whose cache is a static one that advances by tensor ops
 would skip). Anything else runs the forward as it is. Per signature (shapes, dtypes and non-tensor
 arguments of the call, the cache's memory): the first call runs as it is (it compiles); the second
 is captured and replayed; later ones copy their tensors into the captured inputs and replay.
+Steps under grad mode run as they are (a graph records no autograd). A graph replays the memory it
+was captured on: after the weights move (a parameter replaced, ``model.to(...)``), ``reset()``.
 
 transformers' ``generate`` lengthens the 2D ``attention_mask`` by one column a step; a graph needs
 one shape, so the mask is padded with zeros to the cache's length first. That is what transformers
@@ -104,8 +106,8 @@ class DecodeStepGraphs:
 
     def __call__(self, *args, **kwargs):
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # later transformers name it cache
-        if args or cache is None or _new_tokens(kwargs) != 1 or not graphable_cache(cache):
-            return self.forward(*args, **kwargs)
+        if args or cache is None or _new_tokens(kwargs) != 1 or not graphable_cache(cache) or torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)  # a graph records no autograd: steps under grad run as they are
         device = self.graph_type.device_type
         if not any(isinstance(t, torch.Tensor) and t.device.type == device for t in kwargs.values()):
             return self.forward(**kwargs)
@@ -120,6 +122,13 @@ class DecodeStepGraphs:
             weakref.finalize(cache, self._forget, id(cache))
             return self.forward(**kwargs)
         return self._capture(key, kwargs, cache)
+
+    def reset(self) -> None:
+        """Drop every graph: they replay the memory they were captured on, so after the model's
+        weights move (a parameter replaced rather than updated in place, ``model.to(...)``) call this."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.reasons.clear()
 
     def _forget(self, cache_id: int) -> None:
         """A cache is gone: its graphs go too (their memory pools with them)."""
