@@ -13,6 +13,8 @@ allocator's growth), the host bytes, and the median time per decode step. Paths:
 - ``ring RULE``: eviction, sparsecomp with a streaming rule on a ``sparsecomp.StreamingKVCache``
   (each layer keeps only the rule's sink and window keys, in a ring); ``gpu RULE`` of the same
   rule keeps the whole cache and reads the same keys.
+- ``WHERE+stepgraphs RULE`` (any compiled path): each decode step replayed as one CUDA graph
+  (``sparsecomp.compile(..., cuda_graphs=True)``; around torch.compile for the dense row).
 - ``hf-offload eager``: transformers' own offloading static cache (``StaticCache(offloading=True)``:
   each layer's whole K/V copied to the GPU at each step, the next layer's prefetched), FlexGen's
   scheme: the baseline for decoding with the KV on the host.
@@ -46,6 +48,7 @@ import sparsecomp  # noqa: E402
 from sparsecomp.demo import SHAPES, build_model  # noqa: E402
 from sparsecomp.plan import Plan, Rule  # noqa: E402
 from sparsecomp.runtime.kv_memory import kv_memory  # noqa: E402
+from sparsecomp.runtime.step_graphs import DecodeStepGraphs  # noqa: E402
 
 GIB = 2**30
 DS = "double_sparsity:channels=16,ratio=0.0625"
@@ -54,10 +57,18 @@ PATHS = ["gpu eager", "gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dens
          f"gpu {STREAMING}", f"ring {STREAMING}"]  # fmt: skip
 
 
+def path_parts(path: str) -> tuple[str, str, bool]:
+    """(where, rule, step graphs): "ring+stepgraphs RULE" -> ("ring", RULE, True), its compiled
+    forward replaying each step as one CUDA graph (``cuda_graphs=True``)."""
+    head, _, rule = path.partition(" ")
+    where, _, graphs = head.partition("+")
+    return where, rule, graphs == "stepgraphs"
+
+
 def make_cache(path: str, model, length: int, batch: int):
     from transformers import StaticCache
 
-    where, _, rule = path.partition(" ")
+    where, rule, _ = path_parts(path)
     allocate = dict(batch_size=batch, dtype=torch.bfloat16, device="cuda")
     if where == "host":
         return sparsecomp.HostKVCache(config=model.config, max_cache_len=length, **allocate)
@@ -70,18 +81,19 @@ def make_cache(path: str, model, length: int, batch: int):
 
 
 def runner(path: str, model):
-    rule = path.partition(" ")[2]
+    _, rule, graphs = path_parts(path)
     if rule == "eager":
         return model, None
     if rule == "torch.compile":
-        return torch.compile(model, fullgraph=True), None
+        compiled = torch.compile(model, fullgraph=True)
+        return (DecodeStepGraphs(compiled) if graphs else compiled), None
     plan = Plan(decode_default=Rule.parse(rule), channels=random_channels(model))
-    compiled = sparsecomp.compile(model, plan, dynamic=False)
+    compiled = sparsecomp.compile(model, plan, dynamic=False, cuda_graphs=graphs)
     return compiled, compiled
 
 
 def measure(path: str, model, context: int, steps: int, warmup: int, batch: int) -> dict:
-    where = path.partition(" ")[0]
+    where = path_parts(path)[0]
     forward, compiled = runner(path, model)
     cache = make_cache(path, model, context + warmup + steps + 1, batch)
     torch.cuda.synchronize()
