@@ -97,7 +97,7 @@ class DecodeStepGraphs:
         self.label = label  # which calls it wraps, for the report
         self.graph_type = graph_type  # tests replace it (CPU)
         # generate reads the forward's signature to choose what it passes (position_ids...): keep it
-        functools.update_wrapper(self, forward)
+        functools.update_wrapper(self, forward, updated=())  # names and __wrapped__, not its __dict__
         self.graphs: dict[tuple, tuple] = {}  # signature -> (graph, static kwargs, static output)
         self.seen: set[tuple] = set()  # signatures run once (compiled), not captured yet
         self.reasons: dict[tuple, str] = {}  # signatures that could not be captured, and why
