@@ -98,7 +98,7 @@ class DecodeStepGraphs:
         self.graph_type = graph_type  # tests replace it (CPU)
         # generate reads the forward's signature to choose what it passes (position_ids...): keep it
         functools.update_wrapper(self, forward, updated=())  # names and __wrapped__, not its __dict__
-        self.graphs: dict[tuple, tuple] = {}  # signature -> (graph, static kwargs, static output)
+        self.graphs: dict[tuple, tuple] = {}  # signature -> (graph, static input tensors, static output)
         self.seen: set[tuple] = set()  # signatures run once (compiled), not captured yet
         self.reasons: dict[tuple, str] = {}  # signatures that could not be captured, and why
         self.captured = 0
@@ -175,19 +175,18 @@ class DecodeStepGraphs:
         # only the tensors stay (the cache, in the kwargs and in the output, is the caller's: a graph
         # must not keep it alive)
         inputs = {n: v for n, v in static.items() if isinstance(v, torch.Tensor)}
-        held = _fields_holding(out, cache)
-        self.graphs[key] = (graph, inputs, _with_fields(out, {name: None for name in held}), held)
+        self.graphs[key] = (graph, inputs, _swapped(out, cache, _CACHE))
         self.captured += 1
         graph.replay()  # capture records, it does not run: this step runs now
         return _detached(out)
 
     def _replay(self, key: tuple, kwargs: dict, cache):
-        graph, inputs, out, held = self.graphs[key]
+        graph, inputs, out = self.graphs[key]
         for name, tensor in inputs.items():
             tensor.copy_(kwargs[name])
         graph.replay()
         self.replayed += 1
-        return _detached(out, {name: cache for name in held})
+        return _detached(out, cache)
 
     def summary(self) -> str:
         """One line for the inspect report."""
@@ -200,34 +199,40 @@ def _cache_id(key: tuple) -> int:
     return key[0][1]
 
 
-def _fields_holding(out, cache) -> tuple[str, ...]:
-    """The fields of a ModelOutput that hold the cache it updated."""
-    return tuple(name for name, value in out.items() if value is cache) if _is_model_output(out) else ()
+_CACHE = object()  # where a stored output held the step's cache
 
 
 def _is_model_output(out) -> bool:
     return hasattr(out, "keys") and hasattr(out, "__setitem__")
 
 
-def _with_fields(out, replaced: dict):
-    """A shallow copy of a ModelOutput (the same tensors) with some fields set anew."""
-    if not replaced:
-        return out
-    copy = type(out)(**out)
-    for name, value in replaced.items():
-        copy[name] = value
-    return copy
+def _swapped(out, old, new):
+    """``out`` (a tuple or a transformers ModelOutput, its tensors shared) with ``new`` wherever it
+    held ``old``: the stored output of a graph holds a marker where the caller's cache goes."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(new if v is old else v for v in out)
+    if _is_model_output(out):
+        copy = type(out)(**out)
+        for name, value in out.items():
+            if value is old:
+                copy[name] = new
+        return copy
+    return out
 
 
-def _detached(out, replaced: dict | None = None):
-    """The step's output with its tensors (logits, hidden states) copied: the graph's own output
-    memory is rewritten by the next replay. ``replaced``: fields of a ModelOutput set anew (the
-    cache: a stored output holds None there, a returned one the caller's cache)."""
+def _detached(out, cache=None):
+    """The step's output with its tensors (logits, hidden states) copied, as the graph's own output
+    memory is rewritten by the next replay, and ``cache`` where a stored output holds the marker."""
     if isinstance(out, torch.Tensor):
         return out.clone()
+    if out is _CACHE:
+        return cache
     if isinstance(out, (tuple, list)):
-        return type(out)(_detached(v) for v in out)
+        return type(out)(_detached(v, cache) for v in out)
     if _is_model_output(out):
-        copied = {name: _detached(v) for name, v in out.items() if isinstance(v, (torch.Tensor, tuple))}
-        return _with_fields(out, {**copied, **(replaced or {})})
+        copy = type(out)(**out)
+        for name, value in out.items():
+            if isinstance(value, (torch.Tensor, tuple)) or value is _CACHE:
+                copy[name] = _detached(value, cache)
+        return copy
     return out
