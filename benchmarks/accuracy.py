@@ -39,6 +39,7 @@ from sparsecomp.calibration.calibration_data import (  # noqa: E402
     EVALUATION_FILES,
     default_calibration_ids,
     document_ids,
+    documents_fingerprint,
     passkey_prompt,
 )
 from sparsecomp.pretrained import load_pretrained  # noqa: E402
@@ -184,7 +185,8 @@ def main(argv=None):
             plan.save(Path(args.save_plans) / plan_file(name))
     plans.update({text: Plan(default=Rule.parse(text), info={"preset": text}) for text in args.rules})
 
-    env = environment() | {"model": args.model, "eval_docs": ", ".join(EVALUATION_FILES), "block": args.block}
+    docs_used = documents_fingerprint(EVALUATION_FILES)
+    env = environment() | {"model": args.model, "eval_docs": docs_used, "block": args.block}
     rows = []
     for n in args.lengths:
         docs = document_ids(tok, EVALUATION_FILES, n)

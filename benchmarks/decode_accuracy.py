@@ -40,6 +40,7 @@ from sparsecomp.calibration.calibration_data import (  # noqa: E402
     CALIBRATION_FILES,
     EVALUATION_FILES,
     document_ids,
+    documents_fingerprint,
     passkey_prompt,
 )
 from sparsecomp.plan import Plan, Rule  # noqa: E402
@@ -169,7 +170,8 @@ def main(argv=None):
         rows.append({"rule": name, "length": args.length, "decoded": args.decode, "docs": len(docs),
                      **{k: v for k, v in result.items() if k != "logits"}, "seconds": time.time() - t0})  # fmt: skip
         print(rows[-1], flush=True)
-        write_results(Path(args.out), "decode_accuracy", environment(), rows, markdown_table(rows, COLUMNS))
+        env = {**environment(), "documents": documents_fingerprint(EVALUATION_FILES)}
+        write_results(Path(args.out), "decode_accuracy", env, rows, markdown_table(rows, COLUMNS))
 
 
 COLUMNS = [

@@ -7,7 +7,9 @@ plan is never judged on the text it was fitted on.
 
 from __future__ import annotations
 
+import hashlib
 import random
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,14 @@ FILLER = (
 
 def stdlib_text(name: str) -> str:
     return (Path(sysconfig.get_paths()["stdlib"]) / name).read_text(encoding="utf-8")
+
+
+def documents_fingerprint(names) -> str:
+    """Which text the named files are here: they are this Python's own standard library, so two
+    Python versions evaluate on different text (their results do not compare)."""
+    digest = hashlib.sha256("".join(stdlib_text(n) for n in names).encode()).hexdigest()[:12]
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return f"{', '.join(names)} of Python {version}'s standard library (sha256 {digest})"
 
 
 def document_ids(tokenizer, names, length: int) -> list[list[int]]:
