@@ -168,3 +168,54 @@ def test_a_compiled_model_prefills_a_sequence_split_over_ranks_as_one_process_do
             whole = sparsecomp.compile(model, plan, inner="eager", cost_model=False)(ids, use_cache=False).logits
         parts = torch.cat([torch.load(tmp_path / f"{name}{r}.pt") for r in range(world)], 1)
         torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def _decode_worker(rank, world, init_file, path, out):
+    from transformers import AutoModelForCausalLM
+
+    import sparsecomp
+    from sparsecomp.parallel import gather_cache
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+        chunk = ContextChunk(N, rank, world, BLOCK)
+        ids = torch.arange(N + 1)[None] % 120 + 1  # the prefill covers N tokens, the last one starts decoding
+        prefill = sparsecomp.compile(model, PLANS["streaming"], inner="eager", cost_model=False, context_parallel=True)
+        rows = torch.arange(chunk.start, chunk.stop)[None]
+        with torch.no_grad():
+            local = prefill(ids[:, rows[0]], position_ids=rows).past_key_values
+        cache = gather_cache(local, chunk, dst=0)
+        if rank == 0:
+            torch.save([(layer.keys, layer.values) for layer in cache.layers], f"{out}/gathered.pt")
+            decode = sparsecomp.compile(model, PLANS["streaming"], inner="eager", cost_model=False)
+            tokens = decode.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+            phases = {g.phase() for g in sparsecomp.inspect(decode).graphs}
+            assert phases == {"decode"}, phases  # the gathered cache was read: no prefill ran here
+            torch.save(tokens, f"{out}/tokens.pt")
+        else:
+            assert cache is None
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2])
+def test_decoding_after_a_context_parallel_prefill_gives_the_tokens_of_one_process(world, tmp_path):
+    """gather_cache joins the ranks' chunks on rank 0: the same K/V as one process's prefill, and
+    the tokens one process generates from the whole prompt."""
+    from test_tensor_parallel import _tiny
+
+    import sparsecomp
+
+    model = _tiny(tmp_path / "model")
+    mp.spawn(_decode_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "model"), str(tmp_path)),
+             nprocs=world, join=True)  # fmt: skip
+    ids = torch.arange(N + 1)[None] % 120 + 1
+    compiled = sparsecomp.compile(model, PLANS["streaming"], inner="eager", cost_model=False)
+    with torch.no_grad():
+        whole = compiled(ids[:, :N]).past_key_values
+    for (k, v), layer in zip(torch.load(tmp_path / "gathered.pt"), whole.layers, strict=True):
+        torch.testing.assert_close(k, layer.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, layer.values, rtol=1e-5, atol=1e-5)
+    want = compiled.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(torch.load(tmp_path / "tokens.pt"), want)

@@ -208,7 +208,8 @@ def _rewrite_context_parallel(gm: fx.GraphModule, site: AttentionSite, rules: li
     if row.phase == "decode":
         raise ValueError(
             f"context parallel covers the prefill: {site.name} is a decode step, and each rank's cache holds only "
-            "its chunk; decode with a model compiled without context_parallel on the whole cache"
+            "its chunk; join the chunks on one rank with sparsecomp.parallel.gather_cache and decode there with a "
+            "model compiled without context_parallel"
         )
     if not is_plain_causal(site):
         raise ValueError(

@@ -8,11 +8,13 @@ from .context_parallel import (
     listed_key_blocks,
     vertical_slash_index_for_chunk,
 )
+from .gather_cache import gather_cache
 
 __all__ = [
     "ContextChunk",
     "block_topk_index_for_chunk",
     "context_parallel_attention",
+    "gather_cache",
     "index_for_chunk",
     "listed_key_blocks",
     "vertical_slash_index_for_chunk",
