@@ -51,13 +51,13 @@ def compile(
     everywhere. ``kernel_options`` forces one config (block sizes, warps...); ``inner`` picks what
     compiles the rewritten graph (``"inductor"``; ``"aot_eager"`` or ``"eager"`` for debugging).
     A plan naming a site the traced graph does not have is an error (``strict=False``: a warning
-    in the report). ``mode`` is Inductor's (``"reduce-overhead"``: CUDA graphs, the decode steps
-    included); ``context_parallel=True``: every rank of the default process group runs the model
-    on its chunk of one sequence (``input_ids`` rows, global ``position_ids``), each prefill site
-    attending over the whole sequence (``docs/parallel.md``); ``cuda_graphs=True``: one-token
-    decode steps of a static cache replay CUDA graphs of the whole compiled step
-    (``runtime/step_graphs.py``; works where Inductor's own graphs crash, torch 2.11); other keyword
-    arguments go to ``torch.compile`` (``dynamic``, ``fullgraph``...).
+    in the report). ``cuda_graphs=True``: one-token decode steps of a static cache replay CUDA
+    graphs of the whole compiled step (``runtime/step_graphs.py``). ``mode`` is Inductor's
+    (``"reduce-overhead"``: its own CUDA graphs, which crash while capturing on torch 2.11).
+    ``context_parallel=True``: every rank of the default process group runs the model on its chunk
+    of one sequence (``input_ids`` rows, global ``position_ids``), each prefill site attending over
+    the whole sequence (``docs/parallel.md``). Other keyword arguments go to ``torch.compile``
+    (``dynamic``, ``fullgraph``...).
     """
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     root = root if isinstance(root, torch.nn.Module) else None
