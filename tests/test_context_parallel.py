@@ -174,7 +174,7 @@ def _decode_worker(rank, world, init_file, path, out):
     from transformers import AutoModelForCausalLM
 
     import sparsecomp
-    from sparsecomp.parallel import gather_cache
+    from sparsecomp.parallel import gather_cache, gather_streaming_cache
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -186,7 +186,13 @@ def _decode_worker(rank, world, init_file, path, out):
         with torch.no_grad():
             local = prefill(ids[:, rows[0]], position_ids=rows).past_key_values
         cache = gather_cache(local, chunk, dst=0)
+        ring = gather_streaming_cache(local, chunk, model.config, N + 8, sink=16, window=96, dst=0)
         if rank == 0:
+            torch.save([layer.keys.clone() for layer in ring.layers], f"{out}/ring_keys.pt")
+            decode = sparsecomp.compile(model, PLANS["streaming"], inner="eager", cost_model=False)
+            tokens = decode.generate(ids, past_key_values=ring, max_new_tokens=4, do_sample=False)
+            assert ring.layers[0].keys.shape[2] == 16 + 96  # only the kept tokens moved
+            torch.save(tokens, f"{out}/ring_tokens.pt")
             torch.save([(layer.keys, layer.values) for layer in cache.layers], f"{out}/gathered.pt")
             decode = sparsecomp.compile(model, PLANS["streaming"], inner="eager", cost_model=False)
             tokens = decode.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
@@ -194,7 +200,7 @@ def _decode_worker(rank, world, init_file, path, out):
             assert phases == {"decode"}, phases  # the gathered cache was read: no prefill ran here
             torch.save(tokens, f"{out}/tokens.pt")
         else:
-            assert cache is None
+            assert cache is None and ring is None
     finally:
         dist.destroy_process_group()
 
@@ -202,7 +208,8 @@ def _decode_worker(rank, world, init_file, path, out):
 @pytest.mark.parametrize("world", [2])
 def test_decoding_after_a_context_parallel_prefill_gives_the_tokens_of_one_process(world, tmp_path):
     """gather_cache joins the ranks' chunks on rank 0: the same K/V as one process's prefill, and
-    the tokens one process generates from the whole prompt."""
+    the tokens one process generates from the whole prompt; gather_streaming_cache moves only the
+    sink and window keys, into a ring that decodes the same tokens with the streaming rule."""
     from test_tensor_parallel import _tiny
 
     import sparsecomp
@@ -217,5 +224,12 @@ def test_decoding_after_a_context_parallel_prefill_gives_the_tokens_of_one_proce
     for (k, v), layer in zip(torch.load(tmp_path / "gathered.pt"), whole.layers, strict=True):
         torch.testing.assert_close(k, layer.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v, layer.values, rtol=1e-5, atol=1e-5)
+    from sparsecomp.runtime.streaming_cache import kept_positions
+
+    kept = kept_positions(N, 16, 96)  # the ring's slots: sinks, then the window wrapped at N
+    slots = [p if p < 16 else 16 + (p - 16) % 96 for p in kept]
+    for ring_keys, layer in zip(torch.load(tmp_path / "ring_keys.pt"), whole.layers, strict=True):
+        torch.testing.assert_close(ring_keys[:, :, slots], layer.keys[:, :, kept], rtol=1e-5, atol=1e-5)
     want = compiled.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(torch.load(tmp_path / "tokens.pt"), want)
+    assert torch.equal(torch.load(tmp_path / "ring_tokens.pt"), want)  # sink and window alone decode the same

@@ -8,13 +8,14 @@ from .context_parallel import (
     listed_key_blocks,
     vertical_slash_index_for_chunk,
 )
-from .gather_cache import gather_cache
+from .gather_cache import gather_cache, gather_streaming_cache
 
 __all__ = [
     "ContextChunk",
     "block_topk_index_for_chunk",
     "context_parallel_attention",
     "gather_cache",
+    "gather_streaming_cache",
     "index_for_chunk",
     "listed_key_blocks",
     "vertical_slash_index_for_chunk",

@@ -6,6 +6,10 @@ one ``transformers.DynamicCache`` on rank ``dst`` (a collective: every rank call
 decodes as one process does, with a model compiled without ``context_parallel`` (any decode rule):
 ``model.generate(ids, past_key_values=cache, ...)`` with ``ids`` the whole prompt plus at least the
 token after the prefilled ones. The whole sequence's K/V must fit on that rank.
+
+``gather_streaming_cache`` moves only the keys a streaming decode rule reads (the first ``sink``
+tokens and the last ``window``) into a ``StreamingKVCache``: a sequence prefilled over several GPUs
+then decodes on one in the memory of ``sink + window`` tokens.
 """
 
 from __future__ import annotations
@@ -25,11 +29,7 @@ def gather_cache(cache, chunk: ContextChunk, dst: int = 0, config=None, group=No
     rank = dist.get_rank(group)
     out = DynamicCache(config=config) if rank == dst and config is not None else DynamicCache()
     for index, layer in enumerate(cache.layers):
-        if layer.keys.shape[2] != chunk.size:
-            raise ValueError(
-                f"gather_cache: layer {index} holds {layer.keys.shape[2]} tokens, the chunk {chunk.size}: "
-                "gather right after the prefill, before any decode step"
-            )
+        _check_chunk(layer, index, chunk)
         whole = [_gather(t, dst, chunk.world, rank, group) for t in (layer.keys, layer.values)]
         if rank == dst:
             out.update(*whole, index)
@@ -42,3 +42,40 @@ def _gather(t: torch.Tensor, dst: int, world: int, rank: int, group) -> torch.Te
     parts = [torch.empty_like(t) for _ in range(world)] if rank == dst else None
     dist.gather(t, parts, dst=dst, group=group)
     return torch.cat(parts, dim=2) if rank == dst else None
+
+
+def gather_streaming_cache(cache, chunk: ContextChunk, config, max_cache_len: int, sink: int, window: int,
+                           dst: int = 0, group=None):  # fmt: skip
+    """The first ``sink`` and the last ``window`` tokens' K/V of every layer, as a
+    ``StreamingKVCache`` on rank ``dst`` (None on the others), for decoding with the decode rule
+    ``streaming:sink=SINK,window=WINDOW``. Each rank sends only its kept rows."""
+    from sparsecomp.runtime.streaming_cache import StreamingKVCache, kept_positions
+
+    rank = dist.get_rank(group)
+    first = cache.layers[0].keys
+    ring = None
+    if rank == dst:
+        ring = StreamingKVCache(config, max_cache_len, sink=sink, window=window, batch_size=first.shape[0],
+                                dtype=first.dtype, device=first.device)  # fmt: skip
+    kept = torch.tensor(kept_positions(chunk.length, sink, window), device=first.device)
+    mine = (kept >= chunk.start) & (kept < chunk.stop)
+    for index, layer in enumerate(cache.layers):
+        _check_chunk(layer, index, chunk)
+        # each kept token is one rank's: the others add exact zeros in its place
+        parts = []
+        for t in (layer.keys, layer.values):
+            part = t.new_zeros(*t.shape[:2], len(kept), t.shape[3])
+            part[:, :, mine] = t[:, :, kept[mine] - chunk.start]
+            dist.reduce(part, dst, group=group)
+            parts.append(part)
+        if rank == dst:
+            ring.layers[index].load(kept, *parts, chunk.length)
+    return ring
+
+
+def _check_chunk(layer, index: int, chunk: ContextChunk) -> None:
+    if layer.keys.shape[2] != chunk.size:
+        raise ValueError(
+            f"gather_cache: layer {index} holds {layer.keys.shape[2]} tokens, the chunk {chunk.size}: "
+            "gather right after the prefill, before any decode step"
+        )

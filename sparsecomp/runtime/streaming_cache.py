@@ -54,6 +54,11 @@ AttentionInterface.register(SLICING_ATTENTION, sdpa_with_mask_cut_to_keys)
 AttentionMaskInterface.register(SLICING_ATTENTION, sdpa_mask)
 
 
+def kept_positions(n: int, sink: int, window: int) -> list[int]:
+    """The tokens a ring keeps of the first ``n``, in order: the sinks, then the window's."""
+    return [*range(min(sink, n)), *range(max(sink, n - window), n)]
+
+
 class StreamingRingLayer(StaticLayer):
     """A static cache layer of ``max_cache_len`` tokens that stores only the first ``sink`` and the
     last ``window`` of them (``sink + window`` slots)."""
@@ -91,14 +96,21 @@ class StreamingRingLayer(StaticLayer):
                 "already holds tokens would need keys it has evicted (call cache.reset() for a new prompt)"
             )
         self.holds_tokens = True
-        kept = [*range(min(self.sink, n)), *range(max(self.sink, n - self.window), n)]  # kept tokens, in order
-        positions = torch.tensor(kept, device=self.keys.device)
+        positions = torch.tensor(kept_positions(n, self.sink, self.window), device=self.keys.device)
         self.keys.index_copy_(2, self.slot_of(positions), key_states.index_select(2, positions))
         self.values.index_copy_(2, self.slot_of(positions), value_states.index_select(2, positions))
         self.cumulative_length.add_(n)
         if n <= self.slots:  # the prompt fits: slot = position, the ring is the cache
             return self.keys, self.values
         return key_states, value_states  # the prompt's attention reads all of it
+
+    def load(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """The ring after a prompt of ``length`` tokens, given the K/V of the tokens it keeps (their
+        ``positions``, ascending): what the prompt's update would have written."""
+        self.keys.index_copy_(2, self.slot_of(positions), keys)
+        self.values.index_copy_(2, self.slot_of(positions), values)
+        self.cumulative_length.fill_(length)
+        self.holds_tokens = True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(keys the attention reads, the first one's position): the ring's slots, or a longer
