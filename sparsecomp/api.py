@@ -87,11 +87,22 @@ def compile(
     object.__setattr__(compiled, "_sparsecomp_backend", backend)
     if cuda_graphs and isinstance(compiled, torch.nn.Module):
         object.__setattr__(compiled, "forward", _graphed(compiled.forward, backend))
-    if isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
+    if isinstance(model, torch.nn.Module) and hasattr(model, "generate") and context_parallel:
+        object.__setattr__(compiled, "generate", _context_parallel_generate)
+    elif isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
         forward = torch.compile(type(model).forward.__get__(model), backend=backend, **torch_compile_kwargs)
         forward = _graphed(forward, backend, "generate") if cuda_graphs else forward
         object.__setattr__(compiled, "generate", _compiled_generate(model, forward, options.plan))
     return compiled
+
+
+def _context_parallel_generate(*args, **kwargs):
+    raise ValueError(
+        "a model compiled with context_parallel=True does not run transformers' generate (it would give each "
+        "rank's prompt its local positions): prefill with global position_ids, then decode with "
+        "sparsecomp.parallel.generate_context_parallel, or gather the cache on one rank "
+        "(sparsecomp.parallel.gather_cache) and generate there with a model compiled without context_parallel"
+    )
 
 
 def _graphed(forward, backend: SparsecompBackend, label: str = "forward") -> DecodeStepGraphs:

@@ -144,7 +144,7 @@ def _compiled_worker(rank, world, init_file, path, out):
             else:  # the sink's block and the window's two blocks before the chunk
                 assert received == [2 * 4 * min(chunk.start, 3 * BLOCK) * 16 * 4] * len(sites)
             torch.save(logits, f"{out}/{name}{rank}.pt")
-        with pytest.raises(Exception, match="context parallel covers the prefill"):  # the cache holds a chunk
+        with pytest.raises(ValueError, match="does not run transformers' generate"):  # local positions
             compiled.generate(ids[:, rows[0]], max_new_tokens=2, do_sample=False)
     finally:
         dist.destroy_process_group()
@@ -233,3 +233,81 @@ def test_decoding_after_a_context_parallel_prefill_gives_the_tokens_of_one_proce
     want = compiled.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(torch.load(tmp_path / "tokens.pt"), want)
     assert torch.equal(torch.load(tmp_path / "ring_tokens.pt"), want)  # sink and window alone decode the same
+
+
+def _spread_decode_worker(rank, world, init_file, path, out):
+    from transformers import AutoModelForCausalLM
+
+    import sparsecomp
+    from sparsecomp.parallel import generate_context_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+        chunk = ContextChunk(N, rank, world, BLOCK)
+        ids = torch.arange(N + 1)[None] % 120 + 1
+        rows = torch.arange(chunk.start, chunk.stop)[None]
+        for name, plan in PLANS.items():
+            torch._dynamo.reset()
+            compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False, context_parallel=True)
+            with torch.no_grad():
+                cache = compiled(ids[:, rows[0]], position_ids=rows).past_key_values
+            tokens = generate_context_parallel(compiled, cache, ids[:, N:], chunk, 4)
+            decode = [s for g in sparsecomp.inspect(compiled).graphs if g.phase() == "decode" for s in g.sites]
+            assert decode and {s.became for s in decode} == {"context_parallel"}, [s.reason for s in decode]
+            assert cache.get_seq_length() == chunk.size + 4  # no rank holds more than its chunk and the new tokens
+            torch.save(tokens, f"{out}/spread_{name}{rank}.pt")
+        selection = sparsecomp.compile(model, "prefill=dense;decode=quest:page=16,ratio=0.25", inner="eager",
+                                       cost_model=False, context_parallel=True)  # fmt: skip
+        with torch.no_grad():
+            cache = selection(ids[:, rows[0]], position_ids=rows).past_key_values
+        with pytest.raises(Exception, match="context parallel decoding takes"):  # would read this chunk only
+            generate_context_parallel(selection, cache, ids[:, N:], chunk, 1)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2])
+def test_decoding_spread_over_the_ranks_gives_the_tokens_of_one_process(world, tmp_path):
+    """Each rank attends over its own chunk and the partial results merge: every rank gets the
+    tokens one process generates, for the dense and the streaming rule; a selection rule is refused."""
+    from test_tensor_parallel import _tiny
+
+    import sparsecomp
+
+    model = _tiny(tmp_path / "model")
+    mp.spawn(_spread_decode_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "model"), str(tmp_path)),
+             nprocs=world, join=True)  # fmt: skip
+    ids = torch.arange(N + 1)[None] % 120 + 1
+    for name, plan in PLANS.items():
+        torch._dynamo.reset()
+        want = sparsecomp.compile(model, plan, inner="eager", cost_model=False).generate(
+            ids, max_new_tokens=4, do_sample=False
+        )[:, N + 1 :]
+        for rank in range(world):
+            assert torch.equal(torch.load(tmp_path / f"spread_{name}{rank}.pt"), want), (name, rank)
+
+
+@pytest.mark.parametrize("sink, window", [(0, 0), (16, 96)])
+def test_partial_decode_attentions_merge_to_attention_over_the_whole_sequence(sink, window):
+    """Each rank's partial over its chunk plus the decoded tokens (which every rank holds, the last
+    one counts) merges into the attention of one process over all keys, under the local rule."""
+    from sparsecomp.parallel.compiled import merge_partials, partial_decode_attention
+
+    world, decoded, scale = 4, 3, 0.25
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, HQ, 1, D, generator=g)
+    k, v = (torch.randn(B, HKV, N + decoded, D, generator=g) for _ in range(2))
+    outs, lses = [], []
+    for rank in range(world):
+        chunk = ContextChunk(N, rank, world, BLOCK)
+        mine = torch.cat([torch.arange(chunk.start, chunk.stop), torch.arange(N, N + decoded)])
+        out, lse = partial_decode_attention(q, k[:, :, mine], v[:, :, mine], chunk, [sink] * HQ, [window] * HQ, scale)
+        outs.append(out)
+        lses.append(lse)
+    got = merge_partials(torch.stack(outs), torch.stack(lses))
+    pos = torch.arange(N + decoded)
+    keep = (pos < sink) | (N + decoded - 1 - pos < window) if window else torch.ones_like(pos, dtype=torch.bool)
+    kf, vf = (t.repeat_interleave(HQ // HKV, dim=1)[:, :, keep] for t in (k, v))
+    want = torch.softmax((q @ kf.transpose(-1, -2)) * scale, dim=-1) @ vf
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

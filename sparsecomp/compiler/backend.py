@@ -152,15 +152,15 @@ def rewrite_graph(
         row.rules = [str(r) for r in rules]
         row.mask = site.structure.describe() + "".join(f"; {n}" for n in notes)
         all_dense = all(r.kind == "dense" for r in rules)
+        if options.context_parallel:  # first: any other attention would read this rank's chunk only
+            _rewrite_context_parallel(gm, site, rules, row)
+            continue
         if all_dense and row.phase == "decode":
             counters["kept_decode"] += 1
             row.reason = "dense decode step: the original attention (its mask is one query row)"
             continue
         if any(PATTERNS[r.kind].selects for r in rules):
             _rewrite_decode_selection(gm, site, rules, options.plan, row, states, decider)
-            continue
-        if options.context_parallel:
-            _rewrite_context_parallel(gm, site, rules, row)
             continue
         decision = _decide(site, rules, options, decider, share[_share_key(site, rules)])
         row.decision = decision
@@ -206,11 +206,7 @@ def _rewrite_context_parallel(gm: fx.GraphModule, site: AttentionSite, rules: li
     """A prefill site of a rank's chunk: the context-parallel op over the whole sequence (the
     rank's rules lowered to sink + window per head, at the whole sequence's length)."""
     if row.phase == "decode":
-        raise ValueError(
-            f"context parallel covers the prefill: {site.name} is a decode step, and each rank's cache holds only "
-            "its chunk; join the chunks on one rank with sparsecomp.parallel.gather_cache and decode there with a "
-            "model compiled without context_parallel"
-        )
+        return _rewrite_context_parallel_decode(gm, site, rules, row)
     if not is_plain_causal(site):
         raise ValueError(
             f"context parallel: {site.name} is not a plain causal prefill ({site.structure.describe()}); "
@@ -247,6 +243,38 @@ def _rewrite_context_parallel(gm: fx.GraphModule, site: AttentionSite, rules: li
         f"context parallel over {dist.get_world_size()} ranks: this rank's rows over the whole sequence, "
         "receiving only the K/V blocks its index lists"
     )
+
+
+def _rewrite_context_parallel_decode(gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], row) -> None:
+    """A decode step after a context-parallel prefill: every rank attends over its own chunk (and
+    the last rank over the decoded tokens too), the partial results merged across the ranks."""
+    s = site.structure
+    unsupported = sorted({r.kind for r in rules if r.adaptive or PATTERNS[r.kind].selects
+                          or PATTERNS[r.kind].length_dependent})  # fmt: skip
+    if unsupported or s.key_ok is not None or str(site.shape["q_len"]) != "1" or site.softcap or s.window:
+        why = f"rules {unsupported}" if unsupported else f"its structure ({s.describe()})"
+        raise ValueError(
+            f"context parallel decoding takes one token per step, no padding, and dense or streaming rules; "
+            f"{site.name} has {why}: join the chunks on one rank with sparsecomp.parallel.gather_cache and "
+            "decode there with a model compiled without context_parallel"
+        )
+    from ..parallel import compiled  # noqa: F401  (registers the op)
+
+    sink, window = zip(*(r.head_params(None) for r in rules), strict=True)
+    graph = gm.graph
+    with graph.inserting_before(site.output):
+        out = graph.call_function(
+            torch.ops.sparsecomp.context_parallel_decode.default,
+            (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), site.name),
+        )
+        old = meta_val(site.output)
+        if old is not None and old.dtype != site.dtype:
+            out = graph.call_method("to", (out, old.dtype))
+    site.output.replace_all_uses_with(out)
+    out.meta["sparsecomp_site"] = site.name
+    counters["context_parallel"] += 1
+    row.became = "context_parallel"
+    row.reason = "decode step: partial attention over this rank's chunk, merged across the ranks"
 
 
 def _decode_selection_rules(plan: Plan, site: AttentionSite) -> list[Rule]:

@@ -8,6 +8,7 @@ from .context_parallel import (
     listed_key_blocks,
     vertical_slash_index_for_chunk,
 )
+from .decode import generate_context_parallel
 from .gather_cache import gather_cache, gather_streaming_cache
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "context_parallel_attention",
     "gather_cache",
     "gather_streaming_cache",
+    "generate_context_parallel",
     "index_for_chunk",
     "listed_key_blocks",
     "vertical_slash_index_for_chunk",

@@ -18,6 +18,8 @@ from .context_parallel import ContextChunk, context_parallel_attention
 
 # K/V bytes each site (by name) received on this rank at its last call, for reports and tests.
 received_bytes: collections.Counter = collections.Counter()
+# Each site's chunk (by name) at this rank's last prefill: the decode steps after it place their keys.
+prefill_chunks: dict[str, ContextChunk] = {}
 
 
 @torch.library.custom_op("sparsecomp::context_parallel_attention", mutates_args=())
@@ -36,9 +38,68 @@ def context_parallel_op(
     out, received = context_parallel_attention(q, k, v, index, chunk, head_sink=head_sink, head_window=head_window,
                                                scale=scale)  # fmt: skip
     received_bytes[site] = received
+    prefill_chunks[site] = chunk
     return out
 
 
 @context_parallel_op.register_fake
 def _context_parallel_fake(q, k, v, sink, window, scale, block, site):
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("sparsecomp::context_parallel_decode", mutates_args=())
+def context_parallel_decode_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: list[int], window: list[int], scale: float, site: str
+) -> torch.Tensor:
+    """One decode step after a context-parallel prefill. Every rank's cache holds its prefill chunk
+    and then the decoded tokens (each rank appends the same ones: only the last rank's count). Each
+    rank attends over its keys under the heads' local rules, and the partial results are merged by
+    their log-sum-exp across the ranks (flash-decoding's combine)."""
+    chunk = prefill_chunks.get(site)
+    if chunk is None or k.shape[2] <= chunk.size:
+        raise RuntimeError(f"context parallel decoding of {site}: no context-parallel prefill on this rank came first")
+    out, lse = partial_decode_attention(q, k, v, chunk, sink, window, scale)
+    outs = [torch.empty_like(out) for _ in range(chunk.world)]
+    lses = [torch.empty_like(lse) for _ in range(chunk.world)]
+    dist.all_gather(outs, out)
+    dist.all_gather(lses, lse)
+    return merge_partials(torch.stack(outs), torch.stack(lses)).to(q.dtype)
+
+
+@context_parallel_decode_op.register_fake
+def _context_parallel_decode_fake(q, k, v, sink, window, scale, site):
+    return q.new_empty(q.shape)
+
+
+def decode_key_positions(chunk: ContextChunk, n_keys: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global position of each of this rank's ``n_keys`` cached keys, which of them count): the
+    chunk's keys, then the decoded tokens, which every rank holds and only the last rank counts."""
+    index = torch.arange(n_keys, device=device)
+    decoded = index >= chunk.size
+    positions = torch.where(decoded, chunk.length + index - chunk.size, chunk.start + index)
+    return positions, ~decoded | (chunk.rank == chunk.world - 1)
+
+
+def partial_decode_attention(q, k, v, chunk: ContextChunk, sink: list[int], window: list[int], scale: float):
+    """(out (B, Hq, Nq, D) fp32, log-sum-exp (B, Hq, Nq) fp32) of the query rows over this rank's
+    keys; a rank with no key counting gives lse = -inf (weight 0 in the merge)."""
+    k_pos, counts = decode_key_positions(chunk, k.shape[2], q.device)
+    q_pos = chunk.length + k.shape[2] - chunk.size - q.shape[2] + torch.arange(q.shape[2], device=q.device)
+    group = q.shape[1] // k.shape[1]
+    kf, vf = (t.float().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
+    head_sink = torch.tensor(sink, device=q.device)[:, None, None]
+    head_window = torch.tensor(window, device=q.device)[:, None, None]
+    distance = q_pos[:, None] - k_pos[None, :]  # (Nq, Nk)
+    keep = counts & (distance >= 0) & ((head_window <= 0) | (distance < head_window) | (k_pos < head_sink))
+    scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(torch.float32).min))  # 0 where no key counts
+    return weights @ vf, lse
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    """Attention over all ranks' keys from each rank's (out, lse) stacked on dim 0."""
+    top = lses.amax(dim=0)
+    w = torch.exp(lses - top)  # (R, B, Hq, Nq): each rank's share of the softmax mass
+    return (w[..., None] * outs).sum(0) / w.sum(0)[..., None]
