@@ -80,7 +80,7 @@ class RerunGraph:
     inputs (what a graph does on the GPU, Python side effects aside). Capture runs the step where a
     CUDA graph only records it, so the replay that follows a capture is skipped."""
 
-    device_type = "cpu"
+    device_type = DEVICE  # the test device: a stand-in on CPU and on a GPU alike
 
     def capture(self, step):
         self.step, self.ran = step, True
