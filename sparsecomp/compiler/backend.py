@@ -224,18 +224,9 @@ def _rewrite_context_parallel(gm: fx.GraphModule, site: AttentionSite, rules: li
 
     n_keys = int(site.shape["kv_len"]) * dist.get_world_size()
     sink, window = zip(*(r.head_params(n_keys) for r in rules), strict=True)
-    graph = gm.graph
-    with graph.inserting_before(site.output):
-        out = graph.call_function(
-            torch.ops.sparsecomp.context_parallel_attention.default,
-            (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), CONTEXT_PARALLEL_BLOCK,
-             site.name),
-        )  # fmt: skip
-        old = meta_val(site.output)
-        if old is not None and old.dtype != site.dtype:
-            out = graph.call_method("to", (out, old.dtype))
-    site.output.replace_all_uses_with(out)
-    out.meta["sparsecomp_site"] = site.name
+    args = (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), CONTEXT_PARALLEL_BLOCK,
+            site.name)  # fmt: skip
+    _replace_output(gm, site, torch.ops.sparsecomp.context_parallel_attention.default, args)
     counters["rewritten"] += 1
     counters["context_parallel"] += 1
     row.became = "context_parallel"
@@ -261,20 +252,22 @@ def _rewrite_context_parallel_decode(gm: fx.GraphModule, site: AttentionSite, ru
     from ..parallel import compiled  # noqa: F401  (registers the op)
 
     sink, window = zip(*(r.head_params(None) for r in rules), strict=True)
-    graph = gm.graph
-    with graph.inserting_before(site.output):
-        out = graph.call_function(
-            torch.ops.sparsecomp.context_parallel_decode.default,
-            (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), site.name),
-        )
-        old = meta_val(site.output)
-        if old is not None and old.dtype != site.dtype:
-            out = graph.call_method("to", (out, old.dtype))
-    site.output.replace_all_uses_with(out)
-    out.meta["sparsecomp_site"] = site.name
+    args = (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), site.name)
+    _replace_output(gm, site, torch.ops.sparsecomp.context_parallel_decode.default, args)
     counters["context_parallel"] += 1
     row.became = "context_parallel"
     row.reason = "decode step: partial attention over this rank's chunk, merged across the ranks"
+
+
+def _replace_output(gm: fx.GraphModule, site: AttentionSite, op, args: tuple) -> None:
+    """The site's output becomes ``op(*args)`` (cast back to the output's dtype)."""
+    with gm.graph.inserting_before(site.output):
+        out = gm.graph.call_function(op, args)
+        old = meta_val(site.output)
+        if old is not None and old.dtype != site.dtype:
+            out = gm.graph.call_method("to", (out, old.dtype))
+    site.output.replace_all_uses_with(out)
+    out.meta["sparsecomp_site"] = site.name
 
 
 def _decode_selection_rules(plan: Plan, site: AttentionSite) -> list[Rule]:
