@@ -257,6 +257,15 @@ def _spread_decode_worker(rank, world, init_file, path, out):
             assert decode and {s.became for s in decode} == {"context_parallel"}, [s.reason for s in decode]
             assert cache.get_seq_length() == chunk.size + 4  # no rank holds more than its chunk and the new tokens
             torch.save(tokens, f"{out}/spread_{name}{rank}.pt")
+        with torch.no_grad():
+            cache = compiled(ids[:, rows[0]], position_ids=rows).past_key_values
+        sampler = torch.Generator().manual_seed(rank)  # each rank its own stream: only rank 0's is used
+
+        def sample(logits):
+            return torch.multinomial(logits.softmax(-1), 1, generator=sampler)
+
+        sampled = generate_context_parallel(compiled, cache, ids[:, N:], chunk, 4, pick=sample)
+        torch.save(sampled, f"{out}/sampled{rank}.pt")
         selection = sparsecomp.compile(model, "prefill=dense;decode=quest:page=16,ratio=0.25", inner="eager",
                                        cost_model=False, context_parallel=True)  # fmt: skip
         with torch.no_grad():
@@ -270,7 +279,8 @@ def _spread_decode_worker(rank, world, init_file, path, out):
 @pytest.mark.parametrize("world", [2])
 def test_decoding_spread_over_the_ranks_gives_the_tokens_of_one_process(world, tmp_path):
     """Each rank attends over its own chunk and the partial results merge: every rank gets the
-    tokens one process generates, for the dense and the streaming rule; a selection rule is refused."""
+    tokens one process generates, for the dense and the streaming rule; sampled tokens are rank 0's on
+    every rank; a selection rule is refused."""
     from test_tensor_parallel import _tiny
 
     import sparsecomp
@@ -286,6 +296,8 @@ def test_decoding_spread_over_the_ranks_gives_the_tokens_of_one_process(world, t
         )[:, N + 1 :]
         for rank in range(world):
             assert torch.equal(torch.load(tmp_path / f"spread_{name}{rank}.pt"), want), (name, rank)
+    sampled = [torch.load(tmp_path / f"sampled{rank}.pt") for rank in range(world)]
+    assert all(torch.equal(s, sampled[0]) for s in sampled)  # rank 0's sample fed on every rank
 
 
 @pytest.mark.parametrize("sink, window", [(0, 0), (16, 96)])
