@@ -17,13 +17,13 @@ from sparsecomp.kernels.decode.selection import (
     query_channels,
     top_tokens,
 )
-from sparsecomp.kernels.decode.top_select import top_indices_reference, top_indices_triton
 from sparsecomp.kernels.decode.sparse_decode import (
     decode_keep,
     sparse_decode,
     sparse_decode_reference,
     sparse_decode_triton,
 )
+from sparsecomp.kernels.decode.top_select import top_indices_reference, top_indices_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
