@@ -137,3 +137,25 @@ def test_adaptive_plan_compiles_once_for_every_length():
                 ref = model(input_ids=ids).logits
             torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
     assert len(backend.graphs) == 2
+
+
+def test_adaptive_rules_run_at_the_plans_calibration_block_without_a_cost_model():
+    """What an adaptive rule keeps depends on the block size: with the cost model off, a plan's
+    ``block`` (what it was calibrated at) is used, not the default config's 128."""
+    torch.manual_seed(2)
+    model = tiny_llama(hidden_size=64).eval()
+    ids = torch.randint(0, 100, (1, 256))
+    rule = Rule("block_topk", k=1)
+    outs = {}
+    for name, plan, options in (
+        ("plan block 64", Plan(default=rule, block=64), None),
+        ("forced 64", Plan(default=rule), sparsecomp.KernelOptions(block_m=64, block_n=64, num_warps=4)),
+        ("default 128", Plan(default=rule), None),
+    ):
+        compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False, kernel_options=options)
+        with torch.no_grad():
+            outs[name] = compiled(ids).logits
+        if name == "plan block 64":
+            assert {s.decision.option for s in sparsecomp.inspect(compiled).sites} == {"b64"}
+    torch.testing.assert_close(outs["plan block 64"], outs["forced 64"])
+    assert (outs["plan block 64"] - outs["default 128"]).abs().max() > 1e-3  # other blocks kept

@@ -29,7 +29,7 @@ from ..patterns.selection import selection_heads
 from ..plan import Plan, Rule
 from ..report import GraphReport, InspectReport, SiteReport
 from ..runtime.decode_state import DecodeStates, state_inputs, update_decode_state, write_prefill_state
-from ..tuning.cost_model import DEFAULT_CONFIG
+from ..tuning.cost_model import DEFAULT_CONFIG, KERNEL_CONFIGS
 from .decide import Decision, SiteDecider, candidate_configs, decide, decide_decode, shape_bucket
 from .lower import adaptive_groups
 from .prepare import calibrated_densities, is_decode_step, prepare_graph, site_workload
@@ -99,6 +99,11 @@ def _decide(site: AttentionSite, rules: list[Rule], options: BackendOptions, dec
     forced = options.kernel_options
     model, source, cache = decider.context(meta_val(site.q).device)
     if model is None:
+        if forced is None and options.plan.block and any(r.adaptive for r in rules):  # what they keep depends on it
+            name, config = next(iter(candidate_configs(rules, options.plan.block).items()), (None, None))
+            block = options.plan.block
+            return Decision(option=name or f"b{block}", options=config or KernelOptions(block_m=block, block_n=block),
+                            source=source)  # fmt: skip
         return Decision(option="forced" if forced else DEFAULT_CONFIG, options=forced or KernelOptions(), source=source)
     w = site_workload(site)
     configs = {"forced": forced} if forced else candidate_configs(rules, options.plan.block)
@@ -153,7 +158,7 @@ def rewrite_graph(
         row.mask = site.structure.describe() + "".join(f"; {n}" for n in notes)
         all_dense = all(r.kind == "dense" for r in rules)
         if options.context_parallel:  # first: any other attention would read this rank's chunk only
-            _rewrite_context_parallel(gm, site, rules, row)
+            _rewrite_context_parallel(gm, site, rules, row, options)
             continue
         if all_dense and row.phase == "decode":
             counters["kept_decode"] += 1
@@ -202,7 +207,16 @@ def rewrite_graph(
 CONTEXT_PARALLEL_BLOCK = 64  # keys per block moved between ranks (a chunk is whole blocks)
 
 
-def _rewrite_context_parallel(gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], row) -> None:
+def _adaptive_block(options: BackendOptions) -> int:
+    """The block size of a site with adaptive rules when no cost model chooses (what they keep
+    depends on it): forced options', else the plan's calibration block, else the default config's."""
+    forced = options.kernel_options
+    return forced.block_m if forced else options.plan.block or KERNEL_CONFIGS[DEFAULT_CONFIG].block_m
+
+
+def _rewrite_context_parallel(
+    gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], row, options: BackendOptions
+) -> None:
     """A prefill site of a rank's chunk: the context-parallel op over the whole sequence (the
     rank's rules lowered to sink + window per head, at the whole sequence's length)."""
     if row.phase == "decode":
@@ -212,20 +226,16 @@ def _rewrite_context_parallel(gm: fx.GraphModule, site: AttentionSite, rules: li
             f"context parallel: {site.name} is not a plain causal prefill ({site.structure.describe()}); "
             "give each rank its chunk's input_ids and position_ids, with no padding"
         )
-    adaptive = sorted({r.kind for r in rules if r.adaptive})
-    if adaptive:
-        raise ValueError(
-            f"context parallel inside compile takes static rules (dense, streaming, elastic); {site.name} has "
-            f"{adaptive}: build those indexes per rank with sparsecomp.parallel's builders"
-        )
     import torch.distributed as dist
 
-    from ..parallel import compiled  # noqa: F401  (registers the op)
+    from ..parallel.compiled import adaptive_groups_spec
 
     n_keys = int(site.shape["kv_len"]) * dist.get_world_size()
     sink, window = zip(*(r.head_params(n_keys) for r in rules), strict=True)
-    args = (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), CONTEXT_PARALLEL_BLOCK,
-            site.name)  # fmt: skip
+    groups = adaptive_groups(rules)
+    block = _adaptive_block(options) if groups else CONTEXT_PARALLEL_BLOCK
+    spec = adaptive_groups_spec(groups, site.shape["q_heads"], KernelOptions(block_m=block, block_n=block))
+    args = (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), block, site.name, spec)
     _replace_output(gm, site, torch.ops.sparsecomp.context_parallel_attention.default, args)
     counters["rewritten"] += 1
     counters["context_parallel"] += 1

@@ -1,20 +1,38 @@
 """Context parallel inside ``sparsecomp.compile(..., context_parallel=True)``: every rank runs the
 model on its chunk of the sequence (its ``input_ids`` rows, ``position_ids`` their global
 positions), and each prefill site whose mask is proven plain causal becomes this op: the rank's
-block index of its static rules (built alone from positions), the K/V blocks it lists received
-from their ranks, the block-sparse kernel on them. The default process group; the sequence splits
-in equal chunks of whole blocks, rank order = sequence order."""
+block index (static rules built alone from positions; adaptive ones, block top-k and
+vertical-slash, by their per-rank builders, which exchange pooled keys or scores), the K/V blocks
+it lists received from their ranks, the block-sparse kernel on them. The default process group;
+the sequence splits in equal chunks of whole blocks, rank order = sequence order."""
 
 from __future__ import annotations
 
 import collections
+import json
 
 import torch
 import torch.distributed as dist
 
+from sparsecomp.kernels.prefill.adaptive_index import combine_head_indexes
 from sparsecomp.kernels.prefill.block_index import build_block_index
 
-from .context_parallel import ContextChunk, context_parallel_attention
+from .context_parallel import (
+    ContextChunk,
+    block_topk_index_for_chunk,
+    context_parallel_attention,
+    vertical_slash_index_for_chunk,
+)
+
+# The adaptive rule kinds a rank can build its index rows for (shared parameters as the builders name them).
+CHUNK_BUILDERS = {
+    "block_topk": lambda q, k, chunk, top_k, coverage, pool, **common: block_topk_index_for_chunk(
+        q, k, chunk, top_k, coverage=coverage, pool=pool, **common
+    ),
+    "vertical_slash": lambda q, k, chunk, n_vertical, n_slash, **kwargs: vertical_slash_index_for_chunk(
+        q, k, chunk, n_vertical, n_slash, **kwargs
+    ),
+}
 
 # K/V bytes each site (by name) received on this rank at its last call, for reports and tests.
 received_bytes: collections.Counter = collections.Counter()
@@ -25,26 +43,56 @@ prefill_chunks: dict[str, ContextChunk] = {}
 @torch.library.custom_op("sparsecomp::context_parallel_attention", mutates_args=())
 def context_parallel_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: list[int], window: list[int], scale: float,
-    block: int, site: str,
+    block: int, site: str, adaptive: str,
 ) -> torch.Tensor:  # fmt: skip
     """Causal attention of this rank's rows over the whole sequence's keys, under the heads' local
-    rules (sink, window per query head; 0, 0 = every earlier key)."""
+    rules (sink, window per query head; 0, 0 = every earlier key) and the adaptive groups of
+    ``adaptive`` (JSON, ``adaptive_groups_spec``): those heads' index rows built on this input."""
     head_sink, head_window = (torch.tensor(x, dtype=torch.int32, device=q.device) for x in (sink, window))
     chunk = ContextChunk(q.shape[2] * dist.get_world_size(), dist.get_rank(), dist.get_world_size(), block)
     q_pos = torch.arange(chunk.start, chunk.stop, device=q.device)[None]
     k_pos = torch.arange(chunk.length, device=q.device)[None]
-    index = build_block_index(q_pos, k_pos, None, head_sink, head_window, causal=True, window=0, block_m=block,
-                              block_n=block, max_blocks=None)  # fmt: skip
+    pieces, heads, received_index = [], [], 0
+    for group in json.loads(adaptive):
+        common = dict(scale=scale, block_m=block, block_n=block)
+        index, received = CHUNK_BUILDERS[group["kind"]](q, k, chunk, *group["per_head"], **group["shared"], **common)
+        pieces.append(index)
+        heads.append(tuple(group["heads"]))
+        received_index += received
+    static_heads = tuple(h for h in range(q.shape[1]) if not any(h in hs for hs in heads))
+    if static_heads:
+        pieces.append(build_block_index(q_pos, k_pos, None, head_sink, head_window, causal=True, window=0,
+                                        block_m=block, block_n=block, max_blocks=None))  # fmt: skip
+        heads.append(static_heads)
+    index = pieces[0] if len(pieces) == 1 else combine_head_indexes(pieces, heads, q.shape[1])
     out, received = context_parallel_attention(q, k, v, index, chunk, head_sink=head_sink, head_window=head_window,
                                                scale=scale)  # fmt: skip
-    received_bytes[site] = received
+    received_bytes[site] = received + received_index
     prefill_chunks[site] = chunk
     return out
 
 
 @context_parallel_op.register_fake
-def _context_parallel_fake(q, k, v, sink, window, scale, block, site):
+def _context_parallel_fake(q, k, v, sink, window, scale, block, site, adaptive):
     return q.new_empty(q.shape)
+
+
+def adaptive_groups_spec(groups, q_heads: int, options) -> str:
+    """The adaptive groups of a site's rules (``compiler.lower.adaptive_groups``) as the op's JSON
+    argument: kind, heads, per-head values for every query head, shared parameters."""
+    from sparsecomp.passes.rewrite import adaptive_call
+
+    spec = []
+    for g in groups:
+        if g.kind not in CHUNK_BUILDERS:
+            raise ValueError(
+                f"context parallel builds the index per rank for {sorted(CHUNK_BUILDERS)} among adaptive rules; "
+                f"not {g.kind}"
+            )
+        _, per_head, kwargs = adaptive_call(g, q_heads, scale=1.0, causal=True, window=0, options=options)
+        shared = {k: v for k, v in kwargs.items() if k not in ("scale", "causal", "window", "block_m", "block_n")}
+        spec.append({"kind": g.kind, "heads": list(g.heads), "per_head": per_head, "shared": shared})
+    return json.dumps(spec)
 
 
 @torch.library.custom_op("sparsecomp::context_parallel_decode", mutates_args=())
