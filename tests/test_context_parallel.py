@@ -269,7 +269,7 @@ def _spread_decode_worker(rank, world, init_file, path, out):
         chunk = ContextChunk(N, rank, world, BLOCK)
         ids = torch.arange(N + 1)[None] % 120 + 1
         rows = torch.arange(chunk.start, chunk.stop)[None]
-        for name, plan in PLANS.items():
+        for name, plan in DECODE_PLANS.items():
             torch._dynamo.reset()
             compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False, context_parallel=True)
             with torch.no_grad():
@@ -298,11 +298,21 @@ def _spread_decode_worker(rank, world, init_file, path, out):
         dist.destroy_process_group()
 
 
+# Double Sparsity keeps a quarter of the keys, chosen over the whole sequence (each rank's best scores gathered)
+DECODE_PLANS = {
+    "dense": "dense",
+    "streaming": PLANS["streaming"],
+    "double_sparsity": Plan(decode_default=Rule.parse("double_sparsity:channels=4,ratio=0.25"),
+                            channels={f"model.layers.{i}.self_attn": [[0, 3, 5, 9], [1, 2, 8, 15], [4, 6, 7, 12],
+                                                                      [10, 11, 13, 14]] for i in range(2)}),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("world", [2])
 def test_decoding_spread_over_the_ranks_gives_the_tokens_of_one_process(world, tmp_path):
     """Each rank attends over its own chunk and the partial results merge: every rank gets the
-    tokens one process generates, for the dense and the streaming rule; sampled tokens are rank 0's on
-    every rank; a selection rule is refused."""
+    tokens one process generates, for the dense, streaming and Double Sparsity rules; sampled tokens
+    are rank 0's on every rank; Quest (no spread selection) is refused."""
     from test_tensor_parallel import _tiny
 
     import sparsecomp
@@ -311,13 +321,16 @@ def test_decoding_spread_over_the_ranks_gives_the_tokens_of_one_process(world, t
     mp.spawn(_spread_decode_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "model"), str(tmp_path)),
              nprocs=world, join=True)  # fmt: skip
     ids = torch.arange(N + 1)[None] % 120 + 1
-    for name, plan in PLANS.items():
+    wants = {}
+    for name, plan in DECODE_PLANS.items():
         torch._dynamo.reset()
         want = sparsecomp.compile(model, plan, inner="eager", cost_model=False).generate(
             ids, max_new_tokens=4, do_sample=False
         )[:, N + 1 :]
         for rank in range(world):
             assert torch.equal(torch.load(tmp_path / f"spread_{name}{rank}.pt"), want), (name, rank)
+        wants[name] = want
+    assert not torch.equal(wants["double_sparsity"], wants["dense"])  # its selection changed the tokens
     sampled = [torch.load(tmp_path / f"sampled{rank}.pt") for rank in range(world)]
     assert all(torch.equal(s, sampled[0]) for s in sampled)  # rank 0's sample fed on every rank
 

@@ -77,7 +77,7 @@ def _prefix(Hist, row, n_pick, LEVELS: tl.constexpr, NB: tl.constexpr, HIST_STRI
 
 @triton.jit
 def _histogram(Scores, Hist, n_keys, n_pick, hist_stride,
-               LEVEL: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr):
+               LEVEL: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr, DIRECT: tl.constexpr):
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -85,10 +85,13 @@ def _histogram(Scores, Hist, n_keys, n_pick, hist_stride,
     prefix, _ = _prefix(Hist, row, n_pick, LEVEL, NB, hist_stride)
     high = 11 if LEVEL == 1 else 22  # bits of the levels above, counted from the top
     match = ok if LEVEL == 0 else ok & ((rk >> (32 - high)) == (prefix >> (32 - high)))
-    digit = tl.where(match, _digit(rk, LEVEL), NB)  # non-matching keys: a bin past the row's
-    h = tl.histogram(digit.to(tl.int32), 2 * NB)
-    bins = tl.arange(0, 2 * NB)
-    tl.atomic_add(Hist + LEVEL * hist_stride + row * NB + bins, h, mask=(h > 0) & (bins < NB), sem="relaxed")
+    if DIRECT:  # one atomic per key
+        tl.atomic_add(Hist + LEVEL * hist_stride + row * NB + _digit(rk, LEVEL), 1, mask=match, sem="relaxed")
+    else:  # the chunk's histogram, then one atomic per non-empty bin
+        digit = tl.where(match, _digit(rk, LEVEL), NB)  # non-matching keys: a bin past the row's
+        h = tl.histogram(digit.to(tl.int32), 2 * NB)
+        bins = tl.arange(0, 2 * NB)
+        tl.atomic_add(Hist + LEVEL * hist_stride + row * NB + bins, h, mask=(h > 0) & (bins < NB), sem="relaxed")
 
 
 @triton.jit
@@ -126,7 +129,7 @@ def _write(Scores, Hist, Counts, Out, n_keys, n_pick, hist_stride, n_chunks,
 # fmt: on
 
 
-def top_indices_triton(scores: torch.Tensor, n: int) -> torch.Tensor:
+def top_indices_triton(scores: torch.Tensor, n: int, direct: bool = False, chunk: int = CHUNK) -> torch.Tensor:
     """(..., n) int32: indices of the n best of each row of ``scores`` (..., N) float32: every key
     ranking before the n-th best in index order, then ties of the n-th best by lowest index."""
     *lead, n_keys = scores.shape
@@ -136,16 +139,16 @@ def top_indices_triton(scores: torch.Tensor, n: int) -> torch.Tensor:
         return torch.empty(*lead, 0, dtype=torch.int32, device=scores.device)
     rows = scores.reshape(-1, n_keys).float().contiguous()
     n_rows = rows.shape[0]
-    n_chunks = triton.cdiv(n_keys, CHUNK)
+    n_chunks = triton.cdiv(n_keys, chunk)
     hist = torch.zeros(3, n_rows, BINS, dtype=torch.int32, device=scores.device)
     counts = torch.empty(n_rows, n_chunks, 2, dtype=torch.int32, device=scores.device)
     out = torch.empty(n_rows, n, dtype=torch.int32, device=scores.device)
     grid = (n_chunks, n_rows)
     stride = n_rows * BINS
     for level in range(3):
-        _histogram[grid](rows, hist, n_keys, n, stride, LEVEL=level, CHUNK=CHUNK, NB=BINS, num_warps=4)
-    _count[grid](rows, hist, counts, n_keys, n, stride, n_chunks, CHUNK=CHUNK, NB=BINS, num_warps=4)
-    _write[grid](rows, hist, counts, out, n_keys, n, stride, n_chunks, CHUNK=CHUNK, NB=BINS,
+        _histogram[grid](rows, hist, n_keys, n, stride, LEVEL=level, CHUNK=chunk, NB=BINS, DIRECT=direct, num_warps=4)
+    _count[grid](rows, hist, counts, n_keys, n, stride, n_chunks, CHUNK=chunk, NB=BINS, num_warps=4)
+    _write[grid](rows, hist, counts, out, n_keys, n, stride, n_chunks, CHUNK=chunk, NB=BINS,
                  BLOCK_CHUNKS=max(16, triton.next_power_of_2(n_chunks)), num_warps=4)  # fmt: skip
     return out.view(*lead, n)
 

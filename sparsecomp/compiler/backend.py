@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import json
 import operator
 from dataclasses import dataclass, field
 
@@ -220,7 +221,7 @@ def _rewrite_context_parallel(
     """A prefill site of a rank's chunk: the context-parallel op over the whole sequence (the
     rank's rules lowered to sink + window per head, at the whole sequence's length)."""
     if row.phase == "decode":
-        return _rewrite_context_parallel_decode(gm, site, rules, row)
+        return _rewrite_context_parallel_decode(gm, site, rules, row, options.plan)
     if not is_plain_causal(site):
         raise ValueError(
             f"context parallel: {site.name} is not a plain causal prefill ({site.structure.describe()}); "
@@ -246,27 +247,43 @@ def _rewrite_context_parallel(
     )
 
 
-def _rewrite_context_parallel_decode(gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], row) -> None:
+def _rewrite_context_parallel_decode(
+    gm: fx.GraphModule, site: AttentionSite, rules: list[Rule], row, plan: Plan
+) -> None:  # fmt: skip
     """A decode step after a context-parallel prefill: every rank attends over its own chunk (and
-    the last rank over the decoded tokens too), the partial results merged across the ranks."""
+    the last rank over the decoded tokens too), the partial results merged across the ranks; a
+    Double Sparsity rule (the same on every head) chooses its keys over the whole sequence."""
     s = site.structure
-    unsupported = sorted({r.kind for r in rules if r.adaptive or PATTERNS[r.kind].selects
+    selecting = {r for r in rules if PATTERNS[r.kind].selects}
+    spread = len(selecting) == 1 and len(set(rules)) == 1 and next(iter(selecting)).kind == "double_sparsity"
+    unsupported = sorted({r.kind for r in rules if r.adaptive or (PATTERNS[r.kind].selects and not spread)
                           or PATTERNS[r.kind].length_dependent})  # fmt: skip
     if unsupported or s.key_ok is not None or str(site.shape["q_len"]) != "1" or site.softcap or s.window:
         why = f"rules {unsupported}" if unsupported else f"its structure ({s.describe()})"
         raise ValueError(
-            f"context parallel decoding takes one token per step, no padding, and dense or streaming rules; "
-            f"{site.name} has {why}: join the chunks on one rank with sparsecomp.parallel.gather_cache and "
-            "decode there with a model compiled without context_parallel"
+            f"context parallel decoding takes one token per step, no padding, and dense, streaming or Double "
+            f"Sparsity rules (one for all heads); {site.name} has {why}: join the chunks on one rank with "
+            "sparsecomp.parallel.gather_cache and decode there with a model compiled without context_parallel"
         )
     from ..parallel import compiled  # noqa: F401  (registers the op)
 
+    selection = ""
+    if spread:
+        rule = rules[0]
+        channels = site_channels(plan, site, rule)
+        selection = json.dumps({"channels": [list(c) for c in channels], "ratio": rule.ratio, "count": rule.k,
+                                "heads": rule.heads})  # fmt: skip
+        rules = [Rule()] * len(rules)  # every key its selection keeps
     sink, window = zip(*(r.head_params(None) for r in rules), strict=True)
-    args = (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), site.name)
+    args = (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), site.name, selection)
     _replace_output(gm, site, torch.ops.sparsecomp.context_parallel_decode.default, args)
     counters["context_parallel"] += 1
     row.became = "context_parallel"
-    row.reason = "decode step: partial attention over this rank's chunk, merged across the ranks"
+    row.reason = "decode step: partial attention over this rank's chunk, merged across the ranks" + (
+        "; Double Sparsity's keys chosen over the whole sequence (each rank's best label scores gathered)"
+        if spread
+        else ""
+    )
 
 
 def _replace_output(gm: fx.GraphModule, site: AttentionSite, op, args: tuple) -> None:

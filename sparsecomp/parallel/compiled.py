@@ -97,16 +97,19 @@ def adaptive_groups_spec(groups, q_heads: int, options) -> str:
 
 @torch.library.custom_op("sparsecomp::context_parallel_decode", mutates_args=())
 def context_parallel_decode_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: list[int], window: list[int], scale: float, site: str
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: list[int], window: list[int], scale: float, site: str,
+    selection: str,
+) -> torch.Tensor:  # fmt: skip
     """One decode step after a context-parallel prefill. Every rank's cache holds its prefill chunk
     and then the decoded tokens (each rank appends the same ones: only the last rank's count). Each
     rank attends over its keys under the heads' local rules, and the partial results are merged by
-    their log-sum-exp across the ranks (flash-decoding's combine)."""
+    their log-sum-exp across the ranks (flash-decoding's combine). ``selection`` (JSON, or empty):
+    a Double Sparsity rule, its top keys chosen over the whole sequence (``spread_selection``)."""
     chunk = prefill_chunks.get(site)
     if chunk is None or k.shape[2] <= chunk.size:
         raise RuntimeError(f"context parallel decoding of {site}: no context-parallel prefill on this rank came first")
-    out, lse = partial_decode_attention(q, k, v, chunk, sink, window, scale)
+    chosen = spread_selection(q, k, chunk, **json.loads(selection)) if selection else None
+    out, lse = partial_decode_attention(q, k, v, chunk, sink, window, scale, chosen)
     outs = [torch.empty_like(out) for _ in range(chunk.world)]
     lses = [torch.empty_like(lse) for _ in range(chunk.world)]
     dist.all_gather(outs, out)
@@ -115,8 +118,35 @@ def context_parallel_decode_op(
 
 
 @context_parallel_decode_op.register_fake
-def _context_parallel_decode_fake(q, k, v, sink, window, scale, site):
+def _context_parallel_decode_fake(q, k, v, sink, window, scale, site, selection):
     return q.new_empty(q.shape)
+
+
+def spread_selection(q, k, chunk: ContextChunk, *, channels, ratio: float, count: int, heads: str) -> torch.Tensor:
+    """(B, Hq, Nk) bool: which of this rank's keys a Double Sparsity step keeps, the top keys by
+    label score of the whole sequence's (budget ``count``, else ``ratio`` of its keys, as on one
+    process): each rank scores its own keys on the calibrated ``channels`` (one list per KV head),
+    every rank's best ``budget`` scores are gathered, and a key is kept if it scores at least the
+    budget-th best of them (ties at that score all kept)."""
+    from sparsecomp.kernels.decode.selection import key_labels, label_scores_reference, query_channels
+    from sparsecomp.patterns.selection import budget, selection_heads
+
+    b, hq, nq, _ = q.shape
+    n_keys = k.shape[2]
+    _, counts = decode_key_positions(chunk, n_keys, q.device)
+    index = torch.tensor(channels, dtype=torch.int64, device=q.device)
+    n_sel = selection_heads(heads, hq, k.shape[1])
+    q_last = torch.full((b,), n_keys - 1, dtype=torch.int32, device=q.device)  # the step sees every key it holds
+    scores = label_scores_reference(query_channels(q, index), key_labels(k, index), q_last,
+                                    counts[None].expand(b, -1), n_sel)  # fmt: skip
+    total = budget(count, ratio, chunk.length + n_keys - chunk.size)  # the whole sequence's keys
+    best = torch.topk(scores, min(total, n_keys), dim=-1).values
+    best = torch.nn.functional.pad(best, (0, total - best.shape[-1]), value=float("-inf"))
+    gathered = [torch.empty_like(best) for _ in range(chunk.world)]
+    dist.all_gather(gathered, best.contiguous())
+    threshold = torch.topk(torch.cat(gathered, -1), total, dim=-1).values[..., -1:]
+    kept = (scores >= threshold) & (scores > float("-inf"))  # (B, Hs, Nk)
+    return kept.repeat_interleave(hq // n_sel, dim=1)
 
 
 def decode_key_positions(chunk: ContextChunk, n_keys: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,9 +158,11 @@ def decode_key_positions(chunk: ContextChunk, n_keys: int, device) -> tuple[torc
     return positions, ~decoded | (chunk.rank == chunk.world - 1)
 
 
-def partial_decode_attention(q, k, v, chunk: ContextChunk, sink: list[int], window: list[int], scale: float):
+def partial_decode_attention(q, k, v, chunk: ContextChunk, sink: list[int], window: list[int], scale: float,
+                             chosen: torch.Tensor | None = None):  # fmt: skip
     """(out (B, Hq, Nq, D) fp32, log-sum-exp (B, Hq, Nq) fp32) of the query rows over this rank's
-    keys; a rank with no key counting gives lse = -inf (weight 0 in the merge)."""
+    keys (those of ``chosen``, (B, Hq, Nk) bool, where given); a rank with no key counting gives
+    lse = -inf (weight 0 in the merge)."""
     k_pos, counts = decode_key_positions(chunk, k.shape[2], q.device)
     q_pos = chunk.length + k.shape[2] - chunk.size - q.shape[2] + torch.arange(q.shape[2], device=q.device)
     group = q.shape[1] // k.shape[1]
@@ -140,6 +172,8 @@ def partial_decode_attention(q, k, v, chunk: ContextChunk, sink: list[int], wind
     head_window = torch.tensor(window, device=q.device)[:, None, None]
     distance = q_pos[:, None] - k_pos[None, :]  # (Nq, Nk)
     keep = counts & (distance >= 0) & ((head_window <= 0) | (distance < head_window) | (k_pos < head_sink))
+    if chosen is not None:
+        keep = keep & chosen[:, :, None, :]
     scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(torch.float32).min))  # 0 where no key counts
