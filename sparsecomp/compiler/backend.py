@@ -252,27 +252,31 @@ def _rewrite_context_parallel_decode(
 ) -> None:  # fmt: skip
     """A decode step after a context-parallel prefill: every rank attends over its own chunk (and
     the last rank over the decoded tokens too), the partial results merged across the ranks; a
-    Double Sparsity rule (the same on every head) chooses its keys over the whole sequence."""
+    Double Sparsity or Quest rule (the same on every head) chooses its keys over the whole sequence."""
     s = site.structure
     selecting = {r for r in rules if PATTERNS[r.kind].selects}
-    spread = len(selecting) == 1 and len(set(rules)) == 1 and next(iter(selecting)).kind == "double_sparsity"
+    spread = len(selecting) == 1 and len(set(rules)) == 1 and rules[0].kind in ("double_sparsity", "quest")
     unsupported = sorted({r.kind for r in rules if r.adaptive or (PATTERNS[r.kind].selects and not spread)
                           or PATTERNS[r.kind].length_dependent})  # fmt: skip
     if unsupported or s.key_ok is not None or str(site.shape["q_len"]) != "1" or site.softcap or s.window:
         why = f"rules {unsupported}" if unsupported else f"its structure ({s.describe()})"
         raise ValueError(
-            f"context parallel decoding takes one token per step, no padding, and dense, streaming or Double "
-            f"Sparsity rules (one for all heads); {site.name} has {why}: join the chunks on one rank with "
-            "sparsecomp.parallel.gather_cache and decode there with a model compiled without context_parallel"
+            f"context parallel decoding takes one token per step, no padding, and dense, streaming, Double "
+            f"Sparsity or Quest rules (a selection rule: one for all heads); {site.name} has {why}: join the "
+            "chunks on one rank with sparsecomp.parallel.gather_cache and decode there with a model compiled "
+            "without context_parallel"
         )
     from ..parallel import compiled  # noqa: F401  (registers the op)
 
-    selection = ""
+    selection, rules_kind = "", rules[0].kind
     if spread:
         rule = rules[0]
-        channels = site_channels(plan, site, rule)
-        selection = json.dumps({"channels": [list(c) for c in channels], "ratio": rule.ratio, "count": rule.k,
-                                "heads": rule.heads})  # fmt: skip
+        spec = {"kind": rule.kind, "heads": rule.heads, "ratio": rule.ratio}
+        if rule.kind == "double_sparsity":
+            spec.update(count=rule.k, channels=[list(c) for c in site_channels(plan, site, rule)])
+        else:
+            spec.update(count=rule.pages, page=rule.page)
+        selection = json.dumps(spec)
         rules = [Rule()] * len(rules)  # every key its selection keeps
     sink, window = zip(*(r.head_params(None) for r in rules), strict=True)
     args = (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), site.name, selection)
@@ -280,9 +284,7 @@ def _rewrite_context_parallel_decode(
     counters["context_parallel"] += 1
     row.became = "context_parallel"
     row.reason = "decode step: partial attention over this rank's chunk, merged across the ranks" + (
-        "; Double Sparsity's keys chosen over the whole sequence (each rank's best label scores gathered)"
-        if spread
-        else ""
+        f"; {rules_kind}'s keys chosen over the whole sequence (each rank's best scores gathered)" if spread else ""
     )
 
 

@@ -104,7 +104,7 @@ def context_parallel_decode_op(
     and then the decoded tokens (each rank appends the same ones: only the last rank's count). Each
     rank attends over its keys under the heads' local rules, and the partial results are merged by
     their log-sum-exp across the ranks (flash-decoding's combine). ``selection`` (JSON, or empty):
-    a Double Sparsity rule, its top keys chosen over the whole sequence (``spread_selection``)."""
+    a Double Sparsity or Quest rule, its keys chosen over the whole sequence (``spread_selection``)."""
     chunk = prefill_chunks.get(site)
     if chunk is None or k.shape[2] <= chunk.size:
         raise RuntimeError(f"context parallel decoding of {site}: no context-parallel prefill on this rank came first")
@@ -122,31 +122,56 @@ def _context_parallel_decode_fake(q, k, v, sink, window, scale, site, selection)
     return q.new_empty(q.shape)
 
 
-def spread_selection(q, k, chunk: ContextChunk, *, channels, ratio: float, count: int, heads: str) -> torch.Tensor:
-    """(B, Hq, Nk) bool: which of this rank's keys a Double Sparsity step keeps, the top keys by
-    label score of the whole sequence's (budget ``count``, else ``ratio`` of its keys, as on one
-    process): each rank scores its own keys on the calibrated ``channels`` (one list per KV head),
-    every rank's best ``budget`` scores are gathered, and a key is kept if it scores at least the
-    budget-th best of them (ties at that score all kept)."""
-    from sparsecomp.kernels.decode.selection import key_labels, label_scores_reference, query_channels
+def spread_selection(q, k, chunk: ContextChunk, *, kind: str, heads: str, ratio: float, count: int,
+                     channels=None, page: int = 0) -> torch.Tensor:  # fmt: skip
+    """(B, Hq, Nk) bool: which of this rank's keys a selection step keeps, the top of the whole
+    sequence's keys (Double Sparsity: by label score on the calibrated ``channels``, one list per
+    KV head) or pages of ``page`` keys (Quest: by their bound from the page's min and max of K),
+    budget ``count``, else ``ratio`` of them, as on one process. Each rank scores its own keys or
+    pages (a chunk holds whole pages), every rank's best ``budget`` scores are gathered, and a rank
+    keeps what scores at least the budget-th best of them (ties at that score all kept)."""
+    from sparsecomp.kernels.decode.selection import (
+        key_labels,
+        label_scores_reference,
+        page_bounds_reference,
+        page_min_max,
+        query_channels,
+    )
     from sparsecomp.patterns.selection import budget, selection_heads
 
-    b, hq, nq, _ = q.shape
+    b, hq = q.shape[:2]
     n_keys = k.shape[2]
-    _, counts = decode_key_positions(chunk, n_keys, q.device)
-    index = torch.tensor(channels, dtype=torch.int64, device=q.device)
+    n_total = chunk.length + n_keys - chunk.size  # the whole sequence's keys
+    counts = decode_key_positions(chunk, n_keys, q.device)[1][None].expand(b, -1)
     n_sel = selection_heads(heads, hq, k.shape[1])
     q_last = torch.full((b,), n_keys - 1, dtype=torch.int32, device=q.device)  # the step sees every key it holds
-    scores = label_scores_reference(query_channels(q, index), key_labels(k, index), q_last,
-                                    counts[None].expand(b, -1), n_sel)  # fmt: skip
-    total = budget(count, ratio, chunk.length + n_keys - chunk.size)  # the whole sequence's keys
-    best = torch.topk(scores, min(total, n_keys), dim=-1).values
+    if kind == "double_sparsity":
+        index = torch.tensor(channels, dtype=torch.int64, device=q.device)
+        scores = label_scores_reference(query_channels(q, index), key_labels(k, index), q_last, counts, n_sel)
+        total = budget(count, ratio, n_total)
+    else:  # quest
+        if chunk.size % page:
+            raise ValueError(f"context parallel Quest needs chunks of whole pages: {chunk.size} keys, pages of {page}")
+        pad = -n_keys % page
+        ok = torch.nn.functional.pad(counts, (0, pad), value=False)
+        kmin, kmax, page_ok = page_min_max(torch.nn.functional.pad(k, (0, 0, 0, pad)), ok, page)
+        scores = page_bounds_reference(q, kmin, kmax, q_last, page_ok, page, n_sel)
+        total = budget(count, ratio, -(-n_total // page))
+    kept = _at_least_the_best_over_ranks(scores, total, chunk)  # (B, Hs, keys or pages)
+    if kind == "quest":
+        kept = kept.repeat_interleave(page, dim=-1)[..., :n_keys]
+    return kept.repeat_interleave(hq // n_sel, dim=1)
+
+
+def _at_least_the_best_over_ranks(scores: torch.Tensor, total: int, chunk: ContextChunk) -> torch.Tensor:
+    """Which of this rank's ``scores`` (..., n) are at least the ``total``-th best of every rank's
+    (and finite): the ranks' best ``total`` each, gathered, give the threshold."""
+    best = torch.topk(scores, min(total, scores.shape[-1]), dim=-1).values
     best = torch.nn.functional.pad(best, (0, total - best.shape[-1]), value=float("-inf"))
     gathered = [torch.empty_like(best) for _ in range(chunk.world)]
     dist.all_gather(gathered, best.contiguous())
     threshold = torch.topk(torch.cat(gathered, -1), total, dim=-1).values[..., -1:]
-    kept = (scores >= threshold) & (scores > float("-inf"))  # (B, Hs, Nk)
-    return kept.repeat_interleave(hq // n_sel, dim=1)
+    return (scores >= threshold) & (scores > float("-inf"))
 
 
 def decode_key_positions(chunk: ContextChunk, n_keys: int, device) -> tuple[torch.Tensor, torch.Tensor]:

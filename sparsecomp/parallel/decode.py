@@ -4,8 +4,8 @@ Every rank keeps its own chunk's K/V (no rank holds the whole sequence); each de
 every rank with the same token, each decode site attending over the rank's chunk (and, on the last
 rank, over the decoded tokens) and merging the partial results across the ranks
 (``sparsecomp::context_parallel_decode``). The logits, and so the greedy tokens, are the same on
-every rank. Dense, streaming and Double Sparsity decode rules (its keys chosen over the whole
-sequence). Greedy by default; ``pick`` (a sampler) runs on rank 0
+every rank. Dense, streaming, Double Sparsity and Quest decode rules (their keys chosen over the
+whole sequence). Greedy by default; ``pick`` (a sampler) runs on rank 0
 only and its tokens are broadcast, so every rank feeds the same one.
 """
 
