@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
 import operator
 from dataclasses import dataclass, field
 
@@ -206,6 +205,7 @@ def rewrite_graph(
 
 
 CONTEXT_PARALLEL_BLOCK = 64  # keys per block moved between ranks (a chunk is whole blocks)
+SPREAD_SELECTIONS = ("double_sparsity", "quest")  # decode rules whose choice spreads over the ranks
 
 
 def _adaptive_block(options: BackendOptions) -> int:
@@ -254,8 +254,7 @@ def _rewrite_context_parallel_decode(
     the last rank over the decoded tokens too), the partial results merged across the ranks; a
     Double Sparsity or Quest rule (the same on every head) chooses its keys over the whole sequence."""
     s = site.structure
-    selecting = {r for r in rules if PATTERNS[r.kind].selects}
-    spread = len(selecting) == 1 and len(set(rules)) == 1 and rules[0].kind in ("double_sparsity", "quest")
+    spread = len(set(rules)) == 1 and rules[0].kind in SPREAD_SELECTIONS  # one selection rule for every head
     unsupported = sorted({r.kind for r in rules if r.adaptive or (PATTERNS[r.kind].selects and not spread)
                           or PATTERNS[r.kind].length_dependent})  # fmt: skip
     if unsupported or s.key_ok is not None or str(site.shape["q_len"]) != "1" or site.softcap or s.window:
@@ -266,17 +265,11 @@ def _rewrite_context_parallel_decode(
             "chunks on one rank with sparsecomp.parallel.gather_cache and decode there with a model compiled "
             "without context_parallel"
         )
-    from ..parallel import compiled  # noqa: F401  (registers the op)
+    from ..parallel.compiled import spread_selection_spec
 
     selection, rules_kind = "", rules[0].kind
     if spread:
-        rule = rules[0]
-        spec = {"kind": rule.kind, "heads": rule.heads, "ratio": rule.ratio}
-        if rule.kind == "double_sparsity":
-            spec.update(count=rule.k, channels=[list(c) for c in site_channels(plan, site, rule)])
-        else:
-            spec.update(count=rule.pages, page=rule.page)
-        selection = json.dumps(spec)
+        selection = spread_selection_spec(rules[0], site_channels(plan, site, rules[0]))
         rules = [Rule()] * len(rules)  # every key its selection keeps
     sink, window = zip(*(r.head_params(None) for r in rules), strict=True)
     args = (site.q, site.k, site.v, list(sink), list(window), float(default_scale(site)), site.name, selection)

@@ -163,6 +163,16 @@ def spread_selection(q, k, chunk: ContextChunk, *, kind: str, heads: str, ratio:
     return kept.repeat_interleave(hq // n_sel, dim=1)
 
 
+def spread_selection_spec(rule, channels) -> str:
+    """A Double Sparsity or Quest rule as ``context_parallel_decode``'s ``selection`` (JSON)."""
+    spec = {"kind": rule.kind, "heads": rule.heads, "ratio": rule.ratio}
+    if rule.kind == "double_sparsity":
+        spec.update(count=rule.k, channels=[list(c) for c in channels])
+    else:
+        spec.update(count=rule.pages, page=rule.page)
+    return json.dumps(spec)
+
+
 def _at_least_the_best_over_ranks(scores: torch.Tensor, total: int, chunk: ContextChunk) -> torch.Tensor:
     """Which of this rank's ``scores`` (..., n) are at least the ``total``-th best of every rank's
     (and finite): the ranks' best ``total`` each, gathered, give the threshold."""
