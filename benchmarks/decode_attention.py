@@ -118,8 +118,6 @@ def measure(b: int, n: int, flex) -> dict:
             row["ds16_scores_ms"] = median_ms(lambda qc=qc: label_scores(qc, labels, q_last, None, HKV))
             scores = label_scores(qc, labels, q_last, None, HKV)
             row["ds16_topk_ms"] = median_ms(lambda sc=scores, s=s: top_tokens(sc, s))
-            # the selection it replaced, for the record (same scores, same budget)
-            row["ds16_torch_topk_ms"] = median_ms(lambda sc=scores, s=s: torch.topk(sc, s, dim=-1, sorted=False))
             ref = sparse_decode_reference(q, k, v, tokens, q_last, None, SCALE)
             out = sparse_decode(q, k, v, tokens, q_last, None, SCALE, 0.0)
             row["ds16_max_abs_err_vs_fp32_ref"] = (out.float() - ref.float()).abs().max().item()
@@ -148,7 +146,6 @@ COLUMNS = [
     ("ds16_ms", "DS 1/16 ms", ".4f"),
     ("ds16_scores_ms", "of which label scores ms", ".4f"),
     ("ds16_topk_ms", "of which top-k ms", ".4f"),
-    ("ds16_torch_topk_ms", "torch.topk instead ms", ".4f"),
     ("ds16_attention_ms", "of which attention ms", ".4f"),
     ("ds16_vs_dense", "DS 1/16 x", ".2f"),
     ("ds16_bound_vs_dense", "bytes limit x", ".2f"),
