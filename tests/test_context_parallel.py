@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sparsecomp.kernels import KernelOptions
-from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, vertical_slash_index
+from sparsecomp.kernels.prefill.adaptive_index import block_topk_index, sample_index, vertical_slash_index
 from sparsecomp.kernels.prefill.block_index import build_block_index
 from sparsecomp.kernels.prefill.block_sparse_attention import sparse_attention_call
 from sparsecomp.parallel import (
@@ -17,6 +17,7 @@ from sparsecomp.parallel import (
     block_topk_index_for_chunk,
     context_parallel_attention,
     index_for_chunk,
+    sample_index_for_chunk,
     vertical_slash_index_for_chunk,
 )
 from sparsecomp.plan import Plan, Rule
@@ -37,6 +38,8 @@ def _global_index(kind, q, k, pos, sink, window):
         return build_block_index(pos, pos, None, sink, window, max_blocks=None, **common)
     if kind == "block_topk":
         return block_topk_index(q, k, pos, pos, None, 2, coverage=0.0, pool="mean", scale=SCALE, **common)
+    if kind == "sample":
+        return sample_index(q, k, pos, pos, None, 0.8, window_ratio=0.1, sample_ratio=0.05, scale=SCALE, **common)
     return vertical_slash_index(q, k, pos, pos, None, 24, 40, last_q=64, sink=16, local=32, scale=SCALE, **common)
 
 
@@ -82,7 +85,7 @@ def _worker(rank, world, init_file):
         pos = torch.arange(N)[None]
         chunk = ContextChunk(N, rank, world, BLOCK)
         rows = slice(chunk.start, chunk.stop)
-        for kind in ("streaming", "block_topk", "vertical_slash"):
+        for kind in ("streaming", "block_topk", "vertical_slash", "sample"):
             sink = torch.full((HQ,), 64 if kind == "streaming" else 0, dtype=torch.int32)
             window = torch.full((HQ,), 96 if kind == "streaming" else 0, dtype=torch.int32)
             whole = _global_index(kind, q, k, pos, sink, window)
@@ -96,6 +99,11 @@ def _worker(rank, world, init_file):
                     coverage=0.0, pool="mean", scale=SCALE, block_m=BLOCK, block_n=BLOCK)  # fmt: skip
                 assert pooled_bytes == (world - 1) * B * HKV * (chunk.size // BLOCK) * D * 4
                 _assert_same_lists(index, index_for_chunk(whole, chunk))
+            elif kind == "sample":  # from the sampled rows, summed over the ranks, and every rank's column mass
+                index, _ = sample_index_for_chunk(q[:, :, rows], k[:, :, rows], chunk, 0.8, window_ratio=0.1,
+                    sample_ratio=0.05, scale=SCALE, block_m=BLOCK, block_n=BLOCK)  # fmt: skip
+                _assert_same_lists(index, index_for_chunk(whole, chunk))
+                _assert_same_columns(index, index_for_chunk(whole, chunk))
             else:  # from the last rank's last queries and every rank's scores of its own keys
                 index, _ = vertical_slash_index_for_chunk(q[:, :, rows], k[:, :, rows], chunk, 24, 40, last_q=64,
                     sink=16, local=32, scale=SCALE, block_m=BLOCK, block_n=BLOCK)  # fmt: skip
@@ -162,6 +170,7 @@ PLANS = {
     "streaming": "streaming:sink=16,window=96",
     "block_topk": "block_topk:k=1",
     "vertical_slash": _VS,
+    "sample": "sample:alpha=0.8,window_ratio=0.1,sample_ratio=0.05",
     # per KV group: two adaptive kinds beside static rules in one site
     "mixed": Plan(sites={
         "model.layers.0.self_attn": [Rule("block_topk", k=1, pool="minmax"), Rule.parse("streaming:sink=16,window=96"),

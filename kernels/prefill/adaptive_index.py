@@ -213,23 +213,31 @@ def _ceil_ratio(ratio: float, n) -> int:
     return -(-n * frac.numerator // frac.denominator)
 
 
-def sample_index(
-    q, k, q_pos, k_pos, key_ok, alpha, *, window_ratio: float, sample_ratio: float, scale: float,
-    causal: bool, window: int, block_m: int, block_n: int,
-) -> SparseIndex:  # fmt: skip
-    """SampleAttention's pattern (see the module notes); ``alpha`` per query head."""
-    _check_blocks(block_m, block_n, "sample")
-    b, hq, n_q, _ = q.shape
-    n_k, dev = k.shape[2], q.device
-    alphas = _head_limits(per_head_values(alpha, hq), dev, trailing=1)
+def sampled_rows(n_q, sample_ratio: float, device) -> torch.Tensor:
+    """SampleAttention's query rows: ``ceil(sample_ratio * Nq)`` of them, evenly spaced, the last
+    row included."""
     if not 0 < sample_ratio <= 1:
         raise ValueError(f"sample_ratio={sample_ratio}: needs 0 < sample_ratio <= 1")
     # Plain integer sizes and arithmetic (no linspace, min or max of the length): under dynamic
     # shapes Dynamo would specialise on them or Inductor's GPU codegen fail (torch 2.11).
     n_rows = _ceil_ratio(sample_ratio, n_q)  # in [1, Nq]
-    back = torch.arange(n_rows, device=dev).flip(0)
-    rows = n_q - 1 - back * n_q // n_rows
-    score = column_mass(q[:, :, rows], k, q_pos[:, rows], k_pos, key_ok, scale, causal, window)
+    back = torch.arange(n_rows, device=device).flip(0)
+    return n_q - 1 - back * n_q // n_rows
+
+
+def sample_index(
+    q, k, q_pos, k_pos, key_ok, alpha, *, window_ratio: float, sample_ratio: float, scale: float,
+    causal: bool, window: int, block_m: int, block_n: int, score: torch.Tensor | None = None,
+) -> SparseIndex:  # fmt: skip
+    """SampleAttention's pattern (see the module notes); ``alpha`` per query head. ``score``: the
+    sampled rows' column mass (B, Hq, Nk) if already computed (a context-parallel rank gathers it)."""
+    _check_blocks(block_m, block_n, "sample")
+    b, hq, n_q, _ = q.shape
+    n_k, dev = k.shape[2], q.device
+    alphas = _head_limits(per_head_values(alpha, hq), dev, trailing=1)
+    if score is None:
+        rows = sampled_rows(n_q, sample_ratio, dev)
+        score = column_mass(q[:, :, rows], k, q_pos[:, rows], k_pos, key_ok, scale, causal, window)
     # Fewest top columns reaching alpha of the total: sort descending, keep while the mass before
     # a column is still short of alpha.
     ordered, order = score.sort(-1, descending=True)

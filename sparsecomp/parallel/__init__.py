@@ -6,6 +6,7 @@ from .context_parallel import (
     context_parallel_attention,
     index_for_chunk,
     listed_key_blocks,
+    sample_index_for_chunk,
     vertical_slash_index_for_chunk,
 )
 from .decode import generate_context_parallel
@@ -20,5 +21,6 @@ __all__ = [
     "generate_context_parallel",
     "index_for_chunk",
     "listed_key_blocks",
+    "sample_index_for_chunk",
     "vertical_slash_index_for_chunk",
 ]

@@ -1,8 +1,9 @@
 """Context parallel inside ``sparsecomp.compile(..., context_parallel=True)``: every rank runs the
 model on its chunk of the sequence (its ``input_ids`` rows, ``position_ids`` their global
 positions), and each prefill site whose mask is proven plain causal becomes this op: the rank's
-block index (static rules built alone from positions; adaptive ones, block top-k and
-vertical-slash, by their per-rank builders, which exchange pooled keys or scores), the K/V blocks
+block index (static rules built alone from positions; adaptive ones, block top-k,
+vertical-slash and SampleAttention, by their per-rank builders, which exchange pooled keys,
+sampled queries or scores), the K/V blocks
 it lists received from their ranks, the block-sparse kernel on them. The default process group;
 the sequence splits in equal chunks of whole blocks, rank order = sequence order."""
 
@@ -21,6 +22,7 @@ from .context_parallel import (
     ContextChunk,
     block_topk_index_for_chunk,
     context_parallel_attention,
+    sample_index_for_chunk,
     vertical_slash_index_for_chunk,
 )
 
@@ -32,6 +34,7 @@ CHUNK_BUILDERS = {
     "vertical_slash": lambda q, k, chunk, n_vertical, n_slash, **kwargs: vertical_slash_index_for_chunk(
         q, k, chunk, n_vertical, n_slash, **kwargs
     ),
+    "sample": lambda q, k, chunk, alpha, **kwargs: sample_index_for_chunk(q, k, chunk, alpha, **kwargs),
 }
 
 # K/V bytes each site (by name) received on this rank at its last call, for reports and tests.

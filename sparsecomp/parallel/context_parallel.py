@@ -7,7 +7,9 @@ The rank's index is the global index's rows for its query blocks, with global ke
 static pattern builds it alone: ``build_block_index`` on its own query positions and the global key
 positions; block top-k from every rank's pooled key blocks, one all-gather of 1/block_n of K:
 ``block_topk_index_for_chunk``; vertical-slash from the sequence's last queries, broadcast by the
-last rank, each rank scoring its own keys: ``vertical_slash_index_for_chunk``). The received
+last rank, each rank scoring its own keys: ``vertical_slash_index_for_chunk``; SampleAttention
+from the sampled rows, summed over the ranks, each rank scoring its own keys' column mass:
+``sample_index_for_chunk``). The received
 blocks and the rank's own are laid side by side in ascending order with their global positions,
 the index is renumbered onto them, and the block-sparse op runs on that compacted K/V: every
 structure rule (causal, sinks, windows) reads positions, so nothing changes.
@@ -25,6 +27,8 @@ from sparsecomp.kernels.prefill.adaptive_index import (
     keep_top,
     per_head_values,
     pooled_keys,
+    sample_index,
+    sampled_rows,
     vertical_slash_lists,
 )
 from sparsecomp.kernels.prefill.block_index import SparseIndex
@@ -270,3 +274,61 @@ def vertical_slash_index_for_chunk(
     scores = b * hq * 4 * ((chunk.world - 1) * chunk.size + chunk.length)  # the gather and the all-reduce
     received = (q_rows.numel() * q_rows.element_size() if chunk.rank != last else 0) + scores
     return index, received
+
+
+_SCORE_ELEMENTS = 1 << 26  # float32 logits a chunk of sampled rows holds at once (256 MiB)
+
+
+def _column_mass_of_chunk(q_rows, row_pos, k, chunk: ContextChunk, scale: float, group) -> torch.Tensor:
+    """(B, Hq, chunk keys) float32: each of this rank's keys' share of the softmax of every row of
+    ``q_rows`` (B, Hq, R, D; global positions ``row_pos`` (R,)) over the whole sequence's keys it
+    sees (causal), summed over the rows: SampleAttention's column mass. Row max and sum over all
+    ranks by two all-reduces; in chunks of rows (three passes over their logits)."""
+    b, hq, r, d = q_rows.shape
+    hkv, size = k.shape[1], k.shape[2]
+    k_pos = torch.arange(chunk.start, chunk.stop, device=k.device)
+    step = max(1, _SCORE_ELEMENTS // max(1, b * hq * size))
+    parts = [slice(i, min(r, i + step)) for i in range(0, r, step)]
+    kf = k.float().transpose(-1, -2)
+
+    def logits(part):
+        rows = q_rows[:, :, part].float()
+        n = rows.shape[2]
+        s = (rows.reshape(b, hkv, (hq // hkv) * n, d) @ kf).view(b, hq, n, size) * scale
+        return s.masked_fill(k_pos[None, None, None, :] > row_pos[part][None, None, :, None], float("-inf"))
+
+    row_max = torch.cat([logits(p).amax(-1) for p in parts], -1)  # (B, Hq, R)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)  # every row sees key 0: finite
+    total = torch.cat([torch.exp(logits(p) - row_max[:, :, p, None]).sum(-1) for p in parts], -1)
+    dist.all_reduce(total, group=group)
+    mass = torch.zeros(b, hq, size, dtype=torch.float32, device=k.device)
+    for p in parts:
+        mass += (torch.exp(logits(p) - row_max[:, :, p, None]) / total[:, :, p, None]).sum(2)
+    return mass
+
+
+def sample_index_for_chunk(
+    q, k, chunk: ContextChunk, alpha, *, window_ratio: float, sample_ratio: float, scale: float, block_m: int,
+    block_n: int, group=None,
+) -> tuple[SparseIndex, int]:  # fmt: skip
+    """This rank's rows of the causal SampleAttention index of the whole sequence (as
+    ``sample_index`` builds it on one process), and the bytes it received: the sampled query rows
+    (each rank fills in its own, summed over the ranks) and every rank's column mass of its own
+    keys (float32 per query head and key)."""
+    b, hq, _, d = q.shape
+    rows = sampled_rows(chunk.length, sample_ratio, q.device)
+    mine = (rows >= chunk.start) & (rows < chunk.stop)
+    q_rows = torch.zeros(b, hq, rows.numel(), d, dtype=torch.float32, device=q.device)  # exact: one term each
+    q_rows[:, :, mine] = q[:, :, rows[mine] - chunk.start].float()
+    dist.all_reduce(q_rows, group=group)
+    mass = _column_mass_of_chunk(q_rows.to(q.dtype), rows, k, chunk, scale, group)
+    columns = [torch.empty_like(mass) for _ in range(chunk.world)]
+    dist.all_gather(columns, mass.contiguous(), group=group)
+    pos = torch.arange(chunk.length, device=q.device)[None]
+    whole = sample_index(
+        q[:, :, :1].expand(b, hq, chunk.length, d), k[:, :, :1].expand(b, k.shape[1], chunk.length, d), pos, pos,
+        None, alpha, window_ratio=window_ratio, sample_ratio=sample_ratio, scale=scale, causal=True, window=0,
+        block_m=block_m, block_n=block_n, score=torch.cat(columns, -1),
+    )  # fmt: skip
+    received = int((~mine).sum()) * b * hq * d * q.element_size() + b * hq * 4 * (chunk.length - chunk.size)
+    return index_for_chunk(whole, chunk), received
