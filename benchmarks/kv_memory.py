@@ -13,6 +13,10 @@ allocator's growth), the host bytes, and the median time per decode step. Paths:
 - ``ring RULE``: eviction, sparsecomp with a streaming rule on a ``sparsecomp.StreamingKVCache``
   (each layer keeps only the rule's sink and window keys, in a ring); ``gpu RULE`` of the same
   rule keeps the whole cache and reads the same keys.
+- ``halfring RULE``: eviction for half the model, a plan with half its heads streaming (by layer:
+  the even layers decode with the streaming RULE and keep only its keys, in a ring; the odd ones
+  decode dense over a full static cache; ``StreamingKVCache(layers=...)`` with transformers' SDPA
+  cutting the shared mask per layer, ``"sparsecomp_sdpa"``).
 - ``WHERE+stepgraphs RULE`` (any compiled path): each decode step replayed as one CUDA graph
   (``sparsecomp.compile(..., cuda_graphs=True)``; around torch.compile for the dense row).
 - ``hf-offload eager``: transformers' own offloading static cache (``StaticCache(offloading=True)``:
@@ -49,12 +53,13 @@ from sparsecomp.demo import SHAPES, build_model  # noqa: E402
 from sparsecomp.plan import Plan, Rule  # noqa: E402
 from sparsecomp.runtime.kv_memory import kv_memory  # noqa: E402
 from sparsecomp.runtime.step_graphs import DecodeStepGraphs  # noqa: E402
+from sparsecomp.runtime.streaming_cache import SLICING_ATTENTION  # noqa: E402
 
 GIB = 2**30
 DS = "double_sparsity:channels=16,ratio=0.0625"
 STREAMING = "streaming:sink=64,window=1024"
 PATHS = ["gpu eager", "gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dense", "hf-offload eager",
-         f"gpu {STREAMING}", f"ring {STREAMING}"]  # fmt: skip
+         f"gpu {STREAMING}", f"ring {STREAMING}", f"halfring {STREAMING}"]  # fmt: skip
 
 
 def path_parts(path: str) -> tuple[str, str, bool]:
@@ -72,22 +77,33 @@ def make_cache(path: str, model, length: int, batch: int):
     allocate = dict(batch_size=batch, dtype=torch.bfloat16, device="cuda")
     if where == "host":
         return sparsecomp.HostKVCache(config=model.config, max_cache_len=length, **allocate)
-    if where == "ring":  # eviction: only the streaming rule's keys are kept
+    if where in ("ring", "halfring"):  # eviction: only the streaming rule's keys are kept
         kept = Rule.parse(rule)
         return sparsecomp.StreamingKVCache(
-            config=model.config, max_cache_len=length, sink=kept.sink, window=kept.window, **allocate
-        )
+            config=model.config, max_cache_len=length, sink=kept.sink, window=kept.window,
+            layers=streaming_layers(model) if where == "halfring" else None, **allocate,
+        )  # fmt: skip
     return StaticCache(config=model.config, max_cache_len=length, offloading=where == "hf-offload")
 
 
+def streaming_layers(model) -> list[int]:
+    """The layers a ``halfring`` path decodes with its streaming rule (the even ones)."""
+    return list(range(0, model.config.num_hidden_layers, 2))
+
+
 def runner(path: str, model):
-    _, rule, graphs = path_parts(path)
+    where, rule, graphs = path_parts(path)
     if rule == "eager":
         return model, None
     if rule == "torch.compile":
         compiled = torch.compile(model, fullgraph=True)
         return (DecodeStepGraphs(compiled) if graphs else compiled), None
-    plan = Plan(decode_default=Rule.parse(rule), channels=random_channels(model))
+    if where == "halfring":  # rings for some layers: the mask transformers shares is cut per layer
+        model.set_attn_implementation(SLICING_ATTENTION)
+        sites = {f"model.layers.{i}.self_attn": Rule.parse(rule) for i in streaming_layers(model)}
+        plan = Plan(decode_default=Rule(), decode_sites=sites)
+    else:
+        plan = Plan(decode_default=Rule.parse(rule), channels=random_channels(model))
     compiled = sparsecomp.compile(model, plan, dynamic=False, cuda_graphs=graphs)
     return compiled, compiled
 
