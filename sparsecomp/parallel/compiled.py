@@ -1,11 +1,11 @@
 """Context parallel inside ``sparsecomp.compile(..., context_parallel=True)``: every rank runs the
 model on its chunk of the sequence (its ``input_ids`` rows, ``position_ids`` their global
 positions), and each prefill site whose mask is proven plain causal becomes this op: the rank's
-block index (static rules built alone from positions; adaptive ones, block top-k,
-vertical-slash and SampleAttention, by their per-rank builders, which exchange pooled keys,
-sampled queries or scores), the K/V blocks
-it lists received from their ranks, the block-sparse kernel on them. The default process group;
-the sequence splits in equal chunks of whole blocks, rank order = sequence order."""
+block index (static rules built alone from positions; block top-k, vertical-slash and
+SampleAttention by their per-rank builders, which exchange pooled keys, sampled queries or
+scores), the K/V blocks it lists received from their ranks, the block-sparse kernel on them. The
+default process group; the sequence splits in equal chunks of whole blocks, rank order =
+sequence order. Decode steps after it: ``context_parallel_decode`` below."""
 
 from __future__ import annotations
 
