@@ -3,7 +3,6 @@ see their local heads, the plan's per-head rules and channels map to them by glo
 and the compiled sharded model gives the single-process compiled model's logits and generated
 tokens (Double Sparsity's decode steps too, each rank reading its KV heads' channels)."""
 
-import socket
 
 import pytest
 import torch
@@ -47,14 +46,14 @@ def _generated_logits(model, plan, ids):
     return out.sequences, torch.stack(out.logits)
 
 
-def _worker(rank, world, path, port, out, ds_plan_file):
+def _worker(rank, world, path, init_file, out, ds_plan_file):
     import os
 
     from transformers import AutoModelForCausalLM
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # what tp_plan reads
+    # a file store: no TCP port to race for
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32,
                                                      attn_implementation="sdpa").eval()  # fmt: skip
@@ -72,12 +71,6 @@ def _worker(rank, world, path, port, out, ds_plan_file):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_a_tensor_parallel_model_compiles_to_the_single_process_logits(world, tmp_path):
     model = _tiny(tmp_path / "model")
@@ -86,7 +79,7 @@ def test_a_tensor_parallel_model_compiles_to_the_single_process_logits(world, tm
     preset = "prefill=dense;decode=double_sparsity:channels=4,ratio=0.25"
     ds_plan = sparsecomp.calibrate_channels(model, calibration, preset)
     ds_plan.save(tmp_path / "ds_plan.json")  # Rules do not pickle into spawned processes
-    args = (world, str(tmp_path / "model"), _free_port(), str(tmp_path), str(tmp_path / "ds_plan.json"))
+    args = (world, str(tmp_path / "model"), str(tmp_path / "store"), str(tmp_path), str(tmp_path / "ds_plan.json"))
     mp.spawn(_worker, args=args, nprocs=world, join=True)
     dense, _ = _logits(model, "dense", ids)
     per_head, _ = _logits(model, PER_HEAD, ids)
