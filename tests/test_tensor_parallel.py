@@ -3,7 +3,6 @@ see their local heads, the plan's per-head rules and channels map to them by glo
 and the compiled sharded model gives the single-process compiled model's logits and generated
 tokens (Double Sparsity's decode steps too, each rank reading its KV heads' channels)."""
 
-
 import pytest
 import torch
 import torch.distributed as dist

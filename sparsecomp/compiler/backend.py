@@ -99,12 +99,14 @@ def _decide(site: AttentionSite, rules: list[Rule], options: BackendOptions, dec
     forced = options.kernel_options
     model, source, cache = decider.context(meta_val(site.q).device)
     if model is None:
-        if forced is None and options.plan.block and any(r.adaptive for r in rules):  # what they keep depends on it
-            name, config = next(iter(candidate_configs(rules, options.plan.block).items()), (None, None))
-            block = options.plan.block
-            return Decision(option=name or f"b{block}", options=config or KernelOptions(block_m=block, block_n=block),
-                            source=source)  # fmt: skip
-        return Decision(option="forced" if forced else DEFAULT_CONFIG, options=forced or KernelOptions(), source=source)
+        if forced:
+            return Decision(option="forced", options=forced, source=source)
+        # adaptive rules keep what they keep at their calibration block: only configs of that block
+        configs = candidate_configs(rules, options.plan.block)
+        name = DEFAULT_CONFIG if DEFAULT_CONFIG in configs else next(iter(configs), None)
+        block = _adaptive_block(options)
+        return Decision(option=name or f"b{block}", options=configs[name] if name else
+                        KernelOptions(block_m=block, block_n=block), source=source)  # fmt: skip
     w = site_workload(site)
     configs = {"forced": forced} if forced else candidate_configs(rules, options.plan.block)
     tuned = cache.get(shape_bucket(w, rules)) if cache is not None and not forced else None

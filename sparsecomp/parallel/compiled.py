@@ -26,15 +26,12 @@ from .context_parallel import (
     vertical_slash_index_for_chunk,
 )
 
-# The adaptive rule kinds a rank can build its index rows for (shared parameters as the builders name them).
+# The adaptive rule kinds a rank can build its index rows for: (q, k, chunk, *per-head values,
+# **shared parameters, scale=, block_m=, block_n=) -> (index, bytes received).
 CHUNK_BUILDERS = {
-    "block_topk": lambda q, k, chunk, top_k, coverage, pool, **common: block_topk_index_for_chunk(
-        q, k, chunk, top_k, coverage=coverage, pool=pool, **common
-    ),
-    "vertical_slash": lambda q, k, chunk, n_vertical, n_slash, **kwargs: vertical_slash_index_for_chunk(
-        q, k, chunk, n_vertical, n_slash, **kwargs
-    ),
-    "sample": lambda q, k, chunk, alpha, **kwargs: sample_index_for_chunk(q, k, chunk, alpha, **kwargs),
+    "block_topk": block_topk_index_for_chunk,
+    "vertical_slash": vertical_slash_index_for_chunk,
+    "sample": sample_index_for_chunk,
 }
 
 # K/V bytes each site (by name) received on this rank at its last call, for reports and tests.
@@ -56,8 +53,8 @@ def context_parallel_op(
     q_pos = torch.arange(chunk.start, chunk.stop, device=q.device)[None]
     k_pos = torch.arange(chunk.length, device=q.device)[None]
     pieces, heads, received_index = [], [], 0
+    common = dict(scale=scale, block_m=block, block_n=block)
     for group in json.loads(adaptive):
-        common = dict(scale=scale, block_m=block, block_n=block)
         index, received = CHUNK_BUILDERS[group["kind"]](q, k, chunk, *group["per_head"], **group["shared"], **common)
         pieces.append(index)
         heads.append(tuple(group["heads"]))
