@@ -23,6 +23,7 @@ from sparsecomp.kernels.decode.sparse_decode import (
     sparse_decode_reference,
     sparse_decode_triton,
 )
+from sparsecomp.kernels.decode.top_select import top_indices_reference, top_indices_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -137,6 +138,37 @@ def test_top_tokens_and_page_tokens():
     scores = torch.tensor([[[0.1, 5.0, -1.0, 3.0, float("-inf")]]])
     assert sorted(top_tokens(scores, 2)[0, 0].tolist()) == [1, 3]
     assert page_tokens(torch.tensor([[[2, 0]]]), 4).tolist() == [[[8, 9, 10, 11, 0, 1, 2, 3]]]
+
+
+@pytest.mark.parametrize(
+    "shape, n, chunk",
+    [((2, 3, 5000), 700, None), ((1, 1, 100), 1, None), ((1, 1, 4097), 4097, 1024), ((3, 2300), 2299, 512),
+     ((1, 2, 2048), 128, 2048)],
+)  # fmt: skip
+def test_radix_top_indices_match_a_stable_sort(shape, n, chunk):
+    """Fresh random scores with masked (-inf) keys: the radix selection lists the reference's keys,
+    in its order (those before the n-th best, then its ties, each by index), whatever the chunk."""
+    scores = torch.randn(shape, device=DEVICE)
+    scores[..., 3::7] = float("-inf")
+    got = top_indices_triton(scores, n, chunk)
+    assert torch.equal(got.cpu(), top_indices_reference(scores, n).cpu())
+    nth_best = torch.topk(scores, n, dim=-1).values[..., -1:]
+    assert (torch.gather(scores, -1, got.long()) >= nth_best).all()
+    assert (got.sort(-1).values.diff(dim=-1) > 0).all()  # each key once
+
+
+def test_radix_top_indices_break_ties_by_index_and_signed_zeros_tie():
+    """Few distinct values (every level's threshold bin is crowded), negatives and signed zeros."""
+    scores = torch.randint(-3, 3, (2, 3000), device=DEVICE).float() * 0.37
+    scores[0, :10] = -0.0
+    for n in (1, 1500, 2999):
+        assert torch.equal(top_indices_triton(scores, n).cpu(), top_indices_reference(scores, n).cpu())
+    zeros = torch.zeros(1, 3000, device=DEVICE)
+    zeros[0, 5] = -0.0
+    assert top_indices_triton(zeros, 10).tolist() == [list(range(10))]
+    assert top_indices_triton(zeros, 0).shape == (1, 0)
+    with pytest.raises(ValueError, match="0 <= n <= 3000"):
+        top_indices_triton(zeros, 3001)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs 17 GB of GPU memory")
