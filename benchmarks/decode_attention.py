@@ -6,9 +6,12 @@ For B=1 and B=8, 32 query / 8 KV heads, head_dim 128, bf16, at each KV length:
   ours: Double Sparsity at 1/8 and 1/16 of the keys (16 label channels per KV head; label scores,
   top-k and attention all inside the timing), the same with one selection per query head, and
   Quest at 1/16 (pages of 16 keys: page bounds, top-k pages, attention). Attention-only times
-  (selection prebuilt) split the cost. Medians of CUDA-graph replays (benchmarks/harness.py); every
-  ratio is against the best dense time of the same run. Channels are random here (speed does not
-  depend on which channels are read; accuracy is benchmarks/decode_accuracy.py's question).
+  (selection prebuilt) split the cost. Beside torch.topk (what ``top_tokens`` runs), our radix
+  selection (``kernels/decode/top_select.py``) on the same scores, alone and inside the Double
+  Sparsity and Quest steps, with a check that it picks the same keys. Medians of CUDA-graph
+  replays (benchmarks/harness.py); every ratio is against the best dense time of the same run.
+  Channels are random here (speed does not depend on which channels are read; accuracy is
+  benchmarks/decode_accuracy.py's question).
 
     python benchmarks/decode_attention.py --lengths 32768 131072 524288 --batches 1 8 --out DIR
 """
@@ -37,6 +40,7 @@ from sparsecomp.kernels.decode.selection import (  # noqa: E402
     top_tokens,
 )
 from sparsecomp.kernels.decode.sparse_decode import sparse_decode, sparse_decode_reference  # noqa: E402
+from sparsecomp.kernels.decode.top_select import top_indices_triton  # noqa: E402
 
 HQ, HKV, D, CHANNELS, PAGE = 32, 8, 128, 16, 16
 SCALE = D**-0.5
@@ -59,18 +63,18 @@ def dense_times(q, k, v) -> dict:
     return times
 
 
-def double_sparsity(q, k, v, labels, channels, q_last, n_tokens: int, n_sel: int):
+def double_sparsity(q, k, v, labels, channels, q_last, n_tokens: int, n_sel: int, top=top_tokens):
     def step():
         scores = label_scores(query_channels(q, channels), labels, q_last, None, n_sel)
-        return sparse_decode(q, k, v, top_tokens(scores, n_tokens), q_last, None, SCALE, 0.0)
+        return sparse_decode(q, k, v, top(scores, n_tokens), q_last, None, SCALE, 0.0)
 
     return step
 
 
-def quest(q, k, v, kmin, kmax, page_ok, q_last, n_pages: int):
+def quest(q, k, v, kmin, kmax, page_ok, q_last, n_pages: int, top=top_tokens):
     def step():
         bounds = page_bounds(q, kmin, kmax, q_last, page_ok, PAGE, HKV)
-        tokens = page_tokens(top_tokens(bounds, n_pages), PAGE)
+        tokens = page_tokens(top(bounds, n_pages), PAGE)
         return sparse_decode(q, k, v, tokens, q_last, None, SCALE, 0.0)
 
     return step
@@ -118,6 +122,13 @@ def measure(b: int, n: int, flex) -> dict:
             row["ds16_scores_ms"] = median_ms(lambda qc=qc: label_scores(qc, labels, q_last, None, HKV))
             scores = label_scores(qc, labels, q_last, None, HKV)
             row["ds16_topk_ms"] = median_ms(lambda sc=scores, s=s: top_tokens(sc, s))
+            # the radix selection (kernels/decode/top_select.py) on the same scores, alone and in the step
+            radix = top_indices_triton(scores, s)
+            row["radix_same_keys"] = torch.equal(radix.sort(-1).values, tokens.sort(-1).values)
+            row["ds16_radix_topk_ms"] = median_ms(lambda sc=scores, s=s: top_indices_triton(sc, s))
+            row["ds16_radix_ms"] = median_ms(
+                double_sparsity(q, k, v, labels, channels, q_last, s, HKV, top=top_indices_triton)
+            )
             ref = sparse_decode_reference(q, k, v, tokens, q_last, None, SCALE)
             out = sparse_decode(q, k, v, tokens, q_last, None, SCALE, 0.0)
             row["ds16_max_abs_err_vs_fp32_ref"] = (out.float() - ref.float()).abs().max().item()
@@ -130,6 +141,9 @@ def measure(b: int, n: int, flex) -> dict:
     row["ds16_per_q_head_ms"] = median_ms(double_sparsity(q, k, v, labels, channels, q_last, n // 16, HQ))
     row["quest16_ms"] = median_ms(quest(q, k, v, kmin, kmax, page_ok, q_last, n // 16 // PAGE))
     row["quest16_vs_dense"] = best / row["quest16_ms"]
+    row["quest16_radix_ms"] = median_ms(
+        quest(q, k, v, kmin, kmax, page_ok, q_last, n // 16 // PAGE, top=top_indices_triton)
+    )
     print(row, flush=True)
     return row
 
@@ -146,6 +160,8 @@ COLUMNS = [
     ("ds16_ms", "DS 1/16 ms", ".4f"),
     ("ds16_scores_ms", "of which label scores ms", ".4f"),
     ("ds16_topk_ms", "of which top-k ms", ".4f"),
+    ("ds16_radix_topk_ms", "radix top-k instead ms", ".4f"),
+    ("ds16_radix_ms", "DS 1/16 with radix ms", ".4f"),
     ("ds16_attention_ms", "of which attention ms", ".4f"),
     ("ds16_vs_dense", "DS 1/16 x", ".2f"),
     ("ds16_bound_vs_dense", "bytes limit x", ".2f"),
@@ -153,6 +169,7 @@ COLUMNS = [
     ("ds16_per_q_head_ms", "DS 1/16 per-q-head ms", ".4f"),
     ("quest16_ms", "Quest 1/16 ms", ".4f"),
     ("quest16_vs_dense", "Quest 1/16 x", ".2f"),
+    ("quest16_radix_ms", "Quest 1/16 with radix ms", ".4f"),
 ]
 
 

@@ -157,6 +157,17 @@ def test_radix_top_indices_match_a_stable_sort(shape, n, chunk):
     assert (got.sort(-1).values.diff(dim=-1) > 0).all()  # each key once
 
 
+def test_top_indices_op_compiles_without_a_graph_break():
+    """The op a compiled decode step would call: its fake gives the shape, its result the reference's."""
+    import sparsecomp.kernels.decode.top_select  # noqa: F401  (registers the op)
+
+    scores = torch.randn(2, 3, 700, device=DEVICE)
+    op = torch.ops.sparsecomp.top_indices
+    got = torch.compile(lambda s: op(s, 40), fullgraph=True, backend="eager")(scores)
+    assert got.shape == (2, 3, 40) and got.dtype == torch.int32
+    assert torch.equal(got.cpu(), top_indices_reference(scores, 40).cpu())
+
+
 def test_radix_top_indices_break_ties_by_index_and_signed_zeros_tie():
     """Few distinct values (every level's threshold bin is crowded), negatives and signed zeros."""
     scores = torch.randint(-3, 3, (2, 3000), device=DEVICE).float() * 0.37

@@ -247,7 +247,10 @@ def top_tokens(scores: torch.Tensor, n: int) -> torch.Tensor:
     One with atomic slot counters was 1.8-6x slower on the H200; an exact one with deterministic
     compaction (three 11-bit histogram levels, count and write passes) was, on an H100 against
     torch.topk's 68 us at 128K keys x 8 rows, 261 us with per-chunk tl.histogram and 70 us with one
-    atomic per key (4x and 2.7x slower at 512K; 1.5-1.8x faster only for rows of 8K-32K)."""
+    atomic per key (4x and 2.7x slower at 512K; 1.5-1.8x faster only for rows of 8K-32K). Both
+    crowded their histograms (tl.histogram's cost grows with its bins); ``top_select`` now counts
+    8-bit digits (256 bins, four levels), parity-tested but not yet timed on a GPU:
+    ``benchmarks/top_select.py`` and decode_attention.py's radix columns decide this default."""
     return torch.topk(scores, n, dim=-1, sorted=False).indices.to(torch.int32)
 
 
