@@ -159,8 +159,6 @@ def test_radix_top_indices_match_a_stable_sort(shape, n, chunk):
 
 def test_top_indices_op_compiles_without_a_graph_break():
     """The op a compiled decode step would call: its fake gives the shape, its result the reference's."""
-    import sparsecomp.kernels.decode.top_select  # noqa: F401  (registers the op)
-
     scores = torch.randn(2, 3, 700, device=DEVICE)
     op = torch.ops.sparsecomp.top_indices
     got = torch.compile(lambda s: op(s, 40), fullgraph=True, backend="eager")(scores)
