@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-BINS = 256  # per level: one 8-bit digit
+BINS = 256  # per level: one 8-bit digit (the kernels spell it out: 256 bins, shifts of 8)
 LEVELS = 4
 
 
@@ -90,24 +90,24 @@ def _histogram(Scores, Hist, n_keys, n_pick, hist_stride, LEVEL: tl.constexpr, C
 
 
 @triton.jit
-def _count(Scores, Hist, Counts, n_keys, n_pick, hist_stride, n_chunks, CHUNK: tl.constexpr):
+def _count(Scores, Hist, Counts, n_keys, n_pick, hist_stride, n_chunks, CHUNK: tl.constexpr, LEVELS: tl.constexpr):
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     rk, ok = _rank_keys(Scores, row, n_keys, offs)
-    t, _ = _prefix(Hist, row, n_pick, hist_stride, 4)
+    t, _ = _prefix(Hist, row, n_pick, hist_stride, LEVELS)
     tl.store(Counts + (row * n_chunks + chunk) * 2, tl.sum((ok & (rk < t)).to(tl.int32), 0))
     tl.store(Counts + (row * n_chunks + chunk) * 2 + 1, tl.sum((ok & (rk == t)).to(tl.int32), 0))
 
 
 @triton.jit
 def _write(Scores, Hist, Counts, Out, n_keys, n_pick, hist_stride, n_chunks,
-           CHUNK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
+           CHUNK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, LEVELS: tl.constexpr):
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     rk, ok = _rank_keys(Scores, row, n_keys, offs)
-    t, need = _prefix(Hist, row, n_pick, hist_stride, 4)
+    t, need = _prefix(Hist, row, n_pick, hist_stride, LEVELS)
     earlier = tl.arange(0, BLOCK_CHUNKS)
     before = earlier < chunk
     base = Counts + (row * n_chunks + earlier) * 2
@@ -147,9 +147,9 @@ def top_indices_triton(scores: torch.Tensor, n: int, chunk: int | None = None) -
     stride = n_rows * BINS
     for level in range(LEVELS):
         _histogram[grid](rows, hist, n_keys, n, stride, LEVEL=level, CHUNK=chunk, num_warps=4)
-    _count[grid](rows, hist, counts, n_keys, n, stride, n_chunks, CHUNK=chunk, num_warps=4)
+    _count[grid](rows, hist, counts, n_keys, n, stride, n_chunks, CHUNK=chunk, LEVELS=LEVELS, num_warps=4)
     _write[grid](rows, hist, counts, out, n_keys, n, stride, n_chunks, CHUNK=chunk,
-                 BLOCK_CHUNKS=max(16, triton.next_power_of_2(n_chunks)), num_warps=4)  # fmt: skip
+                 BLOCK_CHUNKS=max(16, triton.next_power_of_2(n_chunks)), LEVELS=LEVELS, num_warps=4)  # fmt: skip
     return out.view(*lead, n)
 
 
