@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KERNEL_CONFIGS",
     "CostModel",
+    "EvictingKVCache",
     "HostKVCache",
     "KernelOptions",
     "Plan",
@@ -48,6 +49,10 @@ def __getattr__(name):
         from .runtime.host_cache import HostKVCache
 
         return HostKVCache
+    if name == "EvictingKVCache":
+        from .runtime.evicting_cache import EvictingKVCache
+
+        return EvictingKVCache
     if name == "StreamingKVCache":
         from .runtime.streaming_cache import StreamingKVCache
 

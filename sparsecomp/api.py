@@ -125,9 +125,10 @@ def _compiled_generate(model: torch.nn.Module, compiled_forward, plan):
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # later releases name it cache
         if hasattr(cache, "check_allocated_for"):  # a HostKVCache: checked here, outside the compiled forward
             cache.check_allocated_for(next(model.parameters()).device)
-        if hasattr(cache, "check_generation"):  # a StreamingKVCache
+        if hasattr(cache, "check_generation"):  # a StreamingKVCache or EvictingKVCache
             cache.check_generation(model, plan, kwargs.get("attention_mask"))
-        with _forward_replaced(model, compiled_forward):
+        attached = cache.attached(model) if hasattr(cache, "attached") else contextlib.nullcontext()
+        with _forward_replaced(model, compiled_forward), attached:  # evicting layers see the queries
             return model.generate(*args, **kwargs)
 
     generate.compiled_forward = compiled_forward  # its step graphs' counts, with cuda_graphs=True

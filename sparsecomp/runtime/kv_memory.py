@@ -82,6 +82,7 @@ def kv_memory(cache, states=None) -> MemoryReport:
                 row.kv_host += size
             else:
                 row.kv_gpu += size
+        row.state_gpu += sum(_bytes(t) for t in getattr(layer, "state_tensors", tuple)())  # e.g. eviction ranks
         rows.append(row)
     for (site, *_), tensors in ({} if states is None else states.tensors).items():
         index = _layer_of(site)

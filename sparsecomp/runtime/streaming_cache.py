@@ -21,37 +21,19 @@ plan must read exactly these keys at decode: ``sparsecomp.compile(...).generate`
 ring layer's decode rule is ``streaming`` with the cache's sink and window.
 
 Rings for some layers only (``layers=[...]``: streaming layers beside full ones that keep the whole
-past for dense or selection rules): transformers builds one mask for all layers, sized for the full
-ones, and its SDPA needs a mask as long as the keys. The attention implementation registered here as
-``"sparsecomp_sdpa"`` is transformers' SDPA with the mask cut to each layer's keys (a ring's slots
-see the mask's first columns: slot ``j`` is written once ``j <= position``, as the causal mask says);
-such a model runs with ``model.set_attn_implementation("sparsecomp_sdpa")``. Needs transformers (the
-``hf`` extra).
+past for dense or selection rules) need the model to run ``"sparsecomp_sdpa"`` (transformers' SDPA
+with the mask cut to each layer's keys, ``runtime/partial_cache.py``): a ring's slots see the mask's
+first columns (slot ``j`` is written once ``j <= position``, as the causal mask says).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, StaticCache
 from transformers.cache_utils import StaticLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .host_cache import allocate_up_front
+from .partial_cache import SLICING_ATTENTION, PartialKVCache
 
-SLICING_ATTENTION = "sparsecomp_sdpa"
-
-
-def sdpa_with_mask_cut_to_keys(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, the mask's key columns cut to the keys' count (a ring layer's
-    keys are fewer than the full layers' the mask was built for)."""
-    if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
-        attention_mask = attention_mask[..., : key.shape[-2]]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register(SLICING_ATTENTION, sdpa_with_mask_cut_to_keys)
-AttentionMaskInterface.register(SLICING_ATTENTION, sdpa_mask)
+__all__ = ["SLICING_ATTENTION", "StreamingKVCache", "StreamingRingLayer", "kept_positions"]
 
 
 def kept_positions(n: int, sink: int, window: int) -> list[int]:
@@ -122,7 +104,7 @@ class StreamingRingLayer(StaticLayer):
         self.holds_tokens = False
 
 
-class StreamingKVCache(StaticCache):
+class StreamingKVCache(PartialKVCache):
     """A ``transformers.StaticCache`` whose full-attention layers (or those of ``layers``, indices)
     keep only the first ``sink`` and the last ``window`` tokens (StreamingLLM's keys, in a ring):
     their memory stays ``sink + window`` tokens whatever the length. Pass it to ``generate`` as
@@ -130,61 +112,19 @@ class StreamingKVCache(StaticCache):
     ``streaming:sink=...,window=...`` of the same sizes. Other arguments are ``StaticCache``'s;
     ``batch_size``, ``dtype`` and ``device`` allocate it up front."""
 
-    def __init__(
-        self, config, max_cache_len: int, *args, sink: int, window: int, layers=None, batch_size=None, dtype=None,
-        device=None, **kwargs,
-    ):  # fmt: skip
+    def __init__(self, config, max_cache_len: int, *args, sink: int, window: int, layers=None, **kwargs):
         if sink < 0 or window < 1:
             raise ValueError(f"StreamingKVCache needs sink >= 0 and window >= 1; got sink={sink}, window={window}")
-        super().__init__(config, max_cache_len, *args, **kwargs)
         self.sink, self.window = sink, window
-        full = [i for i, layer in enumerate(self.layers) if type(layer) is StaticLayer]
-        rings = full if layers is None else sorted(set(layers))
-        if not rings or not set(rings) <= set(full):
-            raise ValueError(
-                f"StreamingKVCache: layers={layers} must name some of this config's full-attention layers {full}"
-            )
-        for i in rings:
-            self.layers[i] = StreamingRingLayer(self.layers[i].max_cache_len, sink, window)
-        self.full_layer = next((i for i in full if i not in rings), None)  # sizes the shared mask
-        if batch_size is not None and device is not None:
-            allocate_up_front(self, config, batch_size, dtype, device)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        """The one mask transformers builds for the full-attention layers is sized for a full layer
-        where there is one (a ring reads its first columns)."""
-        ring = isinstance(self.layers[layer_idx], StreamingRingLayer)
-        index = self.full_layer if ring and self.full_layer is not None else layer_idx
-        return super().get_mask_sizes(query_length, index)
+        super().__init__(config, max_cache_len, *args, layers=layers, **kwargs,
+                         make_layer=lambda length: StreamingRingLayer(length, sink, window))  # fmt: skip
 
     def check_generation(self, model, plan, attention_mask=None) -> None:
         """Raise, before a compiled ``generate`` runs, where this cache would change its answer: a
         decode rule that reads other keys than the ring's (a dense or retrieval head needs the
-        whole past), or left padding (padded positions would take sink slots)."""
+        whole past), rings beside full layers without ``sparsecomp_sdpa``, or left padding
+        (padded positions would take sink slots)."""
         from sparsecomp.plan import Rule
 
         kept = Rule("streaming", sink=self.sink, window=self.window)
-        text = model.config.get_text_config(decoder=True)
-        q_heads = text.num_attention_heads
-        kv_heads = text.num_key_value_heads or q_heads
-        for name, module in model.named_modules():
-            index = getattr(module, "layer_idx", None)
-            if index is None or not isinstance(self.layers[index], StreamingRingLayer):
-                continue
-            wrong = {str(r) for r in plan.rules_for(name, q_heads, kv_heads, "decode") if r != kept}
-            if wrong:
-                raise ValueError(
-                    f"StreamingKVCache keeps {kept}'s keys, but the plan decodes {name} with {sorted(wrong)}: "
-                    "those heads need keys the ring evicts (use a StaticCache, or that streaming rule)"
-                )
-        if self.full_layer is not None and model.config._attn_implementation != SLICING_ATTENTION:
-            raise ValueError(
-                "StreamingKVCache with rings for some layers only: the shared mask is sized for the full "
-                f"layers; run the model with model.set_attn_implementation({SLICING_ATTENTION!r}) "
-                "(transformers' SDPA with the mask cut to each layer's keys) before compiling"
-            )
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError(
-                "StreamingKVCache does not take padded batches: padding would take the sink slots "
-                "(generate the sequences one by one, or pad on the right)"
-            )
+        self.check_plan(model, plan, kept, attention_mask, needs_slicing=self.full_layer is not None)
