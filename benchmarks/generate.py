@@ -72,6 +72,10 @@ def fill_randomly(cache, backend, context: int) -> None:
         # a static layer writes the next token at its own count of written tokens and masks the
         # rest: without this the model sees only the short prompt (selections then read nothing)
         layer.cumulative_length.fill_(context)
+        if hasattr(layer, "position"):  # an EvictingKVCache layer: every slot held, keys spread over the context
+            spread = torch.linspace(0, context - 1, layer.slots, device=layer.position.device)
+            layer.position.copy_(spread.long().expand_as(layer.position))
+            layer.rank.normal_()
     states = [] if backend is None else backend.states.tensors.values()
     for state in states:
         for t in state:

@@ -13,6 +13,9 @@ allocator's growth), the host bytes, and the median time per decode step. Paths:
 - ``ring RULE``: eviction, sparsecomp with a streaming rule on a ``sparsecomp.StreamingKVCache``
   (each layer keeps only the rule's sink and window keys, in a ring); ``gpu RULE`` of the same
   rule keeps the whole cache and reads the same keys.
+- ``evict RULE``: eviction by importance, sparsecomp with a snapkv or h2o rule on a
+  ``sparsecomp.EvictingKVCache`` (each layer keeps the rule's budget of keys per KV head, dense
+  attention over them); ``gpu RULE`` of the same rule keeps the whole cache and selects from it.
 - ``halfring RULE``: eviction for half the model, a plan with half its heads streaming (by layer:
   the even layers decode with the streaming RULE and keep only its keys, in a ring; the odd ones
   decode dense over a full static cache; ``StreamingKVCache(layers=...)`` with transformers' SDPA
@@ -35,6 +38,7 @@ batch that fits). Each row runs in a process of its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -58,8 +62,9 @@ from sparsecomp.runtime.streaming_cache import SLICING_ATTENTION  # noqa: E402
 GIB = 2**30
 DS = "double_sparsity:channels=16,ratio=0.0625"
 STREAMING = "streaming:sink=64,window=1024"
+H2O = "h2o:ratio=0.0625,window=64"
 PATHS = ["gpu eager", "gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dense", "hf-offload eager",
-         f"gpu {STREAMING}", f"ring {STREAMING}", f"halfring {STREAMING}"]  # fmt: skip
+         f"gpu {STREAMING}", f"ring {STREAMING}", f"halfring {STREAMING}", f"gpu {H2O}", f"evict {H2O}"]  # fmt: skip
 
 
 def path_parts(path: str) -> tuple[str, str, bool]:
@@ -83,6 +88,8 @@ def make_cache(path: str, model, length: int, batch: int):
             config=model.config, max_cache_len=length, sink=kept.sink, window=kept.window,
             layers=streaming_layers(model) if where == "halfring" else None, **allocate,
         )  # fmt: skip
+    if where == "evict":  # eviction: only the snapkv / h2o rule's keys are kept
+        return sparsecomp.EvictingKVCache(config=model.config, max_cache_len=length, rule=rule, **allocate)
     return StaticCache(config=model.config, max_cache_len=length, offloading=where == "hf-offload")
 
 
@@ -98,8 +105,9 @@ def runner(path: str, model):
     if rule == "torch.compile":
         compiled = torch.compile(model, fullgraph=True)
         return (DecodeStepGraphs(compiled) if graphs else compiled), None
-    if where == "halfring":  # rings for some layers: the mask transformers shares is cut per layer
+    if where in ("halfring", "evict"):  # the mask transformers shares cut per layer; evicting layers observe
         model.set_attn_implementation(SLICING_ATTENTION)
+    if where == "halfring":
         sites = {f"model.layers.{i}.self_attn": Rule.parse(rule) for i in streaming_layers(model)}
         plan = Plan(decode_default=Rule(), decode_sites=sites)
     else:
@@ -115,7 +123,9 @@ def measure(path: str, model, context: int, steps: int, warmup: int, batch: int)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     backend_of = None if compiled is None else (lambda: compiled._sparsecomp_backend)
-    times = step_times(forward, model, batch, context, warmup + steps, backend_of, cache)
+    attached = cache.attached(model) if where == "evict" else contextlib.nullcontext()  # as generate does
+    with attached:
+        times = step_times(forward, model, batch, context, warmup + steps, backend_of, cache)
     step = statistics.median(times[warmup:])
     report = sparsecomp.inspect(compiled) if compiled is not None else None
     memory = report.memory(cache) if report is not None else kv_memory(cache)

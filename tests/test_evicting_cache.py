@@ -60,7 +60,9 @@ def test_evicting_cache_generates_the_tokens_of_the_rule_on_a_full_cache(rule, p
     assert cache.layers[0].keys.shape == (2, 2, slots, 16) and slots == dict(Rule.parse(rule).params)["k"]
     assert torch.equal(kept.sequences, full.sequences)
     assert_same_generation(kept, full, atol=1e-5)
-    assert len(sparsecomp.inspect(compiled).graphs) == 2  # the prompt's graph and one for every step
+    graphs = sparsecomp.inspect(compiled).graphs
+    assert len(graphs) == 2  # the prompt's graph and one for every step
+    assert all(s.became == "kept" and "EvictingKVCache" in s.reason for s in graphs[1].sites)
     # without compiling, the same cache is the same rule: HF's SDPA over the kept keys
     with (cache := evicting(model, length, rule)).attached(model):
         eager = generate_with(model, ids, cache)

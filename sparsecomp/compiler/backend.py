@@ -451,7 +451,7 @@ def _rewrite_decode_selection(
             row.reason = (
                 f"{rule.kind} attends to what the prompt's attention chose: that needs a static cache "
                 "(cache_implementation='static') and a keep/drop prompt mask; no prompt state here: "
-                "the original attention"
+                "the original attention (over an EvictingKVCache: the keys it holds, which are the rule's)"
             )
             return
         if state is not None:  # kept beside the static cache: this step writes its own key's unit
