@@ -65,17 +65,19 @@ def random_channels(model, count: int = 16) -> dict:
 def fill_randomly(cache, backend, context: int) -> None:
     """Keys and values of every layer, and sparsecomp's decode state, as after a prompt of
     ``context`` tokens."""
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if t.is_cuda:  # host copies (an offloading cache) keep zeros: speed does not depend on values
-                t.normal_()
-        # a static layer writes the next token at its own count of written tokens and masks the
-        # rest: without this the model sees only the short prompt (selections then read nothing)
-        layer.cumulative_length.fill_(context)
-        if hasattr(layer, "position"):  # an EvictingKVCache layer: every slot held, keys spread over the context
-            spread = torch.linspace(0, context - 1, layer.slots, device=layer.position.device)
-            layer.position.copy_(spread.long().expand_as(layer.position))
-            layer.rank.normal_()
+    for whole in cache.layers:
+        whole.cumulative_length.fill_(context)
+        for layer in getattr(whole, "sublayers", [whole]):  # a layer of head groups: each group's
+            for t in (layer.keys, layer.values):
+                if t.is_cuda:  # host copies (an offloading cache) keep zeros: speed does not depend on values
+                    t.normal_()
+            # a static layer writes the next token at its own count of written tokens and masks the
+            # rest: without this the model sees only the short prompt (selections then read nothing)
+            layer.cumulative_length.fill_(context)
+            if hasattr(layer, "position"):  # an evicting layer: every slot held, keys spread over the context
+                spread = torch.linspace(0, context - 1, layer.slots, device=layer.position.device)
+                layer.position.copy_(spread.long().expand_as(layer.position))
+                layer.rank.normal_()
     states = [] if backend is None else backend.states.tensors.values()
     for state in states:
         for t in state:

@@ -159,6 +159,26 @@ def match_sdpa(node: fx.Node) -> AttentionSite | None:
     return site
 
 
+_CACHE_GROUP = "sparsecomp::cache_group_attention"
+
+
+def match_cache_group(node: fx.Node) -> AttentionSite | None:
+    """A group of a layer's heads over the keys a per-head cache keeps for them
+    (``sparsecomp.runtime.head_groups``): reported, and kept as it is."""
+    name = getattr(node.target, "name", None)
+    if node.op != "call_function" or not callable(name) or name() != _CACHE_GROUP:
+        return None
+    q, k, v, mask, scale, keeps = node.args
+    site = AttentionSite(
+        name=module_path(node), module_key=module_key(node), form="cache_group", output=node, q=q, k=k, v=v,
+        scale=scale, mask=mask,
+        fallback=f"heads of a per-head cache layer, over the keys it keeps for them ({keeps}): the attention as it is",
+    )  # fmt: skip
+    if _val(q) is not None and _val(k) is not None:
+        site.kv_groups = _val(q).shape[1] // _val(k).shape[1]
+    return site
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-written attention: matmul → scale → softcap → mask → softmax → cast/dropout → matmul
 
@@ -338,6 +358,8 @@ SITE_RULES = [
     SiteRule("sdpa", match_sdpa, "HF sdpa attention (Llama, Mistral, Qwen, GPT-2, BERT, T5)"),
     # GPT-2, BERT, Gemma 2 (softcap) with attn_implementation="eager"
     SiteRule("matmul_softmax_matmul", match_handwritten, "HF eager attention (GPT-2, BERT, Gemma 2)"),
+    # sparsecomp.PlanKVCache's layers of head groups (DuoAttention's retrieval and streaming heads)
+    SiteRule("cache_group", match_cache_group, "per-head cache layers (sparsecomp.PlanKVCache)"),
 ]
 
 

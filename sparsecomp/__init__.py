@@ -31,6 +31,7 @@ __all__ = [
     "HostKVCache",
     "KernelOptions",
     "Plan",
+    "PlanKVCache",
     "Rule",
     "StreamingKVCache",
     "autotune",
@@ -53,6 +54,10 @@ def __getattr__(name):
         from .runtime.evicting_cache import EvictingKVCache
 
         return EvictingKVCache
+    if name == "PlanKVCache":
+        from .runtime.plan_cache import PlanKVCache
+
+        return PlanKVCache
     if name == "StreamingKVCache":
         from .runtime.streaming_cache import StreamingKVCache
 

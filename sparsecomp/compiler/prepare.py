@@ -53,7 +53,7 @@ def prepare_graph(
     warnings = check_plan_sites(plan, sites, strict)
     interp, prepared = MaskInterpreter(), []
     for site in sites:
-        site.fallback = fallback_reason(site)
+        site.fallback = site.fallback or fallback_reason(site)  # the matcher's reason first
         if site.fallback is None:
             structure = site_structure(site, interp)
             if isinstance(structure, str):
@@ -132,7 +132,7 @@ def head_rules(site: AttentionSite, plan: Plan, options: KernelOptions) -> tuple
 
 def graph_fingerprint(sites: list[AttentionSite]) -> dict:
     """The attention shape a graph shows; compared with a plan's fingerprint."""
-    sh = next((s.shape for s in sites if meta_val(s.q) is not None), None)
+    sh = next((s.shape for s in sites if meta_val(s.q) is not None and s.form != "cache_group"), None)
     if sh is None:
         return {}
     return {

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import StaticLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparsecomp.kernels.decode.selection import top_tokens
 from sparsecomp.plan import Rule
@@ -35,7 +36,7 @@ from sparsecomp.plan import Rule
 from ..patterns.h2o import prompt_attention
 from ..patterns.selection import budget
 from ..patterns.snapkv import _RECENT_FIRST, prompt_votes
-from .partial_cache import PartialKVCache
+from .partial_cache import PartialKVCache, cut_to_keys
 
 EVICTING_KINDS = ("snapkv", "h2o")
 _EMPTY = torch.finfo(torch.float32).min  # an empty slot's rank when choosing one: above a dropped key's
@@ -116,6 +117,14 @@ class EvictingLayer(StaticLayer):
             return _RECENT_FIRST + step.float()  # exact in fp32 below 2^24 keys
         return torch.full_like(step, float("-inf"), dtype=torch.float32)
 
+    def attend(self, module, query, key, value, mask, **kwargs):
+        """transformers' SDPA over the held slots (the prompt: over the whole prompt), then
+        ``observe``."""
+        mask = self.attention_mask(query, cut_to_keys(mask, key.shape[-2]))
+        out = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+        self.observe(query, key, value, mask, kwargs.get("scaling"))
+        return out
+
     def attention_mask(self, query, mask):
         """A decode step reads the held slots (every sequence holds the same slots): (B, 1, 1, slots)."""
         if not self.prompt_kept:
@@ -192,10 +201,13 @@ class EvictingKVCache(PartialKVCache):
         if dict(self.rule.params)["heads"] != "kv":
             raise ValueError(f"EvictingKVCache keeps keys per KV head; got {self.rule}")
         super().__init__(config, max_cache_len, *args, layers=layers, **kwargs,
-                         make_layer=lambda length: EvictingLayer(length, self.rule))  # fmt: skip
+                         make_layer=lambda i, length: EvictingLayer(length, self.rule))  # fmt: skip
+
+    def kept_rules(self, index: int, q_heads: int, kv_heads: int) -> list:
+        return [self.rule] * q_heads
 
     def check_generation(self, model, plan, attention_mask=None) -> None:
         """Raise, before a compiled ``generate`` runs, where this cache would change its answer: a
         decode rule other than the cache's on its layers, a model not running ``sparsecomp_sdpa``,
         or left padding."""
-        self.check_plan(model, plan, self.rule, attention_mask, needs_slicing=True)
+        self.check_plan(model, plan, attention_mask, needs_slicing=True)

@@ -75,13 +75,14 @@ def kv_memory(cache, states=None) -> MemoryReport:
     rows = []
     for i, layer in enumerate(cache.layers):
         row = LayerMemory(layer=i)
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            size = _bytes(t)
-            row.dense += _dense_bytes(layer, t)
-            if getattr(layer, "host_resident", False) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"):
-                row.kv_host += size
-            else:
-                row.kv_gpu += size
+        for part in getattr(layer, "sublayers", [layer]):  # a layer of head groups: each group's
+            for t in (getattr(part, "keys", None), getattr(part, "values", None)):
+                size = _bytes(t)
+                row.dense += _dense_bytes(part, t)
+                if getattr(part, "host_resident", False) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"):
+                    row.kv_host += size
+                else:
+                    row.kv_gpu += size
         row.state_gpu += sum(_bytes(t) for t in getattr(layer, "state_tensors", tuple)())  # e.g. eviction ranks
         rows.append(row)
     for (site, *_), tensors in ({} if states is None else states.tensors).items():

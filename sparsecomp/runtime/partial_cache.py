@@ -6,9 +6,10 @@ transformers builds one mask for all full-attention layers, sized for the full o
 needs a mask as long as the keys. The attention implementation registered here as
 ``"sparsecomp_sdpa"`` is transformers' SDPA with the mask cut to each layer's keys (a layer of
 fewer slots sees the mask's first columns). A layer that decides what to keep from the queries
-(``EvictingLayer``: SnapKV's votes, H2O's accumulated attention) is reached through the attention
-module while ``cache.attached(model)`` holds: the same function then gives it the step's mask and
-shows it the step's queries after the attention. Needs transformers (the ``hf`` extra).
+(``EvictingLayer``: SnapKV's votes, H2O's accumulated attention) or keeps its heads in groups of
+their own (``HeadGroupsLayer``) is reached through the attention module while
+``cache.attached(model)`` holds: the same function then lets it run the attention (``attend``).
+Needs transformers (the ``hf`` extra).
 """
 
 from __future__ import annotations
@@ -26,28 +27,34 @@ SLICING_ATTENTION = "sparsecomp_sdpa"
 OBSERVING_LAYER = "sparsecomp_kv_layer"  # the attribute of an attention module naming its evicting layer
 
 
+def cut_to_keys(mask, n_keys: int):
+    """The mask's first ``n_keys`` key columns (a partial layer's keys are fewer than the full
+    layers' the shared mask was built for)."""
+    return mask[..., :n_keys] if mask is not None and mask.shape[-1] > n_keys else mask
+
+
 def sdpa_with_mask_cut_to_keys(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, the mask's key columns cut to the keys' count (a partial
-    layer's keys are fewer than the full layers' the mask was built for); an attached evicting
-    layer gives the mask of the slots it holds and observes the step's queries."""
-    if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
-        attention_mask = attention_mask[..., : key.shape[-2]]
+    """transformers' SDPA attention, the mask cut to the keys' count; an attached layer that
+    decides from the queries (``attend``) runs the attention itself."""
     layer = getattr(module, OBSERVING_LAYER, None)
     if layer is not None:
-        attention_mask = layer.attention_mask(query, attention_mask)
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if layer is not None:
-        layer.observe(query, key, value, attention_mask, kwargs.get("scaling"))
-    return out
+        return layer.attend(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, cut_to_keys(attention_mask, key.shape[-2]), **kwargs)
 
 
 AttentionInterface.register(SLICING_ATTENTION, sdpa_with_mask_cut_to_keys)
 AttentionMaskInterface.register(SLICING_ATTENTION, sdpa_mask)
 
 
+def kept_length(layer) -> int:
+    """How many keys per head a static layer holds: its slots (a ring, an evicting layer, the
+    longest group of a head-grouped one), else its whole length."""
+    return getattr(layer, "slots", layer.max_cache_len)
+
+
 class PartialKVCache(StaticCache):
     """A ``transformers.StaticCache`` whose full-attention layers (or those of ``layers``, indices)
-    are replaced by ``make_layer(max_cache_len)``; the others stay full. ``batch_size``, ``dtype``
+    are replaced by ``make_layer(index, max_cache_len)``; the others stay full. ``batch_size``, ``dtype``
     and ``device`` allocate it up front."""
 
     def __init__(self, config, max_cache_len: int, *args, make_layer, layers=None, batch_size=None, dtype=None,
@@ -60,8 +67,10 @@ class PartialKVCache(StaticCache):
                 f"{type(self).__name__}: layers={layers} must name some of this config's full-attention layers {full}"
             )
         for i in partial:
-            self.layers[i] = make_layer(self.layers[i].max_cache_len)
-        self.full_layer = next((i for i in full if i not in partial), None)  # sizes the shared mask
+            self.layers[i] = make_layer(i, self.layers[i].max_cache_len)
+        self.full_layer = next((i for i in full if i not in partial), None)  # a layer left whole
+        # the one mask transformers builds for the full-attention layers is sized for the longest
+        self.mask_layer = max(full, key=lambda i: kept_length(self.layers[i]))
         if batch_size is not None and device is not None:
             allocate_up_front(self, config, batch_size, dtype, device)
 
@@ -69,15 +78,19 @@ class PartialKVCache(StaticCache):
         return type(self.layers[index]) is not StaticLayer and isinstance(self.layers[index], StaticLayer)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        """The one mask transformers builds for the full-attention layers is sized for a full layer
-        where there is one (a partial layer reads its first columns)."""
-        index = self.full_layer if self.is_partial(layer_idx) and self.full_layer is not None else layer_idx
+        """The one mask transformers builds for the full-attention layers is sized for the longest
+        of them (a partial layer reads its first columns)."""
+        index = self.mask_layer if self.is_partial(layer_idx) else layer_idx
         return super().get_mask_sizes(query_length, index)
 
-    def check_plan(self, model, plan, kept, attention_mask, *, needs_slicing: bool) -> None:
+    def kept_rules(self, index: int, q_heads: int, kv_heads: int) -> list:
+        """The decode rule, per query head, whose keys partial layer ``index`` keeps."""
+        raise NotImplementedError
+
+    def check_plan(self, model, plan, attention_mask, *, needs_slicing: bool) -> None:
         """Raise where this cache would change the answer of ``plan``: a partial layer's decode rule
-        other than ``kept`` (the rule whose keys it keeps), a model not running the attention
-        implementation it needs, or left padding (padded positions would take kept slots)."""
+        other than the one whose keys it keeps, a model not running the attention implementation
+        it needs, or left padding (padded positions would take kept slots)."""
         text = model.config.get_text_config(decoder=True)
         q_heads = text.num_attention_heads
         kv_heads = text.num_key_value_heads or q_heads
@@ -86,11 +99,13 @@ class PartialKVCache(StaticCache):
             index = getattr(module, "layer_idx", None)
             if index is None or not self.is_partial(index):
                 continue
-            wrong = {str(r) for r in plan.rules_for(site, q_heads, kv_heads, "decode") if r != kept}
+            kept = self.kept_rules(index, q_heads, kv_heads)
+            planned = plan.rules_for(site, q_heads, kv_heads, "decode")
+            wrong = sorted({f"{p} (keeps {k})" for p, k in zip(planned, kept, strict=True) if p != k})
             if wrong:
                 raise ValueError(
-                    f"{name} keeps {kept}'s keys, but the plan decodes {site} with {sorted(wrong)}: "
-                    "those heads need keys this cache drops (use a StaticCache, or that rule)"
+                    f"{name} keeps other keys than the plan decodes {site} with: {wrong}; those heads need "
+                    "keys this cache drops (use a StaticCache, or a cache made for this plan)"
                 )
         if needs_slicing and model.config._attn_implementation != SLICING_ATTENTION:
             raise ValueError(
@@ -113,7 +128,7 @@ class PartialKVCache(StaticCache):
             for module in model.modules()
             if isinstance(getattr(module, "layer_idx", None), int)
             and module.layer_idx < len(self.layers)
-            and hasattr(self.layers[module.layer_idx], "observe")
+            and hasattr(self.layers[module.layer_idx], "attend")
         ]
         for module, layer in observing:
             setattr(module, OBSERVING_LAYER, layer)

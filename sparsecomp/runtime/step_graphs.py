@@ -8,12 +8,13 @@ static launcher), so this records the compiled forward itself, as a whole step.
 
 A call is graphed when it is a one-token step (``input_ids`` or ``inputs_embeds`` with one position
 per row) of a CUDA model whose cache is a static one that advances by tensor ops alone
-(transformers' StaticLayer, or sparsecomp's ring and host layers: no host counter, which a replay
-would skip). Anything else runs the forward as it is. Per signature (shapes, dtypes and non-tensor
-arguments of the call, the cache's memory): the first call runs as it is (it compiles); the second
-is captured and replayed; later ones copy their tensors into the captured inputs and replay.
-Steps under grad mode run as they are (a graph records no autograd). A graph replays the memory it
-was captured on: after the weights move (a parameter replaced, ``model.to(...)``), ``reset()``.
+(transformers' StaticLayer, or sparsecomp's ring, evicting, head-group and host layers: no host
+counter, which a replay would skip). Anything else runs the forward as it is. Per signature
+(shapes, dtypes and non-tensor arguments of the call, the cache's memory): the first call runs as
+it is (it compiles); the second is captured and replayed; later ones copy their tensors into the
+captured inputs and replay. Steps under grad mode run as they are (a graph records no autograd). A
+graph replays the memory it was captured on: after the weights move (a parameter replaced,
+``model.to(...)``), ``reset()``.
 
 transformers' ``generate`` lengthens the 2D ``attention_mask`` by one column a step; a graph needs
 one shape, so the mask is padded with zeros to the cache's length first. That is what transformers
@@ -34,28 +35,44 @@ import torch.nn.functional as F
 def _graphable_layer_types() -> tuple[type, ...]:
     from transformers.cache_utils import StaticLayer
 
+    from .evicting_cache import EvictingLayer
+    from .head_groups import HeadGroupsLayer
     from .host_cache import HostStaticLayer
     from .streaming_cache import StreamingRingLayer
 
-    return StaticLayer, HostStaticLayer, StreamingRingLayer
+    return StaticLayer, HostStaticLayer, StreamingRingLayer, EvictingLayer, HeadGroupsLayer
 
 
 def graphable_cache(cache) -> bool:
     """Whether a decode step over ``cache`` only reads and writes device memory in place: every
-    layer one of the static layer types (exact type: a subclass may keep host state), allocated."""
+    layer (and group of heads) one of the static layer types (exact type: a subclass may keep host
+    state), allocated."""
     layers = getattr(cache, "layers", None)
     if not layers or getattr(cache, "offloading", False):
         return False
     types = _graphable_layer_types()
-    return all(type(layer) in types and getattr(layer, "is_initialized", False) for layer in layers)
+
+    def graphable(layer) -> bool:
+        parts = getattr(layer, "sublayers", [])
+        return type(layer) in types and getattr(layer, "is_initialized", False) and all(map(graphable, parts))
+
+    return all(map(graphable, layers))
+
+
+def _layer_memory(layer) -> tuple:
+    """The addresses a step reads and writes in one layer: its K/V, counter and state (an
+    evicting layer's ranks), or its head groups'."""
+    own = (layer.cumulative_length.data_ptr(),)
+    if hasattr(layer, "sublayers"):
+        return own + tuple(_layer_memory(part) for part in layer.sublayers)
+    state = tuple(t.data_ptr() for t in getattr(layer, "state_tensors", tuple)())
+    return (layer.keys.data_ptr(), layer.values.data_ptr(), *own, *state)
 
 
 def _cache_memory(cache) -> tuple:
     """The addresses a captured step reads and writes in the cache: a graph is replayed only over
     the very memory it was captured on."""
-    return tuple(
-        (layer.keys.data_ptr(), layer.values.data_ptr(), layer.cumulative_length.data_ptr()) for layer in cache.layers
-    )
+    return tuple(_layer_memory(layer) for layer in cache.layers)
 
 
 def _new_tokens(kwargs) -> int | None:

@@ -117,14 +117,16 @@ class StreamingKVCache(PartialKVCache):
             raise ValueError(f"StreamingKVCache needs sink >= 0 and window >= 1; got sink={sink}, window={window}")
         self.sink, self.window = sink, window
         super().__init__(config, max_cache_len, *args, layers=layers, **kwargs,
-                         make_layer=lambda length: StreamingRingLayer(length, sink, window))  # fmt: skip
+                         make_layer=lambda i, length: StreamingRingLayer(length, sink, window))  # fmt: skip
+
+    def kept_rules(self, index: int, q_heads: int, kv_heads: int) -> list:
+        from sparsecomp.plan import Rule
+
+        return [Rule("streaming", sink=self.sink, window=self.window)] * q_heads
 
     def check_generation(self, model, plan, attention_mask=None) -> None:
         """Raise, before a compiled ``generate`` runs, where this cache would change its answer: a
         decode rule that reads other keys than the ring's (a dense or retrieval head needs the
         whole past), rings beside full layers without ``sparsecomp_sdpa``, or left padding
         (padded positions would take sink slots)."""
-        from sparsecomp.plan import Rule
-
-        kept = Rule("streaming", sink=self.sink, window=self.window)
-        self.check_plan(model, plan, kept, attention_mask, needs_slicing=self.full_layer is not None)
+        self.check_plan(model, plan, attention_mask, needs_slicing=self.full_layer is not None)
