@@ -16,6 +16,10 @@ allocator's growth), the host bytes, and the median time per decode step. Paths:
 - ``evict RULE``: eviction by importance, sparsecomp with a snapkv or h2o rule on a
   ``sparsecomp.EvictingKVCache`` (each layer keeps the rule's budget of keys per KV head, dense
   attention over them); ``gpu RULE`` of the same rule keeps the whole cache and selects from it.
+- ``duo RULE``: eviction per head within every layer (DuoAttention), half of each layer's KV heads
+  decode with the streaming RULE and keep only its keys, the others dense over the whole past
+  (``sparsecomp.PlanKVCache``: one layer of two head groups); ``duofull RULE``: the same plan
+  over a full static cache.
 - ``halfring RULE``: eviction for half the model, a plan with half its heads streaming (by layer:
   the even layers decode with the streaming RULE and keep only its keys, in a ring; the odd ones
   decode dense over a full static cache; ``StreamingKVCache(layers=...)`` with transformers' SDPA
@@ -64,7 +68,8 @@ DS = "double_sparsity:channels=16,ratio=0.0625"
 STREAMING = "streaming:sink=64,window=1024"
 H2O = "h2o:ratio=0.0625,window=64"
 PATHS = ["gpu eager", "gpu torch.compile", f"gpu {DS}", f"host {DS}", "host dense", "hf-offload eager",
-         f"gpu {STREAMING}", f"ring {STREAMING}", f"halfring {STREAMING}", f"gpu {H2O}", f"evict {H2O}"]  # fmt: skip
+         f"gpu {STREAMING}", f"ring {STREAMING}", f"halfring {STREAMING}", f"duo {STREAMING}",
+         f"duofull {STREAMING}", f"gpu {H2O}", f"evict {H2O}"]  # fmt: skip
 
 
 def path_parts(path: str) -> tuple[str, str, bool]:
@@ -88,6 +93,8 @@ def make_cache(path: str, model, length: int, batch: int):
             config=model.config, max_cache_len=length, sink=kept.sink, window=kept.window,
             layers=streaming_layers(model) if where == "halfring" else None, **allocate,
         )  # fmt: skip
+    if where == "duo":  # eviction per head: the streaming heads keep only the rule's keys
+        return sparsecomp.PlanKVCache(model, length, duo_plan(model, rule), **allocate)
     if where == "evict":  # eviction: only the snapkv / h2o rule's keys are kept
         return sparsecomp.EvictingKVCache(config=model.config, max_cache_len=length, rule=rule, **allocate)
     return StaticCache(config=model.config, max_cache_len=length, offloading=where == "hf-offload")
@@ -98,6 +105,14 @@ def streaming_layers(model) -> list[int]:
     return list(range(0, model.config.num_hidden_layers, 2))
 
 
+def duo_plan(model, rule: str) -> Plan:
+    """Every layer's first half of KV heads decoding dense (retrieval heads), the others with the
+    streaming ``rule`` (DuoAttention's split, fixed here: calibration chooses it for real models)."""
+    kv_heads = model.config.num_key_value_heads
+    heads = [Rule()] * (kv_heads // 2) + [Rule.parse(rule)] * (kv_heads - kv_heads // 2)
+    return Plan(decode_sites={f"model.layers.{i}.self_attn": heads for i in range(model.config.num_hidden_layers)})
+
+
 def runner(path: str, model):
     where, rule, graphs = path_parts(path)
     if rule == "eager":
@@ -105,9 +120,11 @@ def runner(path: str, model):
     if rule == "torch.compile":
         compiled = torch.compile(model, fullgraph=True)
         return (DecodeStepGraphs(compiled) if graphs else compiled), None
-    if where in ("halfring", "evict"):  # the mask transformers shares cut per layer; evicting layers observe
-        model.set_attn_implementation(SLICING_ATTENTION)
-    if where == "halfring":
+    if where in ("halfring", "evict", "duo"):  # the shared mask cut per layer; evicting layers and head groups
+        model.set_attn_implementation(SLICING_ATTENTION)  # run their own attention
+    if where in ("duo", "duofull"):
+        plan = duo_plan(model, rule)
+    elif where == "halfring":
         sites = {f"model.layers.{i}.self_attn": Rule.parse(rule) for i in streaming_layers(model)}
         plan = Plan(decode_default=Rule(), decode_sites=sites)
     else:
@@ -123,7 +140,7 @@ def measure(path: str, model, context: int, steps: int, warmup: int, batch: int)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     backend_of = None if compiled is None else (lambda: compiled._sparsecomp_backend)
-    attached = cache.attached(model) if where == "evict" else contextlib.nullcontext()  # as generate does
+    attached = cache.attached(model) if hasattr(cache, "attached") else contextlib.nullcontext()  # as generate does
     with attached:
         times = step_times(forward, model, batch, context, warmup + steps, backend_of, cache)
     step = statistics.median(times[warmup:])
