@@ -22,8 +22,8 @@ allocator's growth), the host bytes, and the median time per decode step. Paths:
   over a full static cache.
 - ``halfring RULE``: eviction for half the model, a plan with half its heads streaming (by layer:
   the even layers decode with the streaming RULE and keep only its keys, in a ring; the odd ones
-  decode dense over a full static cache; ``StreamingKVCache(layers=...)`` with transformers' SDPA
-  cutting the shared mask per layer, ``"sparsecomp_sdpa"``).
+  decode dense over a full static cache; ``StreamingKVCache(layers=...)``, under which the model runs
+  transformers' SDPA with the shared mask cut per layer, ``"sparsecomp_sdpa"``).
 - ``WHERE+stepgraphs RULE`` (any compiled path): each decode step replayed as one CUDA graph
   (``sparsecomp.compile(..., cuda_graphs=True)``; around torch.compile for the dense row).
 - ``hf-offload eager``: transformers' own offloading static cache (``StaticCache(offloading=True)``:
@@ -61,7 +61,6 @@ from sparsecomp.demo import SHAPES, build_model  # noqa: E402
 from sparsecomp.plan import Plan, Rule  # noqa: E402
 from sparsecomp.runtime.kv_memory import kv_memory  # noqa: E402
 from sparsecomp.runtime.step_graphs import DecodeStepGraphs  # noqa: E402
-from sparsecomp.runtime.streaming_cache import SLICING_ATTENTION  # noqa: E402
 
 GIB = 2**30
 DS = "double_sparsity:channels=16,ratio=0.0625"
@@ -120,8 +119,6 @@ def runner(path: str, model):
     if rule == "torch.compile":
         compiled = torch.compile(model, fullgraph=True)
         return (DecodeStepGraphs(compiled) if graphs else compiled), None
-    if where in ("halfring", "evict", "duo"):  # the shared mask cut per layer; evicting layers and head groups
-        model.set_attn_implementation(SLICING_ATTENTION)  # run their own attention
     if where in ("duo", "duofull"):
         plan = duo_plan(model, rule)
     elif where == "halfring":
@@ -140,7 +137,7 @@ def measure(path: str, model, context: int, steps: int, warmup: int, batch: int)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     backend_of = None if compiled is None else (lambda: compiled._sparsecomp_backend)
-    attached = cache.attached(model) if hasattr(cache, "attached") else contextlib.nullcontext()  # as generate does
+    attached = cache.attached(model) if hasattr(cache, "attached") else contextlib.nullcontext()  # as generate
     with attached:
         times = step_times(forward, model, batch, context, warmup + steps, backend_of, cache)
     step = statistics.median(times[warmup:])

@@ -19,11 +19,7 @@ H2O = Rule.parse("h2o:k=10,window=4")
 
 
 def sparsecomp_model():
-    from sparsecomp.runtime.partial_cache import SLICING_ATTENTION
-
-    model = tiny_llama().eval()  # 2 layers, 4 query / 2 KV heads
-    model.set_attn_implementation(SLICING_ATTENTION)
-    return model
+    return tiny_llama().eval()  # 2 layers, 4 query / 2 KV heads; sparsecomp_sdpa while the cache is attached
 
 
 def generate_with(model, ids, cache):

@@ -13,8 +13,8 @@ hold, step after step, exactly the keys the rule reads, and the attention over t
 
 The queries decide what is kept (SnapKV's votes at the end of the prompt, each H2O step's
 attention weights), and a cache update sees only keys: the layer is reached through the attention
-module while ``cache.attached(model)`` holds (sparsecomp's ``generate`` holds it), with the model
-running ``"sparsecomp_sdpa"`` (``runtime/partial_cache.py``). The prompt's attention reads the whole
+module while ``cache.attached(model)`` holds (sparsecomp's ``generate`` holds it; the model then
+runs ``"sparsecomp_sdpa"``, ``runtime/partial_cache.py``). The prompt's attention reads the whole
 prompt; after it, the layer keeps its share of the prompt's K/V. Each decode step: the cache update
 picks the slot (a rank per slot beside the cache: argmin, no host sync, graph-capturable), the
 attention reads the held slots, and H2O adds the step's weights to the ranks.
@@ -87,8 +87,7 @@ class EvictingLayer(StaticLayer):
         if not self.prompt_kept:
             raise RuntimeError(
                 "EvictingKVCache: the prompt's keys were never chosen (the attention did not observe its "
-                "queries): run the model with attn_implementation 'sparsecomp_sdpa' inside "
-                "cache.attached(model) (sparsecomp's generate does the latter)"
+                "queries): run the model inside cache.attached(model) (sparsecomp's generate does)"
             )
         step = self.cumulative_length.view(1)  # the new key's position
         slot = self._slot_for(step)[:, :, None]  # (B, H, 1)
@@ -191,7 +190,7 @@ class EvictingKVCache(PartialKVCache):
     keep, per KV head, only the keys the decode rule ``rule`` (``snapkv`` or ``h2o``, a Rule or its
     text) reads: ``k`` (or ``ratio`` of ``max_cache_len``) keys per head whatever the length. Pass it
     to sparsecomp's ``generate`` as ``past_key_values`` with a plan whose decode rule on those layers
-    is that rule, the model running ``model.set_attn_implementation("sparsecomp_sdpa")``. Other
+    is that rule (outside it, run the model inside ``cache.attached(model)``). Other
     arguments are ``StaticCache``'s; ``batch_size``, ``dtype`` and ``device`` allocate it up front."""
 
     def __init__(self, config, max_cache_len: int, *args, rule, layers=None, **kwargs):
@@ -208,6 +207,5 @@ class EvictingKVCache(PartialKVCache):
 
     def check_generation(self, model, plan, attention_mask=None) -> None:
         """Raise, before a compiled ``generate`` runs, where this cache would change its answer: a
-        decode rule other than the cache's on its layers, a model not running ``sparsecomp_sdpa``,
-        or left padding."""
-        self.check_plan(model, plan, attention_mask, needs_slicing=True)
+        decode rule other than the cache's on its layers, or left padding."""
+        self.check_plan(model, plan, attention_mask)

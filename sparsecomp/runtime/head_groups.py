@@ -10,7 +10,7 @@ SDPA kept opaque: sparsecomp's matcher reports it as a site of its own (``site#n
 it is, since what it reads is what the cache keeps for those heads. The prompt's attention reads
 the whole prompt for every head at once (one SDPA site, rewritten by the plan's prefill rules);
 then each group keeps its share. The layer runs through ``"sparsecomp_sdpa"`` while
-``cache.attached(model)`` holds (``runtime/partial_cache.py``).
+``cache.attached(model)`` holds (``runtime/partial_cache.py``; sparsecomp's ``generate`` holds it).
 """
 
 from __future__ import annotations

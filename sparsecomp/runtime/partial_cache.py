@@ -87,10 +87,10 @@ class PartialKVCache(StaticCache):
         """The decode rule, per query head, whose keys partial layer ``index`` keeps."""
         raise NotImplementedError
 
-    def check_plan(self, model, plan, attention_mask, *, needs_slicing: bool) -> None:
+    def check_plan(self, model, plan, attention_mask) -> None:
         """Raise where this cache would change the answer of ``plan``: a partial layer's decode rule
-        other than the one whose keys it keeps, a model not running the attention implementation
-        it needs, or left padding (padded positions would take kept slots)."""
+        other than the one whose keys it keeps, or left padding (padded positions would take kept
+        slots)."""
         text = model.config.get_text_config(decoder=True)
         q_heads = text.num_attention_heads
         kv_heads = text.num_key_value_heads or q_heads
@@ -107,12 +107,6 @@ class PartialKVCache(StaticCache):
                     f"{name} keeps other keys than the plan decodes {site} with: {wrong}; those heads need "
                     "keys this cache drops (use a StaticCache, or a cache made for this plan)"
                 )
-        if needs_slicing and model.config._attn_implementation != SLICING_ATTENTION:
-            raise ValueError(
-                f"{name}: run the model with model.set_attn_implementation({SLICING_ATTENTION!r}) before compiling "
-                "(transformers' SDPA with the mask cut to each layer's keys, through which evicting layers "
-                "see the queries)"
-            )
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(
                 f"{name} does not take padded batches: padding would take kept slots "
@@ -121,8 +115,12 @@ class PartialKVCache(StaticCache):
 
     @contextlib.contextmanager
     def attached(self, model):
-        """While held, each attention module of a layer that observes its queries reaches that layer
-        (``sparsecomp_sdpa`` calls it); sparsecomp's ``generate`` holds it around the call."""
+        """While held, the model runs ``sparsecomp_sdpa`` and each attention module of a layer that
+        runs its own attention reaches that layer; sparsecomp's ``generate`` holds it around the
+        call (a compiled model compiles its graphs for it: they guard on the implementation)."""
+        previous = model.config._attn_implementation
+        if previous != SLICING_ATTENTION:
+            model.set_attn_implementation(SLICING_ATTENTION)
         observing = [
             (module, self.layers[module.layer_idx])
             for module in model.modules()
@@ -137,3 +135,5 @@ class PartialKVCache(StaticCache):
         finally:
             for module, _ in observing:
                 delattr(module, OBSERVING_LAYER)
+            if previous != SLICING_ATTENTION:
+                model.set_attn_implementation(previous)

@@ -58,8 +58,8 @@ def kv_head_rules(plan: Plan, site: str, q_heads: int, kv_heads: int) -> list[Ru
 class PlanKVCache(PartialKVCache):
     """A ``transformers.StaticCache`` for ``model`` that keeps, per layer and KV head, only the keys
     ``plan``'s decode rules read (a Plan, preset or .json path): pass it to sparsecomp's
-    ``generate`` with a model compiled with the same plan, running
-    ``model.set_attn_implementation("sparsecomp_sdpa")``. ``batch_size``, ``dtype`` and ``device``
+    ``generate`` with a model compiled with the same plan (outside it, run the model inside
+    ``cache.attached(model)``). ``batch_size``, ``dtype`` and ``device``
     allocate it up front; other arguments are ``StaticCache``'s."""
 
     def __init__(self, model, max_cache_len: int, plan, *args, **kwargs):
@@ -98,6 +98,5 @@ class PlanKVCache(PartialKVCache):
 
     def check_generation(self, model, plan, attention_mask=None) -> None:
         """Raise, before a compiled ``generate`` runs, where this cache would change its answer: a
-        decode rule other than the one a layer's head keeps the keys of, a model not running
-        ``sparsecomp_sdpa``, or left padding."""
-        self.check_plan(model, plan, attention_mask, needs_slicing=True)
+        decode rule other than the one a layer's head keeps the keys of, or left padding."""
+        self.check_plan(model, plan, attention_mask)

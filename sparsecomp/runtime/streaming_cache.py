@@ -21,9 +21,10 @@ plan must read exactly these keys at decode: ``sparsecomp.compile(...).generate`
 ring layer's decode rule is ``streaming`` with the cache's sink and window.
 
 Rings for some layers only (``layers=[...]``: streaming layers beside full ones that keep the whole
-past for dense or selection rules) need the model to run ``"sparsecomp_sdpa"`` (transformers' SDPA
-with the mask cut to each layer's keys, ``runtime/partial_cache.py``): a ring's slots see the mask's
-first columns (slot ``j`` is written once ``j <= position``, as the causal mask says).
+past for dense or selection rules) run through ``"sparsecomp_sdpa"`` (transformers' SDPA with the
+mask cut to each layer's keys, ``runtime/partial_cache.py``), which the cache switches the model to
+while ``cache.attached(model)`` holds (sparsecomp's ``generate`` holds it): a ring's slots see the
+mask's first columns (slot ``j`` is written once ``j <= position``, as the causal mask says).
 """
 
 from __future__ import annotations
@@ -127,6 +128,5 @@ class StreamingKVCache(PartialKVCache):
     def check_generation(self, model, plan, attention_mask=None) -> None:
         """Raise, before a compiled ``generate`` runs, where this cache would change its answer: a
         decode rule that reads other keys than the ring's (a dense or retrieval head needs the
-        whole past), rings beside full layers without ``sparsecomp_sdpa``, or left padding
-        (padded positions would take sink slots)."""
-        self.check_plan(model, plan, attention_mask, needs_slicing=self.full_layer is not None)
+        whole past), or left padding (padded positions would take sink slots)."""
+        self.check_plan(model, plan, attention_mask)
