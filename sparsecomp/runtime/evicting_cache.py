@@ -131,7 +131,7 @@ class EvictingLayer(StaticLayer):
         return (self.position[:, :1] >= 0)[:, :, None, :]
 
     def observe(self, query, key, value, mask, scale) -> None:
-        """After the attention: the prompt's keep its share; an H2O step adds its weights."""
+        """After the attention: of the prompt, the layer keeps its share; an H2O step adds its weights."""
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         if not self.prompt_kept:
             self._keep_prompt(query, key, value, mask, scale)
@@ -144,7 +144,7 @@ class EvictingLayer(StaticLayer):
         n = key.shape[2]
         mask = mask if mask is None or mask.dtype == torch.bool else mask == 0
         if self.rule.kind == "snapkv":
-            params = {n: self.params[n] for n in ("observe", "pool")}
+            params = {name: self.params[name] for name in ("observe", "pool")}
             (rank,) = prompt_votes(query, key, mask, True, None, n, scale=scale, **params)
         else:
             (rank,) = prompt_attention(query, key, mask, True, None, n, scale=scale)
