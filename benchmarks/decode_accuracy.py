@@ -42,6 +42,7 @@ import sparsecomp  # noqa: E402
 from sparsecomp.calibration.calibration_data import (  # noqa: E402
     CALIBRATION_FILES,
     EVALUATION_FILES,
+    default_calibration_ids,
     document_ids,
     documents_fingerprint,
     passkey_prompt,
@@ -77,6 +78,7 @@ def rows_for(length: int, channels: int) -> list[tuple[str, str]]:
         ("h2o 1/8", "prefill=dense;decode=h2o:ratio=0.125,window=64"),
         ("h2o 1/16", "prefill=dense;decode=h2o:ratio=0.0625,window=64"),
         (f"duo: half the KV heads streaming, calibrated (sink 64 + window {duo_window})", "duo calibrated"),
+        (f"duo: half the KV heads streaming, calibrated on text alone (sink 64 + window {duo_window})", "duo text"),
         (f"duo: half the KV heads streaming, at random (sink 64 + window {duo_window})", "duo random"),
     ]
 
@@ -84,10 +86,11 @@ def rows_for(length: int, channels: int) -> list[tuple[str, str]]:
 def duo_plan(model, calibration, length: int, how: str) -> Plan:
     """Half of all KV heads decoding with streaming(64, length / 4 - 64), the others dense
     (DuoAttention's retrieval heads): the heads holding the most attention within that window on
-    the calibration text (``sparsecomp.calibrate_streaming_heads``), or as many at random."""
+    the calibration inputs (``sparsecomp.calibrate_streaming_heads``; text and pass key prompts,
+    or text alone), or as many at random."""
     kwargs = dict(sink=64, window=length // 4 - 64, share=0.5)
     plan = sparsecomp.calibrate_streaming_heads(model, calibration, **kwargs)
-    if how == "calibrated":
+    if how != "random":
         return plan
     heads = [(site, h) for site, rules in plan.decode_sites.items() for h in range(len(rules))]
     streaming = [r for rules in plan.decode_sites.values() for r in rules if r.kind == "streaming"][0]
@@ -185,8 +188,9 @@ def main(argv=None):
         plan = preset
         if "double_sparsity" in preset:
             plan = sparsecomp.calibrate_channels(model, calibration, preset)
-        if preset.startswith("duo "):
-            plan = duo_plan(model, calibration, args.length, preset.split()[1])
+        if preset.startswith("duo "):  # calibrated on text and pass key prompts (seeds apart from the evaluation's)
+            inputs = calibration if preset == "duo text" else default_calibration_ids(tokenizer, [2048])
+            plan = duo_plan(model, inputs, args.length, preset.split()[1])
         if name.endswith("layers 0-1 dense"):
             plan = first_layers_dense(plan)
         result = measure(model, plan, docs, passkeys, args.decode, dense, static="snapkv" in preset or "h2o" in preset)

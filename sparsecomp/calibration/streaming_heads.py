@@ -2,12 +2,16 @@
 (keeping only sink + window keys, so that ``sparsecomp.PlanKVCache`` drops the rest of their cache)
 and which must keep the whole past (retrieval heads).
 
-Measured on calibration text: per site and KV head, the attention mass the last ``rows`` queries
+Measured on calibration inputs: per site and KV head, the attention mass the last ``rows`` queries
 of each input (the positions that see the most past, as decode steps do) put on the keys a
-``streaming(sink, window)`` rule keeps, averaged over those rows and the KV group's query heads.
-The heads holding the most of it stream: those at or above ``target``, or the ``share`` of all KV
-heads of the model holding the most (DuoAttention's sparsity knob; a model-wide ranking, so
-layers differ in how many of their heads stream).
+``streaming(sink, window)`` rule keeps, averaged over those rows and the KV group's query heads,
+and its least over the inputs: a head streams only if it keeps the mass on every input. Retrieval
+heads show on retrieval inputs (DuoAttention calibrates on synthetic pass key retrieval; ordinary
+text alone misses them: on SmolLM2 a split chosen from text alone lost two of three pass keys,
+``benchmarks/results/decode_accuracy.md``), so give both. The heads holding the most stream:
+those at or above ``target``, or the ``share`` of all KV heads of the model holding the most
+(DuoAttention's sparsity knob; a model-wide ranking, so layers differ in how many of their heads
+stream).
 """
 
 from __future__ import annotations
@@ -60,9 +64,10 @@ class StreamingMassObserver:
         return out
 
 
-def streaming_head_mass(model, inputs, *, sink: int = 64, window: int = 1024, rows: int = 256) -> dict:
+def streaming_head_mass(model, inputs, *, sink: int = 64, window: int = 1024, rows: int = 32) -> dict:
     """``{site: (Hkv,) float64}``: each KV head's attention mass within ``streaming(sink, window)``
-    over the last ``rows`` queries of each input (token-id tensors, (N,) or (B, N)), averaged."""
+    over the last ``rows`` queries of each input (token-id tensors, (N,) or (B, N)), the least
+    over the inputs."""
     observer = StreamingMassObserver(module_names_by_id(model), sink, window, rows)
     observed = torch.compile(model, backend=observer.backend, dynamic=False)
     device = next(model.parameters()).device
@@ -79,18 +84,19 @@ def streaming_head_mass(model, inputs, *, sink: int = 64, window: int = 1024, ro
     torch._dynamo.reset()
     if not observer.mass:
         raise ValueError("no causal attention site was observed: nothing to calibrate")
-    return {site: torch.stack(masses).mean(0) for site, masses in observer.mass.items()}
+    return {site: torch.stack(masses).amin(0) for site, masses in observer.mass.items()}
 
 
 def calibrate_streaming_heads(
     model, inputs, plan=None, *, sink: int = 64, window: int = 1024, share: float | None = None,
-    target: float | None = None, rows: int = 256,
+    target: float | None = None, rows: int = 32,
 ) -> Plan:  # fmt: skip
     """``plan`` (a Plan or preset; None: dense) whose decode rule per KV head is
     ``streaming(sink, window)`` for the heads that keep the most attention within it (``target``:
     those at or above that mass; ``share``: that share of all KV heads, the highest first) and
-    ``dense`` for the others (retrieval heads), at every attention site. Give one of ``share``,
-    ``target``."""
+    ``dense`` for the others (retrieval heads), at every attention site, measured on ``inputs``
+    (token-id tensors: ordinary text and retrieval prompts, see the module docstring). Give one of
+    ``share``, ``target``."""
     if (share is None) == (target is None):
         raise ValueError(f"give one of share, target; got share={share}, target={target}")
     if share is not None and not 0 <= share <= 1:
