@@ -8,7 +8,7 @@ of each input (the positions that see the most past, as decode steps do) put on 
 and its least over the inputs: a head streams only if it keeps the mass on every input. Retrieval
 heads show on retrieval inputs (DuoAttention calibrates on synthetic pass key retrieval; ordinary
 text alone misses them: on SmolLM2 a split chosen from text alone lost two of three pass keys,
-``benchmarks/results/decode_accuracy.md``), so give both. The heads holding the most stream:
+``benchmarks/results/decode_accuracy_duo.md``), so give both. The heads holding the most stream:
 those at or above ``target``, or the ``share`` of all KV heads of the model holding the most
 (DuoAttention's sparsity knob; a model-wide ranking, so layers differ in how many of their heads
 stream).
