@@ -1,6 +1,7 @@
 """What the caches that keep only part of the past share (``StreamingKVCache``'s rings,
-``EvictingKVCache``'s budgets): a static cache some of whose layers are replaced, the one attention
-implementation that runs such layers, and the checks made before a compiled ``generate``.
+``EvictingKVCache``'s budgets, ``PlanKVCache``'s per-head mixes): a static cache some of whose
+layers are replaced, the one attention implementation that runs such layers, and the checks made
+before a compiled ``generate``.
 
 transformers builds one mask for all full-attention layers, sized for the full ones, and its SDPA
 needs a mask as long as the keys. The attention implementation registered here as
@@ -24,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .host_cache import allocate_up_front
 
 SLICING_ATTENTION = "sparsecomp_sdpa"
-OBSERVING_LAYER = "sparsecomp_kv_layer"  # the attribute of an attention module naming its evicting layer
+OBSERVING_LAYER = "sparsecomp_kv_layer"  # an attention module's attribute: the cache layer running its attention
 
 
 def cut_to_keys(mask, n_keys: int):
