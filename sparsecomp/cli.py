@@ -80,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--block", type=_positive_int, default=128)
     cal.add_argument("--device", default=None)
     cal.add_argument("--seed", type=int, default=0)
+    duo = sub.add_parser(
+        "streaming-heads", help="choose the KV heads that decode with a streaming window (DuoAttention's split)"
+    )
+    duo.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    duo.add_argument("--plan", default=None, help="the plan to add the decode rules to (default: dense)")
+    duo.add_argument("--out", default="plan.json")
+    duo.add_argument("--share", type=_fraction, default=0.5, help="share of all KV heads that stream")
+    duo.add_argument("--sink", type=_count, default=64)
+    duo.add_argument("--window", type=_positive_int, default=1024)
+    duo.add_argument("--lengths", type=_positive_int, nargs="+", default=[4096], help="calibration input lengths")
+    duo.add_argument("--device", default=None)
     tune = sub.add_parser("autotune", help="fit this GPU's cost model and time each site's options (CUDA)")
     tune.add_argument("--model", default="smollm2", help=MODEL_HELP)
     tune.add_argument("--plan", default=None, help="a plan .json or preset (default: dense)")
@@ -101,7 +112,9 @@ def main(argv=None) -> int:
     """Run a command; a bad argument is one line on stderr and exit status 2 (no traceback)."""
     try:
         args = _parser().parse_args(argv)
-        return {"calibrate": _calibrate, "autotune": _autotune, "demo": _demo, "inspect": _inspect}[args.command](args)
+        commands = {"calibrate": _calibrate, "streaming-heads": _streaming_heads, "autotune": _autotune, "demo": _demo,
+                    "inspect": _inspect}  # fmt: skip
+        return commands[args.command](args)
     except UsageError as e:
         print(f"sparsecomp: error: {e}", file=sys.stderr)
         return 2
@@ -209,6 +222,37 @@ def _calibrate(args) -> int:
     kinds = [r.kind for rules in plan.sites.values() for r in rules]
     summary = ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
     print(f"wrote {args.out}: {len(plan.sites)} sites, heads: {summary}")
+    return 0
+
+
+def _streaming_heads(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .calibration.calibration_data import default_calibration_ids
+    from .calibration.streaming_heads import calibrate_streaming_heads
+
+    plan = _load_plan(args.plan)
+    if min(args.lengths) <= args.sink + args.window:
+        raise UsageError(
+            f"--lengths {min(args.lengths)}: a streaming window of {args.sink} + {args.window} keys keeps all of it; "
+            "give lengths above sink + window"
+        )
+    _check_device(args.device)
+    _check_model(args.model)
+    _check_out(args.out)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_model(args.model, device=device)
+    inputs = default_calibration_ids(tokenizer, args.lengths)  # text and pass key prompts: retrieval heads show
+    plan = calibrate_streaming_heads(model, inputs, plan, sink=args.sink, window=args.window, share=args.share)
+    made = {"share": args.share, "sink": args.sink, "window": args.window, "inputs": len(inputs),
+            "data": f"default: stdlib documents and pass key prompts at {args.lengths}"}  # fmt: skip
+    plan = dataclasses.replace(plan, info={**plan.info, "streaming_heads": made})
+    plan.save(args.out)
+    rules = [r.kind for site in plan.decode_sites.values() for r in site]
+    print(f"wrote {args.out}: {len(plan.decode_sites)} sites, KV heads streaming {rules.count('streaming')} "
+          f"of {len(rules)}")  # fmt: skip
     return 0
 
 

@@ -305,3 +305,24 @@ def test_influence_calibration_gives_a_valid_plan():
     heads = [h for site in plan.info["measured"].values() for h in site["heads"]]
     assert len(heads) == 8 and all(h["influence"] >= 0.8 for h in heads)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_command_line_chooses_streaming_heads_on_the_default_data(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sparsecomp.cli import main
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    out = tmp_path / "plan.json"
+    argv = ["streaming-heads", "--model", str(tmp_path / "model"), "--lengths", "96", "--sink", "4", "--window",
+            "16", "--share", "0.5", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    plan = Plan.load(out)
+    rules = [r for site in plan.decode_sites.values() for r in site]
+    assert len(plan.decode_sites) == 2 and len(rules) == 4
+    assert sum(r == Rule.parse("streaming:sink=4,window=16") for r in rules) == 2 and rules.count(Rule()) == 2
+    assert plan.info["streaming_heads"]["inputs"] == 6  # 4 documents + 2 pass key prompts
+    assert "KV heads streaming 2 of 4" in capsys.readouterr().out

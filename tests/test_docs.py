@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NAME = re.compile(r"(?<![.\w])sparsecomp(?:\.[A-Za-z_][A-Za-z0-9_]*)+")  # not torch.ops.sparsecomp...
 CODE = re.compile(r"```[a-z]*\n(.*?)```|`([^`\n]+)`", re.DOTALL)
-COMMAND = re.compile(r"^\s*(?:\$ )?sparsecomp ([a-z]+)(.*)$", re.MULTILINE)
+COMMAND = re.compile(r"^\s*(?:\$ )?sparsecomp ([a-z][a-z-]*)(.*)$", re.MULTILINE)
 LINK = re.compile(r"\]\(([^)#:]+)(?:#[^)]*)?\)")
 
 
