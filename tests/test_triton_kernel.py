@@ -188,3 +188,72 @@ def test_tma_required_where_it_cannot_run_is_an_error():
     args = (q, misaligned, v, q_pos, q_pos, None, *index.tensors, zeros, zeros, d**-0.5, True, 0, 0.0, 16, 16)
     with pytest.raises(ValueError, match="tma=1"):
         sparse_attention_triton(*args, tma=1)
+
+
+@pytest.mark.parametrize("case", CASES[1:4])
+def test_kernel_log_sum_exp_matches_the_reference_and_fp64(case):
+    """The kernel's per-row log-sum-exp of its kept scores (RETURN_LSE), the reference's, and the
+    fp64 one from explicit kept pairs agree; rows keeping nothing (padding) give -inf both ways."""
+    from sparsecomp.kernels.prefill.block_sparse_attention import index_pairs
+
+    b, hq, hkv, nq, nk, d, block, causal, window, sinks, windows, pad = case
+    q, k, v, key_ok = (
+        t.to(DEVICE) if t is not None else None for t in make_case(b, hq, hkv, nq, nk, d, torch.float32, pad)
+    )
+    q_pos, k_pos = index_positions(q, 2), index_positions(k, 2)
+    sink = torch.tensor(sinks, dtype=torch.int32, device=DEVICE)
+    win = torch.tensor(windows, dtype=torch.int32, device=DEVICE)
+    index = build_block_index(
+        q_pos, k_pos, key_ok, sink, win, causal=causal, window=window, block_m=block, block_n=block, max_blocks=None
+    )
+    args = (
+        q,
+        k,
+        v,
+        q_pos,
+        k_pos,
+        key_ok,
+        *index.tensors,
+        sink,
+        win,
+        1 / math.sqrt(d),
+        causal,
+        window,
+        0.0,
+        block,
+        block,
+    )
+    lse = torch.full((b, hq, nq), float("nan"), device=DEVICE)
+    sparse_attention_triton(*args, lse=lse)
+    ref_lse = torch.empty_like(lse)
+    sparse_attention_reference(*args, lse=ref_lse)
+    keep = index_pairs(q_pos, k_pos, key_ok, *index.tensors, sink, win, causal=causal, window=window,
+                       block_m=block, block_n=block)(0, nq)  # fmt: skip
+    s = q.double() @ k.double().repeat_interleave(hq // hkv, 1).transpose(-1, -2) / math.sqrt(d)
+    want = s.masked_fill(~keep, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(ref_lse.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_over_split_key_sets_merges_to_the_whole():
+    """Attention over two disjoint halves of each row's keys, each with its log-sum-exp, merges to
+    the attention over all of them (``merge_attention``), as context parallelism combines ranks."""
+    from sparsecomp.kernels.prefill.block_sparse_attention import merge_attention, sparse_attention_with_lse
+
+    b, hq, hkv, n, d, block = 1, 4, 2, 64, 16, 16
+    q, k, v, _ = (t.to(DEVICE) if t is not None else None for t in make_case(b, hq, hkv, n, n, d, torch.float32))
+    pos = index_positions(q, 2)
+    zeros = torch.zeros(hq, dtype=torch.int32, device=DEVICE)
+    whole = build_block_index(pos, pos, None, zeros, zeros, causal=True, window=0, block_m=block, block_n=block,
+                              max_blocks=None)  # fmt: skip
+    full, _ = sparse_attention_with_lse(q, k, v, whole, q_pos=pos, k_pos=pos, causal=True)
+    halves = [(pos < n // 2), (pos >= n // 2)]
+    outs, lses = [], []
+    for part in halves:  # keys outside the part are padding for it
+        index = build_block_index(pos, pos, part, zeros, zeros, causal=True, window=0, block_m=block, block_n=block,
+                                  max_blocks=None)  # fmt: skip
+        out, lse = sparse_attention_with_lse(q, k, v, index, q_pos=pos, k_pos=pos, key_ok=part, causal=True)
+        outs.append(out)
+        lses.append(lse)
+    assert torch.isneginf(lses[1][:, :, : n // 2]).all()  # the first rows see none of the second half
+    torch.testing.assert_close(merge_attention(outs, lses), full, atol=2e-5, rtol=2e-5)

@@ -136,7 +136,7 @@ def _attend_block(
 
 @triton.jit
 def _sparse_attention_fwd(
-    Q, K, V, DescK, DescV, Out, QPos, KPos, KeyOk, KeyStart, FullBlocks, FullCount, PartBlocks, PartCount,
+    Q, K, V, DescK, DescV, Out, Lse, QPos, KPos, KeyOk, KeyStart, FullBlocks, FullCount, PartBlocks, PartCount,
     Columns, ColumnCount, HeadSink, HeadWindow,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
@@ -147,7 +147,7 @@ def _sparse_attention_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_OK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_COLUMNS: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
-    SUB_M: tl.constexpr,
+    SUB_M: tl.constexpr, RETURN_LSE: tl.constexpr = False,
 ):
     # Scalars may arrive as fp64 (Inductor passes Python floats so): keep the math in fp32.
     scale2 = tl.cast(scale2, tl.float32)
@@ -221,6 +221,9 @@ def _sparse_attention_fwd(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=in_q[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if RETURN_LSE:  # log of the softmax denominator, natural units (-inf: no key kept): to merge partials
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # m and the exponents are in log2 units
+        tl.store(Lse + (b64 * n_heads + h64) * n_q + offs_m, lse, mask=in_q)
 # fmt: on
 
 
@@ -370,12 +373,13 @@ def sparse_attention_triton(
     q, k, v, q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
     head_sink, head_window, scale: float, causal: bool, window: int, softcap: float, block_m: int, block_n: int,
     tile_n: int = 0, num_warps: int = 0, num_stages: int = 0, tma: int = -1, tile_m: int = 0,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # fmt: on
     """Launch the kernel. ``tma``: 1 = K/V tiles by tensor descriptors (error if they cannot be
     made), 0 = by pointers, -1 = descriptors where the GPU and layout allow. ``out`` lets tests pass a
-    poisoned buffer to prove every element is written."""
+    poisoned buffer to prove every element is written (and callers an fp32 one); ``lse``, a
+    contiguous float32 (B, Hq, Nq) tensor, receives each row's log-sum-exp of its kept scores."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     check_kernel_options(block_m, block_n, tile_n, num_warps, num_stages, tma, tile_m)
@@ -383,6 +387,9 @@ def sparse_attention_triton(
     _check_index(*index, b, hq, nq, nk, block_m, block_n)
     if out is None:
         out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
+    if lse is not None and (lse.shape != (b, hq, nq) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        got = f"{lse.dtype} {tuple(lse.shape)}"
+        raise ValueError(f"lse must be a contiguous float32 ({b}, {hq}, {nq}) tensor; got {got}")
     # The kernel reads these small tensors with unit last-dim stride and one stride set per pair
     # (compiled graphs may hand them over in other layouts): make that true, cheaply.
     q_pos, k_pos, head_sink, head_window = (t.contiguous() for t in (q_pos, k_pos, head_sink, head_window))
@@ -410,6 +417,7 @@ def sparse_attention_triton(
         desc_k if use_tma else k,  # unread without TMA
         desc_v if use_tma else v,
         out,
+        lse if lse is not None else out,  # unwritten without RETURN_LSE
         q_pos,
         k_pos,
         key_ok.view(torch.uint8) if key_ok is not None else key_start,
@@ -456,6 +464,7 @@ def sparse_attention_triton(
         HAS_COLUMNS=columns is not None,
         IEEE=q.dtype == torch.float32,
         USE_TMA=use_tma,
+        RETURN_LSE=lse is not None,
         **cfg,
     )
     return out
@@ -579,9 +588,11 @@ def index_pairs(
 def sparse_attention_reference(
     q, k, v, q_pos, k_pos, key_ok, full_blocks, full_count, part_blocks, part_count, columns, column_count,
     head_sink, head_window, scale: float, causal: bool, window: int, softcap: float, block_m: int, block_n: int,
+    out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # fmt: on
-    """Plain PyTorch semantics of ``sparse_attention`` (fp32 math), chunked over query rows.
+    """Plain PyTorch semantics of ``sparse_attention`` (fp32 math), chunked over query rows; ``out``
+    and ``lse`` as the kernel's launcher takes them.
 
     Columns must not fall inside a listed block of the same query block (the kernel would count
     them twice); this is the index builders' invariant, and the reference checks it."""
@@ -599,7 +610,7 @@ def sparse_attention_reference(
     )  # fmt: skip
     kf = k.float()[:, :, None]  # (B, Hkv, 1, Nk, D)
     vf = v.float()[:, :, None]
-    out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=q.device) if out is None else out
     rows_per_chunk = max(block_m, (_CHUNK_ELEMENTS // max(1, b * hq * nk)) // block_m * block_m)
     for r0 in range(0, nq, rows_per_chunk):
         r1 = min(nq, r0 + rows_per_chunk)
@@ -616,7 +627,9 @@ def sparse_attention_reference(
         p = torch.exp(s - row_max)
         denom = p.sum(-1, keepdim=True)
         o = (p.view(b, hkv, groups, r1 - r0, nk) @ vf).view(b, hq, r1 - r0, d)
-        out[:, :, r0:r1] = torch.where(denom == 0, 0.0, o / denom).to(q.dtype)
+        out[:, :, r0:r1] = torch.where(denom == 0, 0.0, o / denom).to(out.dtype)
+        if lse is not None:
+            lse[:, :, r0:r1] = (row_max + denom.log()).squeeze(-1)  # log(0) = -inf: no key kept
     return out
 
 
@@ -687,6 +700,56 @@ def _sparse_attention_fake(q, k, v, *args):
     return q.new_empty(q.shape)
 
 
+def sparse_attention_with_lse(q, k, v, index: SparseIndex, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_attention_call``'s attention as float32 (B, Hq, Nq, D), and each row's log-sum-exp
+    of its kept scores (B, Hq, Nq), -inf where it keeps no key: attention over several key sets is
+    then merged exactly (``merge_attention``). The kernel on CUDA, the reference elsewhere (an
+    eager call: context parallelism's op runs it)."""
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    args = _call_arguments(q, k, v, index, **kwargs)
+    if q.is_cuda:
+        _check_inputs(*args[:6], *args[12:14])
+        sparse_attention_triton(*args, out=out, lse=lse)
+    else:
+        sparse_attention_reference(*args[:20], out=out, lse=lse)
+    return out, lse
+
+
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """Attention over the union of disjoint key sets from each set's (float32 output, log-sum-exp):
+    each output weighed by its share of the softmax mass; zeros for rows that keep no key."""
+    top = torch.stack(lses).amax(0)
+    top = top.where(torch.isfinite(top), 0.0)
+    weights = [torch.exp(lse - top) for lse in lses]
+    total = sum(weights)
+    merged = sum(w[..., None] * o for w, o in zip(weights, outs, strict=True))
+    return torch.where(total[..., None] > 0, merged / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None], 0.0)
+
+
+def _call_arguments(q, k, v, index: SparseIndex, *, q_pos, k_pos, key_ok=None, head_sink=None, head_window=None,
+                    scale=None, causal: bool, window: int = 0, softcap: float = 0.0,
+                    options: KernelOptions | None = None) -> tuple:  # fmt: skip
+    """The raw op's arguments for ``sparse_attention_call``'s keywords."""
+    if options is None:
+        options = KernelOptions(block_m=index.block_m, block_n=index.block_n)
+    if (index.block_m, index.block_n) != (options.block_m, options.block_n):
+        raise ValueError(
+            f"the index has block_m={index.block_m}, block_n={index.block_n} but the kernel options have "
+            f"block_m={options.block_m}, block_n={options.block_n}: build the index with the options' block sizes"
+        )
+    if head_sink is None or head_window is None:
+        zeros = torch.zeros(q.shape[1], dtype=torch.int32, device=q.device)
+        head_sink = zeros if head_sink is None else head_sink
+        head_window = zeros if head_window is None else head_window
+    o = options
+    return (
+        q, k, v, q_pos, k_pos, key_ok, *index.tensors, head_sink, head_window,
+        q.shape[-1] ** -0.5 if scale is None else scale, causal, window, softcap,
+        o.block_m, o.block_n, o.tile_n, o.num_warps, o.num_stages, o.tma, o.tile_m,
+    )  # fmt: skip
+
+
 def sparse_attention_call(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -711,20 +774,8 @@ def sparse_attention_call(
     inside the listed blocks; ``options`` says how the kernel runs (None: its defaults at the
     index's block sizes); ``scale`` None is head_dim ** -0.5, as in SDPA. In an FX graph, call it
     with the index as one node (a builder's output): nodes inside dataclasses are not seen by FX."""
-    if options is None:
-        options = KernelOptions(block_m=index.block_m, block_n=index.block_n)
-    if (index.block_m, index.block_n) != (options.block_m, options.block_n):
-        raise ValueError(
-            f"the index has block_m={index.block_m}, block_n={index.block_n} but the kernel options have "
-            f"block_m={options.block_m}, block_n={options.block_n}: build the index with the options' block sizes"
-        )
-    if head_sink is None or head_window is None:
-        zeros = torch.zeros(q.shape[1], dtype=torch.int32, device=q.device)
-        head_sink = zeros if head_sink is None else head_sink
-        head_window = zeros if head_window is None else head_window
-    o = options
-    return sparse_attention(
-        q, k, v, q_pos, k_pos, key_ok, *index.tensors, head_sink, head_window,
-        q.shape[-1] ** -0.5 if scale is None else scale, causal, window, softcap,
-        o.block_m, o.block_n, o.tile_n, o.num_warps, o.num_stages, o.tma, o.tile_m,
+    args = _call_arguments(
+        q, k, v, index, q_pos=q_pos, k_pos=k_pos, key_ok=key_ok, head_sink=head_sink, head_window=head_window,
+        scale=scale, causal=causal, window=window, softcap=softcap, options=options,
     )  # fmt: skip
+    return sparse_attention(*args)

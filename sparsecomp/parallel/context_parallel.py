@@ -9,11 +9,11 @@ positions; block top-k from every rank's pooled key blocks, one all-gather of 1/
 ``block_topk_index_for_chunk``; vertical-slash from the sequence's last queries, broadcast by the
 last rank, each rank scoring its own keys: ``vertical_slash_index_for_chunk``; SampleAttention
 from the sampled rows, summed over the ranks, each rank scoring its own keys' column mass:
-``sample_index_for_chunk``). The received
-blocks and the rank's own are laid side by side in ascending order with their global positions,
-the index is renumbered onto them, and the block-sparse op runs on that compacted K/V: every
-structure rule (causal, sinks, windows) reads positions, so nothing changes.
-Blocks move whole: a listed column brings its block."""
+``sample_index_for_chunk``). While the
+others' blocks are in flight, the rank attends to its own (the index restricted and renumbered
+onto them, with their global positions: every structure rule reads positions), then to the
+received ones side by side, and merges the two by their log-sum-exp (``merge_attention``): the
+sends overlap that compute. Blocks move whole: a listed column brings its block."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from sparsecomp.kernels.prefill.adaptive_index import (
     vertical_slash_lists,
 )
 from sparsecomp.kernels.prefill.block_index import SparseIndex
-from sparsecomp.kernels.prefill.block_sparse_attention import sparse_attention_call
+from sparsecomp.kernels.prefill.block_sparse_attention import merge_attention, sparse_attention_with_lse
 
 
 @dataclass(frozen=True)
@@ -115,47 +115,75 @@ def _renumber(index: SparseIndex, compact_id: torch.Tensor, n_compact_keys: int)
     return index._replace(full_blocks=blocks(index.full_blocks), part_blocks=blocks(index.part_blocks), columns=columns)
 
 
-def _exchange(k, v, needed: torch.Tensor, chunk: ContextChunk, block_n: int, group) -> tuple:
-    """K and V of the ``needed`` key blocks (ascending), gathered from their owners; and the bytes
-    this rank received. Every rank learns every rank's needs first (one small all-gather)."""
-    n_kb, local_kb = chunk.length // block_n, chunk.size // block_n
-    wants = [torch.empty(n_kb, dtype=torch.uint8, device=k.device) for _ in range(chunk.world)]
-    dist.all_gather(wants, needed.to(torch.uint8).to(k.device), group=group)  # on K's device: NCCL too
-    wants = [w.cpu() for w in wants]
+def _restrict(index: SparseIndex, compact_id: torch.Tensor, n_compact_keys: int) -> SparseIndex:
+    """``index`` over some of the key blocks only (``compact_id``: global block -> its place among
+    them, -1 where absent), renumbered onto them: absent blocks leave the lists (counts shrink)."""
+    n_compact = n_compact_keys // index.block_n
 
-    def rows(blocks: torch.Tensor) -> torch.Tensor:  # local key rows of some local blocks
-        return (blocks[:, None] * block_n + torch.arange(block_n)).flatten().to(k.device)
+    def lists(blocks: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = compact_id[blocks.long().clamp(0, compact_id.numel() - 1)]
+        used = (torch.arange(blocks.shape[-1], device=blocks.device) < count[..., None]) & (ids >= 0)
+        first = torch.sort((~used).to(torch.uint8), dim=-1, stable=True).indices  # the kept ones first, in order
+        kept = ids.clamp_min(0).gather(-1, first)[..., :n_compact]  # a row lists each block once
+        return kept.to(blocks.dtype), used.sum(-1).to(count.dtype)
 
-    mine = range(chunk.rank * local_kb, (chunk.rank + 1) * local_kb)
-    requests, parts, received = [], {}, 0
-    for peer in range(chunk.world):
-        if peer == chunk.rank:
-            continue
-        theirs = range(peer * local_kb, (peer + 1) * local_kb)
-        send = torch.tensor([b - mine.start for b in mine if wants[peer][b]], dtype=torch.int64)
-        if send.numel():
-            for t in (k, v):
-                requests.append(dist.isend(t.index_select(2, rows(send)).contiguous(), peer, group=group))
-        take = [b for b in theirs if needed[b]]
-        if take:
-            shape = (k.shape[0], k.shape[1], len(take) * block_n, k.shape[3])
-            kb, vb = k.new_empty(shape), v.new_empty(shape)
-            requests += [dist.irecv(kb, peer, group=group), dist.irecv(vb, peer, group=group)]
-            parts[peer] = (take, kb, vb)
-            received += 2 * kb.numel() * kb.element_size()
-    for r in requests:
-        r.wait()
-    pieces_k, pieces_v = [], []
-    for peer in range(chunk.world):
-        if peer == chunk.rank:
-            own = torch.tensor([b - mine.start for b in mine if needed[b]], dtype=torch.int64)
-            if own.numel():
-                pieces_k.append(k.index_select(2, rows(own)))
-                pieces_v.append(v.index_select(2, rows(own)))
-        elif peer in parts:
-            pieces_k.append(parts[peer][1])
-            pieces_v.append(parts[peer][2])
-    return torch.cat(pieces_k, 2), torch.cat(pieces_v, 2), received
+    full_blocks, full_count = lists(index.full_blocks, index.full_count)
+    part_blocks, part_count = lists(index.part_blocks, index.part_count)
+    columns = _renumber(index, compact_id, n_compact_keys).columns  # absent columns: past the keys
+    return index._replace(full_blocks=full_blocks, full_count=full_count, part_blocks=part_blocks,
+                          part_count=part_count, columns=columns)  # fmt: skip
+
+
+def block_rows(blocks: torch.Tensor, block_n: int, device) -> torch.Tensor:
+    """The key rows of some key blocks (block ids counted from the rows' first block)."""
+    return (blocks[:, None] * block_n + torch.arange(block_n)).flatten().to(device)
+
+
+class _Exchange:
+    """The K/V blocks a rank needs from the others, in flight: every rank learns every rank's needs
+    first (one small all-gather), then sends what the others need and posts its receives;
+    ``wait()`` gives the received blocks side by side (ascending) once they are all here."""
+
+    def __init__(self, k, v, needed: torch.Tensor, chunk: ContextChunk, block_n: int, group):
+        n_kb, local_kb = chunk.length // block_n, chunk.size // block_n
+        wants = [torch.empty(n_kb, dtype=torch.uint8, device=k.device) for _ in range(chunk.world)]
+        dist.all_gather(wants, needed.to(torch.uint8).to(k.device), group=group)  # on K's device: NCCL too
+        wants = [w.cpu() for w in wants]
+        mine = range(chunk.rank * local_kb, (chunk.rank + 1) * local_kb)
+        self.requests, self.parts, self.received = [], [], 0
+        for peer in range(chunk.world):
+            if peer == chunk.rank:
+                continue
+            theirs = range(peer * local_kb, (peer + 1) * local_kb)
+            send = torch.tensor([b - mine.start for b in mine if wants[peer][b]], dtype=torch.int64)
+            if send.numel():
+                rows = block_rows(send, block_n, k.device)
+                for t in (k, v):
+                    self.requests.append(dist.isend(t.index_select(2, rows).contiguous(), peer, group=group))
+            take = [b for b in theirs if needed[b]]
+            if take:
+                shape = (k.shape[0], k.shape[1], len(take) * block_n, k.shape[3])
+                kb, vb = k.new_empty(shape), v.new_empty(shape)
+                self.requests += [dist.irecv(kb, peer, group=group), dist.irecv(vb, peer, group=group)]
+                self.parts.append((kb, vb))  # peers in rank order: their blocks ascend
+                self.received += 2 * kb.numel() * kb.element_size()
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        for r in self.requests:
+            r.wait()
+        if not self.parts:
+            return None
+        return torch.cat([kb for kb, _ in self.parts], 2), torch.cat([vb for _, vb in self.parts], 2)
+
+
+def _attend_to_blocks(q, k, v, index: SparseIndex, blocks: torch.Tensor, n_kb: int, q_pos, **rule):
+    """This rank's rows over the key blocks ``blocks`` (global ids, ascending) alone, whose K/V are
+    ``k``/``v`` side by side: float32 output and log-sum-exp, to merge with the other blocks'."""
+    compact_id = torch.full((n_kb,), -1, dtype=torch.int64)
+    compact_id[blocks] = torch.arange(blocks.numel())
+    k_pos = block_rows(blocks, index.block_n, q.device)[None]
+    part = _restrict(index, compact_id.to(index.full_blocks.device), k.shape[2])
+    return sparse_attention_with_lse(q, k, v, part, q_pos=q_pos, k_pos=k_pos, **rule)
 
 
 def context_parallel_attention(
@@ -180,22 +208,36 @@ def context_parallel_attention(
         raise ValueError(f"context parallel: chunk block {chunk.block} is not a multiple of {bm} and {bn}")
     if q.shape[2] != chunk.size or k.shape[2] != chunk.size:
         raise ValueError(f"context parallel: rank {chunk.rank} holds {q.shape[2]} rows; expected {chunk.size}")
-    n_kb = chunk.length // bn
+    n_kb, local_kb = chunk.length // bn, chunk.size // bn
     needed = listed_key_blocks(index, n_kb).cpu()
-    if head_sink is not None and int(head_sink.max()) > 0:  # sinks count from the first key: keep it first
-        needed[: -(-int(head_sink.max()) // bn)] = True
-    k_all, v_all, received = _exchange(k, v, needed, chunk, bn, group)
-    kept = needed.nonzero().flatten()
-    compact_id = torch.full((n_kb,), -1, dtype=torch.int64)
-    compact_id[kept] = torch.arange(kept.numel())
-    k_pos = (kept[:, None] * bn + torch.arange(bn)).flatten()[None].to(q.device)
+    sink = 0 if head_sink is None else int(head_sink.max())
+    if sink > chunk.size:
+        raise ValueError(f"context parallel: sinks of {sink} keys span more than a rank's {chunk.size} rows")
+    if sink > 0:  # the kernel counts sinks from a part's first key: the sink blocks lead the part holding them
+        needed[: -(-sink // bn)] = True
+    exchange = _Exchange(k, v, needed, chunk, bn, group)  # the others' blocks in flight from here
+    own = torch.zeros(n_kb, dtype=torch.bool)
+    own[chunk.rank * local_kb : (chunk.rank + 1) * local_kb] = True
     q_pos = torch.arange(chunk.start, chunk.stop, device=q.device)[None]
-    local = _renumber(index, compact_id.to(index.full_blocks.device), k_all.shape[2])
-    out = sparse_attention_call(
-        q, k_all, v_all, local, q_pos=q_pos, k_pos=k_pos, head_sink=head_sink, head_window=head_window,
-        scale=scale, causal=causal,
-    )  # fmt: skip
-    return out, received
+    outs, lses = [], []
+
+    def attend(k_part, v_part, blocks):  # the part holding key 0 holds the sinks; the other has none
+        sinks = head_sink if blocks[0] == 0 or head_sink is None else torch.zeros_like(head_sink)
+        rule = dict(head_sink=sinks, head_window=head_window, scale=scale, causal=causal)
+        out, lse = _attend_to_blocks(q, k_part, v_part, index, blocks, n_kb, q_pos, **rule)
+        outs.append(out)
+        lses.append(lse)
+
+    mine = (needed & own).nonzero().flatten()
+    if mine.numel():  # this rank's own blocks while the others' arrive
+        rows = block_rows(mine - chunk.rank * local_kb, bn, k.device)
+        attend(k.index_select(2, rows), v.index_select(2, rows), mine)
+    received = exchange.wait()
+    if received is not None:
+        attend(*received, (needed & ~own).nonzero().flatten())
+    if not outs:
+        return q.new_zeros(q.shape), exchange.received
+    return merge_attention(outs, lses).to(q.dtype), exchange.received
 
 
 def block_topk_index_for_chunk(
