@@ -17,6 +17,7 @@ from . import kernels, passes  # noqa: F401  (registers torch.ops.sparsecomp.*)
 from .api import compile, inspect
 from .calibration.calibrate import calibrate
 from .calibration.channels import calibrate_channels
+from .calibration.eviction_budgets import calibrate_snapkv_budgets
 from .calibration.streaming_heads import calibrate_streaming_heads
 from .compiler.backend import counters, sparsecomp_backend
 from .passes.rewrite import KernelOptions
@@ -38,6 +39,7 @@ __all__ = [
     "autotune",
     "calibrate",
     "calibrate_channels",
+    "calibrate_snapkv_budgets",
     "calibrate_streaming_heads",
     "compile",
     "counters",
