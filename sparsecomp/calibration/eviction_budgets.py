@@ -7,7 +7,8 @@ each candidate budget (the prompt's last ``observe`` queries vote, max-pooled ov
 top-voted keys outside the window plus the window), and the attention mass the decode-like rows
 put on those keys and on the rows after the prompt (which a window of at least ``rows`` keeps).
 ``allocate`` (the exact multiple-choice knapsack calibration uses for MoA) then picks each head's
-budget: least summed lost mass at the mean ``ratio``.
+budget: least summed lost mass at the mean ``ratio``. On SmolLM2 at 2K this did not beat one share
+for every head (``benchmarks/results/decode_accuracy_budgets.md``).
 """
 
 from __future__ import annotations
