@@ -250,7 +250,7 @@ def _streaming_heads(args) -> int:
             "data": f"default: stdlib documents and pass key prompts at {args.lengths}"}  # fmt: skip
     plan = dataclasses.replace(plan, info={**plan.info, "streaming_heads": made})
     plan.save(args.out)
-    rules = [r.kind for site in plan.decode_sites.values() for r in site]
+    rules = [r.kind for entry in plan.decode_sites.values() for r in (entry if isinstance(entry, list) else [entry])]
     print(f"wrote {args.out}: {len(plan.decode_sites)} sites, KV heads streaming {rules.count('streaming')} "
           f"of {len(rules)}")  # fmt: skip
     return 0
