@@ -125,7 +125,7 @@ def _compiled_generate(model: torch.nn.Module, compiled_forward, plan):
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # later releases name it cache
         if hasattr(cache, "check_allocated_for"):  # a HostKVCache: checked here, outside the compiled forward
             cache.check_allocated_for(next(model.parameters()).device)
-        if hasattr(cache, "check_generation"):  # a StreamingKVCache or EvictingKVCache
+        if hasattr(cache, "check_generation"):  # a partial cache: StreamingKVCache, EvictingKVCache, PlanKVCache
             cache.check_generation(model, plan, kwargs.get("attention_mask"))
         attached = cache.attached(model) if hasattr(cache, "attached") else contextlib.nullcontext()
         with _forward_replaced(model, compiled_forward), attached:  # evicting layers see the queries
