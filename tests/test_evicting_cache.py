@@ -29,6 +29,18 @@ def generate_with(model, ids, cache):
     )  # fmt: skip
 
 
+def full_and_kept(model, plan, ids, cache, length: int):
+    """(generation over a full static cache of ``length``, generation over ``cache``, the model
+    compiled for the latter), each from a fresh compile of ``plan``."""
+    from transformers import StaticCache
+
+    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
+    full = generate_with(compiled, ids, StaticCache(config=model.config, max_cache_len=length))
+    torch._dynamo.reset()
+    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
+    return full, generate_with(compiled, ids, cache), compiled
+
+
 def evicting(model, length, rule, **kwargs):
     return sparsecomp.EvictingKVCache(config=model.config, max_cache_len=length, rule=rule, **kwargs)
 
@@ -40,18 +52,11 @@ def sparsecomp_model():
 @pytest.mark.parametrize("prompt_len", [30, 7])  # longer than the budget, shorter than budget - window
 @pytest.mark.parametrize("rule", RULES)
 def test_evicting_cache_generates_the_tokens_of_the_rule_on_a_full_cache(rule, prompt_len):
-    from transformers import StaticCache
-
     model = sparsecomp_model()
-    plan = Plan(decode_default=Rule.parse(rule))
     ids = torch.randint(1, 100, (2, prompt_len), device=DEVICE)
     length = prompt_len + NEW
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
-    full = generate_with(compiled, ids, StaticCache(config=model.config, max_cache_len=length))
-    torch._dynamo.reset()
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
     cache = evicting(model, length, rule, batch_size=2, dtype=torch.float32, device=DEVICE)
-    kept = generate_with(compiled, ids, cache)
+    full, kept, compiled = full_and_kept(model, Plan(decode_default=Rule.parse(rule)), ids, cache, length)
     slots = cache.layers[0].slots
     assert cache.layers[0].keys.shape == (2, 2, slots, 16) and slots == dict(Rule.parse(rule).params)["k"]
     assert torch.equal(kept.sequences, full.sequences)
@@ -115,7 +120,6 @@ def test_half_the_layers_evicting_beside_a_full_one():
     """One layer keeps H2O's keys, the other the whole past for Double Sparsity: the tokens of that
     plan over a full static cache."""
     from test_decode_rules import decode_plan
-    from transformers import StaticCache
 
     model = sparsecomp_model()
     rule = "h2o:k=10,window=4"
@@ -126,12 +130,8 @@ def test_half_the_layers_evicting_beside_a_full_one():
     )
     ids = torch.randint(1, 100, (2, 30), device=DEVICE)
     length = 30 + NEW
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
-    full = generate_with(compiled, ids, StaticCache(config=model.config, max_cache_len=length))
-    torch._dynamo.reset()
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
     cache = evicting(model, length, rule, layers=[1], batch_size=2, dtype=torch.float32, device=DEVICE)
-    kept = generate_with(compiled, ids, cache)
+    full, kept, _ = full_and_kept(model, plan, ids, cache, length)
     assert cache.layers[1].keys.shape[2] == 10 and cache.layers[0].keys.shape[2] == length
     assert torch.equal(kept.sequences, full.sequences)
 

@@ -51,8 +51,7 @@ def test_budgets_meet_the_mean_and_give_each_head_a_snapkv_rule():
 def test_a_plan_of_per_head_budgets_decodes_from_a_plan_cache_as_over_a_full_cache():
     """Heads of one layer with different SnapKV budgets: the rule over a full static cache, and a
     PlanKVCache keeping each head's budget (a layer of head groups), give the same tokens."""
-    from test_plan_cache import generate_with
-    from transformers import StaticCache
+    from test_evicting_cache import full_and_kept
 
     import sparsecomp
 
@@ -61,11 +60,7 @@ def test_a_plan_of_per_head_budgets_decodes_from_a_plan_cache_as_over_a_full_cac
     rules = [Rule.parse(snap + "0.25"), Rule.parse(snap + "0.125")]
     plan = sparsecomp.Plan(decode_sites={f"model.layers.{i}.self_attn": rules for i in range(2)})
     ids = torch.randint(1, 100, (1, 40), device=DEVICE)
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
-    full = generate_with(compiled, ids, StaticCache(config=model.config, max_cache_len=64))
-    torch._dynamo.reset()
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
     cache = sparsecomp.PlanKVCache(model, 64, plan)
-    kept = generate_with(compiled, ids, cache)
+    full, kept, _ = full_and_kept(model, plan, ids, cache, 64)
     assert [g.layer.slots for g in cache.layers[0].groups] == [16, 8]
     assert torch.equal(kept.sequences, full.sequences)

@@ -4,6 +4,7 @@ Each must give the tokens of the same plan over a full static cache, in less mem
 
 import pytest
 import torch
+from test_evicting_cache import NEW, full_and_kept, generate_with
 from test_generate import assert_same_generation
 from tiny_models import DEVICE, tiny_llama
 
@@ -12,7 +13,6 @@ from sparsecomp.plan import Plan, Rule
 
 pytest.importorskip("transformers")
 
-NEW = 24
 STREAMING = Rule.parse("streaming:sink=4,window=12")
 DENSE = Rule()
 H2O = Rule.parse("h2o:k=10,window=4")
@@ -20,13 +20,6 @@ H2O = Rule.parse("h2o:k=10,window=4")
 
 def sparsecomp_model():
     return tiny_llama().eval()  # 2 layers, 4 query / 2 KV heads; sparsecomp_sdpa while the cache is attached
-
-
-def generate_with(model, ids, cache):
-    return model.generate(
-        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=NEW, do_sample=False,
-        pad_token_id=0, return_dict_in_generate=True, output_logits=True,
-    )  # fmt: skip
 
 
 def per_head(rules) -> Plan:
@@ -50,18 +43,12 @@ PLANS = {
 
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_plan_cache_generates_the_plan_s_tokens_of_a_full_cache(name):
-    from transformers import StaticCache
-
     plan = PLANS[name]
     model = sparsecomp_model()
     ids = torch.randint(1, 100, (2, 30), device=DEVICE)
     length = 30 + NEW
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
-    full = generate_with(compiled, ids, StaticCache(config=model.config, max_cache_len=length))
-    torch._dynamo.reset()
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
     cache = plan_cache(model, length, plan, batch_size=2, dtype=torch.float32, device=DEVICE)
-    kept = generate_with(compiled, ids, cache)
+    full, kept, compiled = full_and_kept(model, plan, ids, cache, length)
     assert torch.equal(kept.sequences, full.sequences)
     assert_same_generation(kept, full, atol=1e-5)
     graphs = sparsecomp.inspect(compiled).graphs

@@ -35,8 +35,7 @@ def test_streaming_mass_matches_loops_over_rows_and_keys():
 
 
 def test_the_heads_keeping_the_most_mass_stream_and_decode_from_a_plan_cache():
-    from test_plan_cache import generate_with
-    from transformers import StaticCache
+    from test_evicting_cache import full_and_kept
 
     model = tiny_llama().eval()
     inputs = [torch.randint(1, 100, (40,), device=DEVICE) for _ in range(2)]
@@ -52,11 +51,7 @@ def test_the_heads_keeping_the_most_mass_stream_and_decode_from_a_plan_cache():
     everything = sparsecomp.calibrate_streaming_heads(model, inputs, target=0.0, **kwargs)
     assert all(r == streaming for rules in everything.decode_sites.values() for r in rules)
     ids = torch.randint(1, 100, (1, 30), device=DEVICE)
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
-    full = generate_with(compiled, ids, StaticCache(config=model.config, max_cache_len=54))
-    torch._dynamo.reset()
-    compiled = sparsecomp.compile(model, plan, inner="eager", cost_model=False)
-    kept = generate_with(compiled, ids, sparsecomp.PlanKVCache(model, 54, plan))
+    full, kept, _ = full_and_kept(model, plan, ids, sparsecomp.PlanKVCache(model, 54, plan), 54)
     assert torch.equal(kept.sequences, full.sequences)
 
 

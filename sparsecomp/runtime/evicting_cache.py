@@ -36,7 +36,7 @@ from sparsecomp.plan import Rule
 from ..patterns.h2o import prompt_attention
 from ..patterns.selection import budget
 from ..patterns.snapkv import _RECENT_FIRST, prompt_votes
-from .partial_cache import PartialKVCache, cut_to_keys
+from .partial_cache import PartialKVCache, allocate_slots, cut_to_keys
 
 EVICTING_KINDS = ("snapkv", "h2o")
 _EMPTY = torch.finfo(torch.float32).min  # an empty slot's rank when choosing one: above a dropped key's
@@ -56,11 +56,7 @@ class EvictingLayer(StaticLayer):
         self.prompt_kept = False  # set once the prompt's attention chose the kept keys
 
     def lazy_initialization(self, key_states, value_states, *args, **kwargs):
-        logical, self.max_cache_len = self.max_cache_len, self.slots  # StaticLayer allocates max_cache_len
-        try:
-            super().lazy_initialization(key_states, value_states, *args, **kwargs)
-        finally:
-            self.max_cache_len = logical
+        allocate_slots(self, self.slots, key_states, value_states, *args, **kwargs)
         shape = (self.batch_size, self.num_heads, self.slots)
         self.rank = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.position = torch.full(shape, -1, dtype=torch.int64, device=self.device)  # -1: empty

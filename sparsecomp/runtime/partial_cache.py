@@ -47,6 +47,16 @@ AttentionInterface.register(SLICING_ATTENTION, sdpa_with_mask_cut_to_keys)
 AttentionMaskInterface.register(SLICING_ATTENTION, sdpa_mask)
 
 
+def allocate_slots(layer: StaticLayer, slots: int, key_states, value_states, *args, **kwargs) -> None:
+    """StaticLayer's allocation of ``layer``, ``slots`` keys per head in place of its whole length
+    (which it keeps: masks and budgets are of the logical cache)."""
+    logical, layer.max_cache_len = layer.max_cache_len, slots
+    try:
+        StaticLayer.lazy_initialization(layer, key_states, value_states, *args, **kwargs)
+    finally:
+        layer.max_cache_len = logical
+
+
 def kept_length(layer) -> int:
     """How many keys per head a static layer holds: its slots (a ring, an evicting layer, the
     longest group of a head-grouped one), else its whole length."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import StaticLayer
 
-from .partial_cache import SLICING_ATTENTION, PartialKVCache
+from .partial_cache import SLICING_ATTENTION, PartialKVCache, allocate_slots
 
 __all__ = ["SLICING_ATTENTION", "StreamingKVCache", "StreamingRingLayer", "kept_positions"]
 
@@ -53,11 +53,7 @@ class StreamingRingLayer(StaticLayer):
         self.holds_tokens = False  # set by a multi-token update (the prompt); reset() clears it
 
     def lazy_initialization(self, key_states, value_states, *args, **kwargs):
-        logical, self.max_cache_len = self.max_cache_len, self.slots  # StaticLayer allocates max_cache_len
-        try:
-            super().lazy_initialization(key_states, value_states, *args, **kwargs)
-        finally:
-            self.max_cache_len = logical
+        allocate_slots(self, self.slots, key_states, value_states, *args, **kwargs)
 
     def slot_of(self, position: torch.Tensor) -> torch.Tensor:
         """The ring slot of each token position."""
