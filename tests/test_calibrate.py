@@ -203,15 +203,20 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def test_command_line_calibrates_a_local_model_on_the_default_data(tmp_path, capsys):
+def save_tiny_model(folder) -> None:
+    """A 2-layer Llama (4 query / 2 KV heads) and a byte tokenizer saved as a local model folder."""
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from sparsecomp.cli import main
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=256)  # fmt: skip
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
-    byte_tokenizer().save_pretrained(tmp_path / "model")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+
+
+def test_command_line_calibrates_a_local_model_on_the_default_data(tmp_path, capsys):
+    from sparsecomp.cli import main
+
+    save_tiny_model(tmp_path / "model")
     out = tmp_path / "plan.json"
     argv = ["calibrate", "--model", str(tmp_path / "model"), "--lengths", "96", "--block", "16", "--rules",
             "streaming", "block_topk", "--target", "0.8", "--out", str(out), "--device", "cpu"]  # fmt: skip
@@ -308,14 +313,9 @@ def test_influence_calibration_gives_a_valid_plan():
 
 
 def test_command_line_chooses_streaming_heads_on_the_default_data(tmp_path, capsys):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from sparsecomp.cli import main
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256)  # fmt: skip
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
-    byte_tokenizer().save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model")
     out = tmp_path / "plan.json"
     argv = ["streaming-heads", "--model", str(tmp_path / "model"), "--lengths", "96", "--sink", "4", "--window",
             "16", "--share", "0.5", "--out", str(out), "--device", "cpu"]  # fmt: skip
