@@ -12,10 +12,8 @@ import dataclasses
 
 import torch
 
-from sparsecomp.passes.site import module_names_by_id
-
 from ..plan import Plan
-from .observe import observing_backend
+from .observe import observe_prefill
 
 
 def channel_importance(q, k, key_ok) -> torch.Tensor:
@@ -33,27 +31,6 @@ def channel_importance(q, k, key_ok) -> torch.Tensor:
 
 def top_channels(importance: torch.Tensor, channels: int) -> list[list[int]]:
     return [sorted(row.topk(channels).indices.tolist()) for row in importance]
-
-
-def _is_prefill(site) -> bool:
-    return str(site.shape["q_len"]) == str(site.shape["kv_len"])
-
-
-class ChannelObserver:
-    """A Dynamo backend that routes every causal prefill site through ``observe``."""
-
-    def __init__(self, names_by_id):
-        self.names_by_id = names_by_id
-        self.importance: dict[str, torch.Tensor] = {}
-
-    def backend(self, gm, example_inputs):
-        return observing_backend(self.observe, self.names_by_id, _is_prefill)(gm, example_inputs)
-
-    def observe(self, out, q, k, v, q_pos, k_pos, key_ok, *, site, scale, causal, window):
-        with torch.no_grad():
-            score = channel_importance(q.detach(), k.detach(), key_ok).cpu()
-        self.importance[site] = self.importance.get(site, 0) + score
-        return out
 
 
 def _rule_channels(plan: Plan) -> int | None:
@@ -74,18 +51,19 @@ def calibrate_channels(
     rules; ``channels`` None: as many as those rules read (16 if none does)."""
     plan = Plan.from_any(plan)
     channels = channels or _rule_channels(plan) or 16
-    observer = ChannelObserver(module_names_by_id(model))
-    observed = torch.compile(model, backend=observer.backend, dynamic=False)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for item in inputs:
-            x = torch.as_tensor(item, device=device)
-            observed(x[None] if x.dim() == 1 else x)
-    torch._dynamo.reset()
-    if not observer.importance:
+    importance: dict[str, torch.Tensor] = {}
+
+    def observe(out, q, k, v, q_pos, k_pos, key_ok, *, site, **structure):
+        with torch.no_grad():
+            score = channel_importance(q.detach(), k.detach(), key_ok).cpu()
+        importance[site] = importance.get(site, 0) + score
+        return out
+
+    observe_prefill(model, observe, inputs)
+    if not importance:
         raise ValueError("no causal attention site was observed: nothing to calibrate channels on")
-    head_dim = next(iter(observer.importance.values())).shape[1]
+    head_dim = next(iter(importance.values())).shape[1]
     if not 0 < channels <= head_dim:
         raise ValueError(f"channels={channels}; give 1 .. head_dim ({head_dim})")
-    found = {name: top_channels(score, channels) for name, score in observer.importance.items()}
+    found = {name: top_channels(score, channels) for name, score in importance.items()}
     return dataclasses.replace(plan, channels={**plan.channels, **found})

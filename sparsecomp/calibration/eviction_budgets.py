@@ -17,12 +17,10 @@ import dataclasses
 
 import torch
 
-from sparsecomp.passes.site import module_names_by_id
-
 from ..patterns.snapkv import prompt_votes
 from ..plan import Plan, Rule
 from .calibrate import allocate
-from .observe import observing_backend
+from .observe import observe_prefill
 
 CANDIDATES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # shares of the keys a head may keep
 
@@ -74,18 +72,8 @@ def calibrate_snapkv_budgets(
         masses.setdefault(site, []).append(mass.cpu())
         return out
 
-    prefill = lambda site: str(site.shape["q_len"]) == str(site.shape["kv_len"])  # noqa: E731
-    observed = torch.compile(model, backend=observing_backend(observe_site, module_names_by_id(model), prefill),
-                             dynamic=False)  # fmt: skip
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for item in inputs:
-            x = torch.as_tensor(item, device=device)
-            x = x[None] if x.dim() == 1 else x
-            if x.shape[1] <= rows + window:
-                raise ValueError(f"an input of {x.shape[1]} tokens: give inputs longer than rows + window")
-            observed(x)
-    torch._dynamo.reset()
+    why = "give inputs longer than rows + window"
+    observe_prefill(model, observe_site, inputs, shortest=rows + window + 1, why=why)
     if not masses:
         raise ValueError("no causal attention site was observed: nothing to calibrate")
     mean = {site: torch.stack(m).mean(0) for site, m in masses.items()}  # (candidates, Hkv)

@@ -31,6 +31,28 @@ def observing_backend(observe, names_by_id, accept=lambda site: True):
     return backend
 
 
+def is_prefill(site) -> bool:
+    """A site whose queries are its keys (a prompt's attention, not a decode step)."""
+    return str(site.shape["q_len"]) == str(site.shape["kv_len"])
+
+
+def observe_prefill(model: torch.nn.Module, observe, inputs, *, shortest: int = 1, why: str = "") -> None:
+    """Run ``model`` on each of ``inputs`` (token-id tensors, (N,) or (B, N)) with every causal
+    prefill site routed through ``observe``; an input of fewer than ``shortest`` tokens is refused
+    (``why`` says why)."""
+    observed = torch.compile(model, backend=observing_backend(observe, module_names_by_id(model), is_prefill),
+                             dynamic=False)  # fmt: skip
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for item in inputs:
+            x = torch.as_tensor(item, device=device)
+            x = x[None] if x.dim() == 1 else x
+            if x.shape[1] < shortest:
+                raise ValueError(f"an input of {x.shape[1]} tokens: {why}")
+            observed(x)
+    torch._dynamo.reset()  # the observing graphs are of no further use
+
+
 def site_inputs(model: torch.nn.Module, ids: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k) that the attention site ``name`` sees when ``model`` runs on token ids ``ids``."""
     captured = {}

@@ -20,10 +20,8 @@ import dataclasses
 
 import torch
 
-from sparsecomp.passes.site import module_names_by_id
-
 from ..plan import Plan, Rule
-from .observe import observing_backend
+from .observe import observe_prefill
 
 
 def streaming_mass(q, k, key_ok, *, sink: int, window: int, rows: int, scale: float) -> torch.Tensor:
@@ -45,46 +43,23 @@ def streaming_mass(q, k, key_ok, *, sink: int, window: int, rows: int, scale: fl
     return mass.mean((0, 2)).view(hkv, hq // hkv).mean(1)
 
 
-class StreamingMassObserver:
-    """A Dynamo backend that routes every causal prefill site through ``observe``."""
-
-    def __init__(self, names_by_id, sink: int, window: int, rows: int):
-        self.names_by_id, self.sink, self.window, self.rows = names_by_id, sink, window, rows
-        self.mass: dict[str, list[torch.Tensor]] = {}
-
-    def backend(self, gm, example_inputs):
-        prefill = lambda site: str(site.shape["q_len"]) == str(site.shape["kv_len"])  # noqa: E731
-        return observing_backend(self.observe, self.names_by_id, prefill)(gm, example_inputs)
-
-    def observe(self, out, q, k, v, q_pos, k_pos, key_ok, *, site, scale, causal, window):
-        with torch.no_grad():
-            mass = streaming_mass(q.detach(), k.detach(), key_ok, sink=self.sink, window=self.window,
-                                  rows=self.rows, scale=scale)  # fmt: skip
-        self.mass.setdefault(site, []).append(mass.cpu())
-        return out
-
-
 def streaming_head_mass(model, inputs, *, sink: int = 64, window: int = 1024, rows: int = 32) -> dict:
     """``{site: (Hkv,) float64}``: each KV head's attention mass within ``streaming(sink, window)``
     over the last ``rows`` queries of each input (token-id tensors, (N,) or (B, N)), the least
     over the inputs."""
-    observer = StreamingMassObserver(module_names_by_id(model), sink, window, rows)
-    observed = torch.compile(model, backend=observer.backend, dynamic=False)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for item in inputs:
-            x = torch.as_tensor(item, device=device)
-            x = x[None] if x.dim() == 1 else x
-            if x.shape[1] <= sink + window:
-                raise ValueError(
-                    f"an input of {x.shape[1]} tokens: streaming(sink={sink}, window={window}) keeps all of it; "
-                    "give inputs longer than sink + window"
-                )
-            observed(x)
-    torch._dynamo.reset()
-    if not observer.mass:
+    masses: dict[str, list[torch.Tensor]] = {}
+
+    def observe(out, q, k, v, q_pos, k_pos, key_ok, *, site, scale, **structure):
+        with torch.no_grad():
+            mass = streaming_mass(q.detach(), k.detach(), key_ok, sink=sink, window=window, rows=rows, scale=scale)
+        masses.setdefault(site, []).append(mass.cpu())
+        return out
+
+    why = f"streaming(sink={sink}, window={window}) keeps all of it; give inputs longer than sink + window"
+    observe_prefill(model, observe, inputs, shortest=sink + window + 1, why=why)
+    if not masses:
         raise ValueError("no causal attention site was observed: nothing to calibrate")
-    return {site: torch.stack(masses).amin(0) for site, masses in observer.mass.items()}
+    return {site: torch.stack(m).amin(0) for site, m in masses.items()}
 
 
 def calibrate_streaming_heads(

@@ -25,7 +25,7 @@ from sparsecomp.passes.site import AttentionSite, meta_val
 
 from ..patterns import PATTERNS
 from ..patterns.local import local_rule_density
-from ..patterns.selection import selection_heads
+from ..patterns.selection import mixed_group, selection_heads
 from ..plan import Plan, Rule
 from ..report import GraphReport, InspectReport, SiteReport
 from ..runtime.decode_state import DecodeStates, state_inputs, update_decode_state, write_prefill_state
@@ -386,15 +386,13 @@ def _selection_groups(site: AttentionSite, rules: list[Rule]) -> tuple[int, list
         raise ValueError(f"{site.name}: its decode selection rules select per KV group and per query head at once")
     n_sel = layouts.pop()
     group = sh["q_heads"] // n_sel
-    head_rules = []
-    for hs in range(n_sel):
-        shared = set(rules[hs * group : (hs + 1) * group])
-        if len(shared) > 1:
-            raise ValueError(
-                f"{site.name}: query heads {hs * group}-{(hs + 1) * group - 1} share one selection and need one "
-                f"decode rule; got {sorted(map(str, shared))}"
-            )
-        head_rules.append(rules[hs * group])
+    if mixed := mixed_group(rules, group):
+        hs, shared = mixed
+        raise ValueError(
+            f"{site.name}: query heads {hs * group}-{(hs + 1) * group - 1} share one selection and need one "
+            f"decode rule; got {shared}"
+        )
+    head_rules = rules[::group]
     for r in set(head_rules):
         if not PATTERNS[r.kind].selects and (PATTERNS[r.kind].adaptive or r.kind == "dense"):
             raise ValueError(

@@ -97,22 +97,16 @@ def listed_key_blocks(index: SparseIndex, n_key_blocks: int) -> torch.Tensor:
     return listed[:n_key_blocks]
 
 
-def _renumber(index: SparseIndex, compact_id: torch.Tensor, n_compact_keys: int) -> SparseIndex:
-    """``index`` with global key-block ids (and column keys) mapped onto the compacted blocks."""
-    bn = index.block_n
-    n_compact = n_compact_keys // bn
-
-    def blocks(b: torch.Tensor) -> torch.Tensor:  # a row lists each block once: at most n_compact
-        b = b[..., :n_compact]
-        return compact_id[b.long().clamp(0, compact_id.numel() - 1)].clamp_min(0).to(b.dtype)
-
-    columns = index.columns
-    if columns is not None:
-        block = (columns.long() // bn).clamp(max=compact_id.numel() - 1)
-        mapped = compact_id[block] * bn + columns.long() % bn
-        skipped = (columns.long() >= compact_id.numel() * bn) | (compact_id[block] < 0)
-        columns = torch.where(skipped, n_compact_keys, mapped).to(index.columns.dtype)
-    return index._replace(full_blocks=blocks(index.full_blocks), part_blocks=blocks(index.part_blocks), columns=columns)
+def _renumber_columns(index: SparseIndex, compact_id: torch.Tensor, n_compact_keys: int):
+    """``index``'s single key columns mapped onto the compacted blocks; columns of absent blocks
+    point past the keys (the kernel skips them)."""
+    columns, bn = index.columns, index.block_n
+    if columns is None:
+        return None
+    block = (columns.long() // bn).clamp(max=compact_id.numel() - 1)
+    mapped = compact_id[block] * bn + columns.long() % bn
+    skipped = (columns.long() >= compact_id.numel() * bn) | (compact_id[block] < 0)
+    return torch.where(skipped, n_compact_keys, mapped).to(columns.dtype)
 
 
 def _restrict(index: SparseIndex, compact_id: torch.Tensor, n_compact_keys: int) -> SparseIndex:
@@ -129,7 +123,7 @@ def _restrict(index: SparseIndex, compact_id: torch.Tensor, n_compact_keys: int)
 
     full_blocks, full_count = lists(index.full_blocks, index.full_count)
     part_blocks, part_count = lists(index.part_blocks, index.part_count)
-    columns = _renumber(index, compact_id, n_compact_keys).columns  # absent columns: past the keys
+    columns = _renumber_columns(index, compact_id, n_compact_keys)
     return index._replace(full_blocks=full_blocks, full_count=full_count, part_blocks=part_blocks,
                           part_count=part_count, columns=columns)  # fmt: skip
 

@@ -27,3 +27,13 @@ def check_budget(count_name: str):
         return None
 
     return check
+
+
+def mixed_group(rules: list, group: int) -> tuple[int, list[str]] | None:
+    """The first run of ``group`` consecutive heads (a KV head's query heads, or a selection's) whose
+    rules differ: (its index, their rules as text), or None where every run shares one rule."""
+    for g in range(len(rules) // group):
+        shared = set(rules[g * group : (g + 1) * group])
+        if len(shared) > 1:
+            return g, sorted(map(str, shared))
+    return None

@@ -13,6 +13,7 @@ from transformers.cache_utils import StaticLayer
 
 from sparsecomp.plan import Plan, Rule
 
+from ..patterns.selection import mixed_group
 from .evicting_cache import EVICTING_KINDS, EvictingLayer
 from .head_groups import HeadGroup, HeadGroupsLayer
 from .partial_cache import PartialKVCache
@@ -43,16 +44,13 @@ def kv_head_rules(plan: Plan, site: str, q_heads: int, kv_heads: int) -> list[Ru
     """The site's decode rule per KV head (its query heads share its keys, so they need one rule)."""
     rules = plan.rules_for(site, q_heads, kv_heads, "decode")
     group = q_heads // kv_heads
-    per_kv = []
-    for h in range(kv_heads):
-        shared = set(rules[h * group : (h + 1) * group])
-        if len(shared) > 1:
-            raise ValueError(
-                f"PlanKVCache: query heads {h * group}-{(h + 1) * group - 1} of {site} share KV head {h} and decode "
-                f"with {sorted(map(str, shared))}: a KV head's keys are kept for one rule"
-            )
-        per_kv.append(rules[h * group])
-    return per_kv
+    if mixed := mixed_group(rules, group):
+        h, shared = mixed
+        raise ValueError(
+            f"PlanKVCache: query heads {h * group}-{(h + 1) * group - 1} of {site} share KV head {h} and decode "
+            f"with {shared}: a KV head's keys are kept for one rule"
+        )
+    return rules[::group]
 
 
 class PlanKVCache(PartialKVCache):
